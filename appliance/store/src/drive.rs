@@ -1,0 +1,225 @@
+//! One opened data drive at run time: its geometry, segment table, log position, reader pins
+//! and health. Other modules lock its parts in one order: commit queue, log, space, index.
+
+use crate::error::StoreError;
+use crate::layout::{
+    record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, Superblock,
+    RECORD_HEADER_BYTES,
+};
+use crate::log::CommitQueue;
+use appliance_device::Drive;
+use std::collections::VecDeque;
+use std::io;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+
+/// Bits of a location that hold the device offset; the top byte holds the drive number.
+pub(crate) const OFFSET_MASK: u64 = (1 << 56) - 1;
+
+/// Packs a drive number and a device offset into an index location.
+pub(crate) fn location(drive_number: u8, offset_bytes: u64) -> u64 {
+    assert!(offset_bytes <= OFFSET_MASK && offset_bytes != 0);
+    (u64::from(drive_number) << 56) | offset_bytes
+}
+
+/// The drive number of an index location.
+pub(crate) fn location_drive(location: u64) -> u8 {
+    u8::try_from(location >> 56).expect("top byte")
+}
+
+/// A data segment with room left, open for appends.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct OpenSegment {
+    pub segment: u32,
+    /// Device offset of the next append (block-aligned).
+    pub cursor_bytes: u64,
+}
+
+/// Segment allocation state of one drive.
+pub(crate) struct Space {
+    pub kinds: Vec<SegmentKind>,
+    /// Data segments: live bytes. Log segments: live Publish records.
+    pub live: Vec<u64>,
+    /// Segments currently open for appends (pooled or owned by a writer).
+    pub open: Vec<bool>,
+    /// Free segments, oldest-freed first (spreads wear).
+    pub free: VecDeque<u32>,
+    /// Partly written data segments that writers may continue.
+    pub pool: Vec<OpenSegment>,
+    /// Segments with nothing live, waiting for their readers to leave before reuse.
+    pub pending_free: Vec<u32>,
+    /// Files published on this drive.
+    pub files: u64,
+    /// Writers placed on this drive and not yet finished.
+    pub writers: u64,
+}
+
+impl Space {
+    /// Takes a free segment for `kind`, keeping `reserve` free segments for the log.
+    pub fn allocate(&mut self, kind: SegmentKind, reserve: usize) -> Option<u32> {
+        if self.free.len() <= reserve {
+            return None;
+        }
+        let segment = self.free.pop_front()?;
+        debug_assert_eq!(self.kinds[segment as usize], SegmentKind::Free);
+        self.kinds[segment as usize] = kind;
+        self.live[segment as usize] = 0;
+        Some(segment)
+    }
+
+    /// Adds `bytes` of live data to a data segment.
+    pub fn add_live(&mut self, segment: u32, amount: u64) {
+        self.live[segment as usize] += amount;
+    }
+
+    /// Removes live data or records; an underflow means the accounting is broken.
+    pub fn remove_live(&mut self, segment: u32, amount: u64) -> Result<(), String> {
+        let live = &mut self.live[segment as usize];
+        *live = live
+            .checked_sub(amount)
+            .ok_or_else(|| format!("segment {segment} live count underflow"))?;
+        Ok(())
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+}
+
+/// Where the log stands and which checkpoints cover it.
+pub(crate) struct LogState {
+    /// The log segment being appended to.
+    pub segment: u32,
+    /// Device offset of the next append (block-aligned).
+    pub cursor_bytes: u64,
+    pub next_seq: u64,
+    /// This run's epoch, carried by every record it writes.
+    pub epoch: u32,
+    /// Log segments from the older checkpoint's head to the current one, oldest first.
+    pub chain: VecDeque<u32>,
+    pub bytes_since_checkpoint: u64,
+    /// Generation and slot of the newest checkpoint.
+    pub generation: u64,
+    pub slot: u64,
+    pub newest_head: LogPosition,
+}
+
+/// Health of a drive as the status display shows it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DriveStatus {
+    Ok,
+    Failed(String),
+}
+
+/// One opened drive.
+pub(crate) struct DriveRt {
+    pub number: u8,
+    pub drive: Arc<dyn Drive>,
+    pub superblock: Superblock,
+    pub salt: u32,
+    pub failed: AtomicBool,
+    pub failure: Mutex<Option<String>>,
+    pub pins: Box<[AtomicU32]>,
+    pub space: Mutex<Space>,
+    pub log: Mutex<LogState>,
+    pub queue: Mutex<CommitQueue>,
+    pub committed: Condvar,
+    pub recovery_ms: u64,
+    /// Told once when this drive is taken out of service.
+    pub on_failed: Arc<dyn Fn([u8; 16], &str) + Send + Sync>,
+}
+
+/// Locks a mutex, ignoring poisoning: every structure stays consistent between statements
+/// that could panic, and a panic aborts the daemon anyway.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl DriveRt {
+    pub fn path(&self) -> PathBuf {
+        self.drive.info().path.clone()
+    }
+
+    pub fn is_failed(&self) -> bool {
+        self.failed.load(Ordering::SeqCst)
+    }
+
+    pub fn status(&self) -> DriveStatus {
+        match &*lock(&self.failure) {
+            Some(reason) => DriveStatus::Failed(reason.clone()),
+            None => DriveStatus::Ok,
+        }
+    }
+
+    /// The error for an I/O failure on this drive.
+    pub fn io_error(&self, operation: &'static str, source: io::Error) -> StoreError {
+        StoreError::Io {
+            drive: self.path(),
+            operation,
+            source,
+        }
+    }
+
+    pub fn corrupt(&self, what: String) -> StoreError {
+        StoreError::Corrupt {
+            drive: self.path(),
+            what,
+        }
+    }
+
+    /// Counts a reader or writer on `segment`; the segment is not reused while counted.
+    pub fn pin(&self, segment: u32) {
+        self.pins[segment as usize].fetch_add(1, Ordering::SeqCst);
+    }
+
+    pub fn unpin(&self, segment: u32) {
+        let before = self.pins[segment as usize].fetch_sub(1, Ordering::SeqCst);
+        assert!(before > 0, "segment {segment} unpinned more often than pinned");
+    }
+
+    pub fn is_pinned(&self, segment: u32) -> bool {
+        self.pins[segment as usize].load(Ordering::SeqCst) > 0
+    }
+
+    /// Reads and checks the Publish record at `offset_bytes` through the page cache.
+    pub fn read_meta(&self, offset_bytes: u64) -> Result<FileMeta, StoreError> {
+        let mut header_bytes = [0u8; RECORD_HEADER_BYTES as usize];
+        self.drive
+            .read_cached(offset_bytes, &mut header_bytes)
+            .map_err(|error| self.io_error("metadata read", error))?;
+        let header = RecordHeader::decode(&header_bytes, self.salt)
+            .map_err(|error| self.meta_corrupt(offset_bytes, error))?;
+        let mut payload = vec![0u8; header.payload_bytes as usize];
+        self.drive
+            .read_cached(offset_bytes + RECORD_HEADER_BYTES, &mut payload)
+            .map_err(|error| self.io_error("metadata read", error))?;
+        header
+            .check_payload(&payload)
+            .map_err(|error| self.meta_corrupt(offset_bytes, error))?;
+        FileMeta::decode(&payload).map_err(|error| self.meta_corrupt(offset_bytes, error))
+    }
+
+    fn meta_corrupt(&self, offset_bytes: u64, error: DecodeError) -> StoreError {
+        self.corrupt(format!("file record at offset {offset_bytes}: {error}"))
+    }
+
+    /// Free bytes this drive can still take: free segments plus room in open segments.
+    pub fn free_bytes(&self, reserve: usize) -> u64 {
+        let space = lock(&self.space);
+        let whole = space.free_count().saturating_sub(reserve) as u64;
+        let segment_end = |open: &crate::drive::OpenSegment| {
+            self.superblock.segment_offset_bytes(open.segment) + self.superblock.segment_bytes
+        };
+        let partial: u64 = space
+            .pool
+            .iter()
+            .map(|open| segment_end(open) - open.cursor_bytes)
+            .sum();
+        whole * self.superblock.segment_bytes + partial
+    }
+
+    pub fn salt_for(superblock: &Superblock) -> u32 {
+        record_salt(&superblock.drive_uuid)
+    }
+}

@@ -1,0 +1,706 @@
+//! The on-disk format, written by hand: superblock, record header, file metadata, checkpoint.
+//!
+//! Everything is little-endian and versioned, every structure carries a CRC-32C, and every
+//! decoder returns a typed error for any byte pattern (it never panics on input). This module
+//! does no I/O.
+
+use std::fmt;
+
+/// Magic at the start of a superblock: "APPLSUPR".
+pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"APPLSUPR");
+/// Magic at the start of every log record: "ALRC".
+pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"ALRC");
+/// Magic at the start of a checkpoint header: "APPLCKPT".
+pub const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"APPLCKPT");
+/// The on-disk format version this code reads and writes.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// Size of one superblock copy; copy A sits at offset 0, copy B right after it.
+pub const SUPERBLOCK_BYTES: u64 = 4096;
+/// Size of a record header inside a log segment.
+pub const RECORD_HEADER_BYTES: u64 = 32;
+/// Records start on this alignment inside a log block.
+pub const RECORD_ALIGN_BYTES: u64 = 8;
+/// Size of a checkpoint header; the checkpoint body follows it in the same region.
+pub const CHECKPOINT_HEADER_BYTES: u64 = 4096;
+/// Bytes of one segment-table row in a checkpoint body.
+pub const SEGMENT_ROW_BYTES: u64 = 16;
+/// Bytes of one index entry in a checkpoint body.
+pub const ENTRY_ROW_BYTES: u64 = 16;
+/// Longest content path accepted, in bytes.
+pub const PATH_BYTES_MAX: usize = 1024;
+/// Largest payload of one record: bounds what a reader allocates for a header it read.
+pub const RECORD_PAYLOAD_BYTES_MAX: u32 = 1 << 20;
+/// Smallest segment: big enough for a 1 MiB record plus its header, in whole blocks.
+pub const SEGMENT_BYTES_MIN: u64 = 2 << 20;
+/// Extent rows one file may have; a file longer than that many segments is refused.
+pub const EXTENTS_PER_FILE_MAX: usize = 16_384;
+
+const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN_BYTES == 0);
+const _: () = assert!(appliance_device::BLOCK_BYTES % RECORD_ALIGN_BYTES == 0);
+const _: () = assert!(SEGMENT_BYTES_MIN % appliance_device::BLOCK_BYTES == 0);
+const _: () = assert!(SEGMENT_BYTES_MIN > RECORD_PAYLOAD_BYTES_MAX as u64 + RECORD_HEADER_BYTES);
+const _: () = assert!(CHECKPOINT_HEADER_BYTES == appliance_device::BLOCK_BYTES);
+
+/// Why bytes read from a drive were refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum DecodeError {
+    /// The magic number is not ours.
+    BadMagic,
+    /// A version this code does not read.
+    UnsupportedVersion(u32),
+    /// A checksum did not match.
+    BadChecksum,
+    /// The bytes end before the structure does.
+    Truncated,
+    /// A field holds a value outside its range.
+    BadField(&'static str),
+}
+
+impl fmt::Display for DecodeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DecodeError::BadMagic => write!(f, "bad magic number"),
+            DecodeError::UnsupportedVersion(v) => {
+                write!(f, "format version {v} (this build reads {FORMAT_VERSION})")
+            }
+            DecodeError::BadChecksum => write!(f, "checksum mismatch"),
+            DecodeError::Truncated => write!(f, "truncated structure"),
+            DecodeError::BadField(name) => write!(f, "field {name} out of range"),
+        }
+    }
+}
+
+impl std::error::Error for DecodeError {}
+
+/// The drive's identity and geometry, stored twice at the start of the drive.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Superblock {
+    pub drive_uuid: [u8; 16],
+    pub segment_bytes: u64,
+    pub segment_count: u32,
+    pub segments_offset_bytes: u64,
+    pub checkpoint_region_bytes: u64,
+    pub files_max: u64,
+    pub created_unix_s: u64,
+    pub drive_size_bytes: u64,
+}
+
+impl Superblock {
+    /// Offset of checkpoint region `slot` (0 or 1).
+    pub fn checkpoint_offset_bytes(&self, slot: u64) -> u64 {
+        debug_assert!(slot < 2);
+        2 * SUPERBLOCK_BYTES + slot * self.checkpoint_region_bytes
+    }
+
+    /// Device offset of the first byte of `segment`.
+    pub fn segment_offset_bytes(&self, segment: u32) -> u64 {
+        assert!(segment < self.segment_count, "segment {segment} out of range");
+        self.segments_offset_bytes + u64::from(segment) * self.segment_bytes
+    }
+
+    /// The segment holding device offset `offset_bytes`, if it lies in the segment area.
+    pub fn segment_of(&self, offset_bytes: u64) -> Option<u32> {
+        let relative = offset_bytes.checked_sub(self.segments_offset_bytes)?;
+        let segment = u32::try_from(relative / self.segment_bytes).ok()?;
+        (segment < self.segment_count).then_some(segment)
+    }
+
+    /// Encodes one 4 KiB superblock copy.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&0u32.to_le_bytes());
+        out.extend_from_slice(&self.drive_uuid);
+        for value in [
+            self.segment_bytes,
+            u64::from(self.segment_count),
+            self.segments_offset_bytes,
+            self.checkpoint_region_bytes,
+            self.files_max,
+            self.created_unix_s,
+            self.drive_size_bytes,
+        ] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.resize(4092, 0);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks one superblock copy.
+    pub fn decode(bytes: &[u8]) -> Result<Superblock, DecodeError> {
+        if bytes.len() < 4096 {
+            return Err(DecodeError::Truncated);
+        }
+        let mut reader = Reader::new(&bytes[..4096]);
+        if reader.u64()? != SUPERBLOCK_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&bytes[..4092]) != stored_crc {
+            return Err(DecodeError::BadChecksum);
+        }
+        let version = reader.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        reader.u32()?;
+        let superblock = Superblock {
+            drive_uuid: reader.array()?,
+            segment_bytes: reader.u64()?,
+            segment_count: u32::try_from(reader.u64()?)
+                .map_err(|_| DecodeError::BadField("segment_count"))?,
+            segments_offset_bytes: reader.u64()?,
+            checkpoint_region_bytes: reader.u64()?,
+            files_max: reader.u64()?,
+            created_unix_s: reader.u64()?,
+            drive_size_bytes: reader.u64()?,
+        };
+        superblock.validate()?;
+        Ok(superblock)
+    }
+
+    /// Checks how the geometry fields relate to each other.
+    pub fn validate(&self) -> Result<(), DecodeError> {
+        let block = appliance_device::BLOCK_BYTES;
+        if self.segment_bytes < SEGMENT_BYTES_MIN || self.segment_bytes % block != 0 {
+            return Err(DecodeError::BadField("segment_bytes"));
+        }
+        if self.segment_count == 0 {
+            return Err(DecodeError::BadField("segment_count"));
+        }
+        let checkpoint_needed = checkpoint_region_bytes(self.segment_count, self.files_max);
+        if self.checkpoint_region_bytes < checkpoint_needed
+            || self.checkpoint_region_bytes % block != 0
+        {
+            return Err(DecodeError::BadField("checkpoint_region_bytes"));
+        }
+        if self.segments_offset_bytes < 2 * SUPERBLOCK_BYTES + 2 * self.checkpoint_region_bytes
+            || self.segments_offset_bytes % block != 0
+        {
+            return Err(DecodeError::BadField("segments_offset_bytes"));
+        }
+        let end = u64::from(self.segment_count)
+            .checked_mul(self.segment_bytes)
+            .and_then(|bytes| bytes.checked_add(self.segments_offset_bytes));
+        match end {
+            Some(end) if end <= self.drive_size_bytes => Ok(()),
+            _ => Err(DecodeError::BadField("segment_count")),
+        }
+    }
+}
+
+/// The seed of every record header checksum on a drive, derived from its UUID.
+pub fn record_salt(drive_uuid: &[u8; 16]) -> u32 {
+    crc32c::crc32c(drive_uuid)
+}
+
+/// Bytes a checkpoint region needs for a drive of `segment_count` segments and `files_max`
+/// files, rounded up to whole blocks.
+pub fn checkpoint_region_bytes(segment_count: u32, files_max: u64) -> u64 {
+    let body = u64::from(segment_count) * SEGMENT_ROW_BYTES + files_max * ENTRY_ROW_BYTES;
+    (CHECKPOINT_HEADER_BYTES + body).div_ceil(4096) * 4096
+}
+
+/// What a log record says.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u8)]
+pub enum RecordKind {
+    /// Filler up to the end of a block: a group commit ends on a block boundary.
+    Pad = 1,
+    /// The log continues at the start of another segment.
+    Link = 2,
+    /// A file became visible (payload: [`FileMeta`]).
+    Publish = 3,
+    /// A file was deleted (payload: [`Deletion`]).
+    Delete = 4,
+}
+
+impl RecordKind {
+    fn from_u8(value: u8) -> Option<RecordKind> {
+        match value {
+            1 => Some(RecordKind::Pad),
+            2 => Some(RecordKind::Link),
+            3 => Some(RecordKind::Publish),
+            4 => Some(RecordKind::Delete),
+            _ => None,
+        }
+    }
+}
+
+/// The 32-byte header in front of every log record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RecordHeader {
+    pub kind: RecordKind,
+    /// The store's run count when written: replay never accepts a record from an older run
+    /// after a newer one, so bytes a crash left unacknowledged are never taken as records.
+    pub epoch: u32,
+    pub seq: u64,
+    pub payload_bytes: u32,
+    pub payload_crc: u32,
+}
+
+impl RecordHeader {
+    /// A header for `payload`.
+    pub fn for_payload(kind: RecordKind, epoch: u32, seq: u64, payload: &[u8]) -> RecordHeader {
+        RecordHeader {
+            kind,
+            epoch,
+            seq,
+            payload_bytes: u32::try_from(payload.len()).expect("payload length checked"),
+            payload_crc: crc32c::crc32c(payload),
+        }
+    }
+
+    /// Bytes the record takes in the log, header and padding included.
+    pub fn record_bytes(&self) -> u64 {
+        let raw = RECORD_HEADER_BYTES + u64::from(self.payload_bytes);
+        raw.div_ceil(RECORD_ALIGN_BYTES) * RECORD_ALIGN_BYTES
+    }
+
+    /// Encodes the 32-byte header. `salt` is the drive's record salt ([`record_salt`]), so a
+    /// record left by an earlier format of the drive never passes as one of this format's.
+    pub fn encode(&self, salt: u32) -> [u8; 32] {
+        let mut out = [0u8; 32];
+        out[0..4].copy_from_slice(&RECORD_MAGIC.to_le_bytes());
+        out[4] = self.kind as u8;
+        out[8..16].copy_from_slice(&self.seq.to_le_bytes());
+        out[16..20].copy_from_slice(&self.payload_bytes.to_le_bytes());
+        out[20..24].copy_from_slice(&self.payload_crc.to_le_bytes());
+        out[24..28].copy_from_slice(&self.epoch.to_le_bytes());
+        let crc = crc32c::crc32c_append(salt, &out[..28]);
+        out[28..32].copy_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks a header (not its payload).
+    pub fn decode(bytes: &[u8], salt: u32) -> Result<RecordHeader, DecodeError> {
+        if bytes.len() < 32 {
+            return Err(DecodeError::Truncated);
+        }
+        let magic = u32::from_le_bytes(bytes[0..4].try_into().expect("4 bytes"));
+        if magic != RECORD_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let stored_crc = u32::from_le_bytes(bytes[28..32].try_into().expect("4 bytes"));
+        if crc32c::crc32c_append(salt, &bytes[..28]) != stored_crc {
+            return Err(DecodeError::BadChecksum);
+        }
+        let kind = RecordKind::from_u8(bytes[4]).ok_or(DecodeError::BadField("kind"))?;
+        let payload_bytes = u32::from_le_bytes(bytes[16..20].try_into().expect("4 bytes"));
+        if payload_bytes > RECORD_PAYLOAD_BYTES_MAX {
+            return Err(DecodeError::BadField("payload_bytes"));
+        }
+        Ok(RecordHeader {
+            kind,
+            epoch: u32::from_le_bytes(bytes[24..28].try_into().expect("4 bytes")),
+            seq: u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes")),
+            payload_bytes,
+            payload_crc: u32::from_le_bytes(bytes[20..24].try_into().expect("4 bytes")),
+        })
+    }
+
+    /// Checks a payload against this header.
+    pub fn check_payload(&self, payload: &[u8]) -> Result<(), DecodeError> {
+        if payload.len() != self.payload_bytes as usize {
+            return Err(DecodeError::Truncated);
+        }
+        if crc32c::crc32c(payload) != self.payload_crc {
+            return Err(DecodeError::BadChecksum);
+        }
+        Ok(())
+    }
+}
+
+/// A contiguous run of a file's bytes on its drive.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Extent {
+    /// Device offset of the first byte.
+    pub offset_bytes: u64,
+    /// Length in bytes (not padded).
+    pub length_bytes: u64,
+    /// CRC-32C of the extent's bytes.
+    pub crc: u32,
+}
+
+/// How many bytes of a segment a file version holds (for live-byte accounting on replay).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentBytes {
+    pub segment: u32,
+    pub bytes: u64,
+}
+
+/// The payload of a Publish record: everything known about one stored file.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FileMeta {
+    pub path: String,
+    pub size_bytes: u64,
+    pub published_unix_s: u64,
+    pub sha256: [u8; 32],
+    pub extents: Vec<Extent>,
+    /// The version this one replaces (its record's device offset and its extents' bytes per
+    /// segment), so replay can account for it without reading it.
+    pub replaced: Option<Replaced>,
+}
+
+/// A file version that a Publish or Delete record retires.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Replaced {
+    /// Device offset of the retired version's Publish record.
+    pub meta_offset_bytes: u64,
+    /// The retired version's bytes per data segment.
+    pub segments: Vec<SegmentBytes>,
+}
+
+/// The payload of a Delete record.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Deletion {
+    pub path: String,
+    pub retired: Replaced,
+}
+
+impl FileMeta {
+    /// Bytes per data segment of this version's extents.
+    pub fn segment_bytes(&self, superblock: &Superblock) -> Vec<SegmentBytes> {
+        let mut out: Vec<SegmentBytes> = Vec::new();
+        for extent in &self.extents {
+            let segment = superblock
+                .segment_of(extent.offset_bytes)
+                .expect("extent inside the segment area");
+            match out.iter_mut().find(|row| row.segment == segment) {
+                Some(row) => row.bytes += extent.length_bytes,
+                None => out.push(SegmentBytes {
+                    segment,
+                    bytes: extent.length_bytes,
+                }),
+            }
+        }
+        out
+    }
+
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(128 + self.path.len() + self.extents.len() * 20);
+        put_path(&mut out, &self.path);
+        out.extend_from_slice(&self.size_bytes.to_le_bytes());
+        out.extend_from_slice(&self.published_unix_s.to_le_bytes());
+        out.extend_from_slice(&self.sha256);
+        put_u32(&mut out, self.extents.len());
+        for extent in &self.extents {
+            out.extend_from_slice(&extent.offset_bytes.to_le_bytes());
+            out.extend_from_slice(&extent.length_bytes.to_le_bytes());
+            out.extend_from_slice(&extent.crc.to_le_bytes());
+        }
+        match &self.replaced {
+            None => out.push(0),
+            Some(replaced) => {
+                out.push(1);
+                put_replaced(&mut out, replaced);
+            }
+        }
+        out
+    }
+
+    /// Decodes and checks a payload: extents must add up to the size.
+    pub fn decode(bytes: &[u8]) -> Result<FileMeta, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let path = reader.path()?;
+        let size_bytes = reader.u64()?;
+        let published_unix_s = reader.u64()?;
+        let sha256 = reader.array()?;
+        let extent_count = reader.count(EXTENTS_PER_FILE_MAX)?;
+        let mut extents = Vec::with_capacity(extent_count);
+        for _ in 0..extent_count {
+            extents.push(Extent {
+                offset_bytes: reader.u64()?,
+                length_bytes: reader.u64()?,
+                crc: reader.u32()?,
+            });
+        }
+        let total = extents
+            .iter()
+            .try_fold(0u64, |sum, extent| sum.checked_add(extent.length_bytes));
+        if total != Some(size_bytes) {
+            return Err(DecodeError::BadField("extents"));
+        }
+        let replaced = match reader.u8()? {
+            0 => None,
+            1 => Some(reader.replaced()?),
+            _ => return Err(DecodeError::BadField("replaced")),
+        };
+        reader.finish()?;
+        Ok(FileMeta {
+            path,
+            size_bytes,
+            published_unix_s,
+            sha256,
+            extents,
+            replaced,
+        })
+    }
+}
+
+impl Deletion {
+    /// Encodes the payload.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::new();
+        put_path(&mut out, &self.path);
+        put_replaced(&mut out, &self.retired);
+        out
+    }
+
+    /// Decodes a payload.
+    pub fn decode(bytes: &[u8]) -> Result<Deletion, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let path = reader.path()?;
+        let retired = reader.replaced()?;
+        reader.finish()?;
+        Ok(Deletion { path, retired })
+    }
+}
+
+/// Encodes a Link payload: the segment the log continues in.
+pub fn encode_link(next_segment: u32) -> Vec<u8> {
+    next_segment.to_le_bytes().to_vec()
+}
+
+/// Decodes a Link payload.
+pub fn decode_link(bytes: &[u8]) -> Result<u32, DecodeError> {
+    let mut reader = Reader::new(bytes);
+    let segment = reader.u32()?;
+    reader.finish()?;
+    Ok(segment)
+}
+
+/// Where the log continues: the first byte not yet covered by a checkpoint.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct LogPosition {
+    /// Device offset of the next record.
+    pub offset_bytes: u64,
+    /// Sequence number the next record must carry.
+    pub seq: u64,
+}
+
+/// The fixed part of a checkpoint; the body (segment rows, then entry rows) follows it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CheckpointHeader {
+    pub generation: u64,
+    /// The run (epoch) whose records follow the head.
+    pub epoch: u32,
+    pub log_head: LogPosition,
+    pub segment_count: u32,
+    pub entry_count: u64,
+    pub body_bytes: u64,
+    pub body_crc: u32,
+    pub drive_uuid: [u8; 16],
+}
+
+impl CheckpointHeader {
+    /// Encodes the 4 KiB header block.
+    pub fn encode(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(4096);
+        out.extend_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
+        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.body_crc.to_le_bytes());
+        out.extend_from_slice(&self.drive_uuid);
+        for value in [
+            self.generation,
+            u64::from(self.epoch),
+            self.log_head.offset_bytes,
+            self.log_head.seq,
+            u64::from(self.segment_count),
+            self.entry_count,
+            self.body_bytes,
+        ] {
+            out.extend_from_slice(&value.to_le_bytes());
+        }
+        out.resize(4092, 0);
+        let crc = crc32c::crc32c(&out);
+        out.extend_from_slice(&crc.to_le_bytes());
+        out
+    }
+
+    /// Decodes and checks a header block (not the body).
+    pub fn decode(bytes: &[u8]) -> Result<CheckpointHeader, DecodeError> {
+        if bytes.len() < 4096 {
+            return Err(DecodeError::Truncated);
+        }
+        let mut reader = Reader::new(&bytes[..4092]);
+        if reader.u64()? != CHECKPOINT_MAGIC {
+            return Err(DecodeError::BadMagic);
+        }
+        let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
+        if crc32c::crc32c(&bytes[..4092]) != stored_crc {
+            return Err(DecodeError::BadChecksum);
+        }
+        let version = reader.u32()?;
+        if version != FORMAT_VERSION {
+            return Err(DecodeError::UnsupportedVersion(version));
+        }
+        let body_crc = reader.u32()?;
+        let drive_uuid = reader.array()?;
+        let generation = reader.u64()?;
+        let epoch = u32::try_from(reader.u64()?).map_err(|_| DecodeError::BadField("epoch"))?;
+        let log_head = LogPosition {
+            offset_bytes: reader.u64()?,
+            seq: reader.u64()?,
+        };
+        let segment_count =
+            u32::try_from(reader.u64()?).map_err(|_| DecodeError::BadField("segment_count"))?;
+        let entry_count = reader.u64()?;
+        let body_bytes = reader.u64()?;
+        let expected_body = u64::from(segment_count) * SEGMENT_ROW_BYTES
+            + entry_count.saturating_mul(ENTRY_ROW_BYTES);
+        if body_bytes != expected_body {
+            return Err(DecodeError::BadField("body_bytes"));
+        }
+        Ok(CheckpointHeader {
+            generation,
+            epoch,
+            log_head,
+            segment_count,
+            entry_count,
+            body_bytes,
+            body_crc,
+            drive_uuid,
+        })
+    }
+}
+
+/// One row of a checkpoint's segment table.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SegmentRow {
+    pub kind: SegmentKind,
+    /// Data segments: live bytes. Log segments: live Publish records.
+    pub live: u64,
+}
+
+/// What a segment holds.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SegmentKind {
+    Free = 0,
+    Data = 1,
+    Log = 2,
+}
+
+impl SegmentRow {
+    /// Encodes a 16-byte row.
+    pub fn encode(&self, out: &mut Vec<u8>) {
+        out.extend_from_slice(&(self.kind as u64).to_le_bytes());
+        out.extend_from_slice(&self.live.to_le_bytes());
+    }
+
+    /// Decodes a 16-byte row.
+    pub fn decode(bytes: &[u8]) -> Result<SegmentRow, DecodeError> {
+        let mut reader = Reader::new(bytes);
+        let kind = match reader.u64()? {
+            0 => SegmentKind::Free,
+            1 => SegmentKind::Data,
+            2 => SegmentKind::Log,
+            _ => return Err(DecodeError::BadField("segment kind")),
+        };
+        Ok(SegmentRow {
+            kind,
+            live: reader.u64()?,
+        })
+    }
+}
+
+fn put_u32(out: &mut Vec<u8>, value: usize) {
+    let value = u32::try_from(value).expect("count checked by the caller");
+    out.extend_from_slice(&value.to_le_bytes());
+}
+
+fn put_path(out: &mut Vec<u8>, path: &str) {
+    assert!(path.len() <= PATH_BYTES_MAX, "path length checked by the caller");
+    out.extend_from_slice(&u16::try_from(path.len()).expect("short path").to_le_bytes());
+    out.extend_from_slice(path.as_bytes());
+}
+
+fn put_replaced(out: &mut Vec<u8>, replaced: &Replaced) {
+    out.extend_from_slice(&replaced.meta_offset_bytes.to_le_bytes());
+    put_u32(out, replaced.segments.len());
+    for row in &replaced.segments {
+        out.extend_from_slice(&row.segment.to_le_bytes());
+        out.extend_from_slice(&row.bytes.to_le_bytes());
+    }
+}
+
+/// A bounds-checked little-endian reader: every method fails instead of panicking.
+struct Reader<'a> {
+    bytes: &'a [u8],
+    position: usize,
+}
+
+impl<'a> Reader<'a> {
+    fn new(bytes: &'a [u8]) -> Reader<'a> {
+        Reader { bytes, position: 0 }
+    }
+
+    fn take(&mut self, length: usize) -> Result<&'a [u8], DecodeError> {
+        let end = self.position.checked_add(length).ok_or(DecodeError::Truncated)?;
+        let slice = self.bytes.get(self.position..end).ok_or(DecodeError::Truncated)?;
+        self.position = end;
+        Ok(slice)
+    }
+
+    fn array<const N: usize>(&mut self) -> Result<[u8; N], DecodeError> {
+        Ok(self.take(N)?.try_into().expect("length N"))
+    }
+
+    fn u8(&mut self) -> Result<u8, DecodeError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u32(&mut self) -> Result<u32, DecodeError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+
+    fn u64(&mut self) -> Result<u64, DecodeError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+
+    fn count(&mut self, max: usize) -> Result<usize, DecodeError> {
+        let count = self.u32()? as usize;
+        if count > max {
+            return Err(DecodeError::BadField("count"));
+        }
+        Ok(count)
+    }
+
+    fn path(&mut self) -> Result<String, DecodeError> {
+        let length = usize::from(u16::from_le_bytes(self.array()?));
+        if length > PATH_BYTES_MAX {
+            return Err(DecodeError::BadField("path length"));
+        }
+        let bytes = self.take(length)?;
+        String::from_utf8(bytes.to_vec()).map_err(|_| DecodeError::BadField("path"))
+    }
+
+    fn replaced(&mut self) -> Result<Replaced, DecodeError> {
+        let meta_offset_bytes = self.u64()?;
+        let count = self.count(EXTENTS_PER_FILE_MAX)?;
+        let mut segments = Vec::with_capacity(count);
+        for _ in 0..count {
+            segments.push(SegmentBytes {
+                segment: self.u32()?,
+                bytes: self.u64()?,
+            });
+        }
+        Ok(Replaced {
+            meta_offset_bytes,
+            segments,
+        })
+    }
+
+    fn finish(&self) -> Result<(), DecodeError> {
+        if self.position == self.bytes.len() {
+            Ok(())
+        } else {
+            Err(DecodeError::BadField("trailing bytes"))
+        }
+    }
+}

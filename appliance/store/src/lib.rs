@@ -1,0 +1,27 @@
+//! The appliance's segment store: files on raw drives, an in-memory index, durable publish,
+//! crash recovery, delete and reclaim.
+//!
+//! Deterministic and free of async runtimes and sockets: it takes opened [`Drive`]s and plain
+//! configuration values, so the simulation tests can run it over simulated drives. Process-level
+//! concerns (opening device paths, persisting the failed-drive list, signals) belong to the
+//! daemon. See ARCHITECTURE.md for the on-disk format and the invariants.
+
+mod drive;
+mod error;
+mod format;
+pub mod index;
+pub mod layout;
+mod log;
+mod reader;
+mod reclaim;
+mod recovery;
+mod store;
+mod writer;
+
+pub use appliance_device::{Drive, DriveInfo, DriveKind};
+pub use drive::DriveStatus;
+pub use error::StoreError;
+pub use format::{format_drive, inspect_drive, FormatError, FormatOptions};
+pub use reader::{DeviceRange, FileHandle};
+pub use store::{DriveSource, Store, StoreConfig, StoreStats};
+pub use writer::FileWriter;

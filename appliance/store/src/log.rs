@@ -1,0 +1,376 @@
+//! The per-drive metadata log: group commit of Publish and Delete records, and checkpoints.
+//!
+//! A commit makes data durable first (flush), then appends its records in whole blocks and
+//! flushes again, so a durable record never names data that is not. The first committer to find
+//! no leader becomes the leader for everyone queued behind it (group commit). Mutations are
+//! applied to the index and the segment table in log order, by the leader, after the flush.
+
+use crate::drive::{location, location_drive, lock, DriveRt, LogState, Space, OFFSET_MASK};
+use crate::error::StoreError;
+use crate::index::Index;
+use crate::layout::{
+    encode_link, CheckpointHeader, Deletion, FileMeta, LogPosition, RecordHeader, RecordKind,
+    SegmentKind, SegmentRow, CHECKPOINT_HEADER_BYTES, RECORD_HEADER_BYTES,
+};
+use appliance_device::{write_all_at, AlignedBuf, BLOCK_BYTES};
+use std::collections::HashMap;
+
+/// Room always kept at the end of a log segment for a Link record and the skip before it.
+const LINK_RESERVE_BYTES: u64 = BLOCK_BYTES + 128;
+
+/// A change to the store that one log record makes durable.
+pub(crate) enum Mutation {
+    Publish { tag: u64, meta: FileMeta },
+    Delete { tag: u64, deletion: Deletion },
+}
+
+impl Mutation {
+    fn record(&self) -> (RecordKind, Vec<u8>) {
+        match self {
+            Mutation::Publish { meta, .. } => (RecordKind::Publish, meta.encode()),
+            Mutation::Delete { deletion, .. } => (RecordKind::Delete, deletion.encode()),
+        }
+    }
+}
+
+type Batch = Vec<(u64, Vec<Mutation>)>;
+
+/// Commits waiting for a leader, and results waiting for their committers.
+#[derive(Default)]
+pub(crate) struct CommitQueue {
+    pending: Batch,
+    leader_active: bool,
+    next_ticket: u64,
+    done: HashMap<u64, Result<Vec<u64>, StoreError>>,
+}
+
+/// Makes `mutations` durable and visible, in order; returns each record's device offset.
+pub(crate) fn commit(
+    index: &Index,
+    rt: &DriveRt,
+    mutations: Vec<Mutation>,
+) -> Result<Vec<u64>, StoreError> {
+    let mut queue = lock(&rt.queue);
+    let ticket = queue.next_ticket;
+    queue.next_ticket += 1;
+    queue.pending.push((ticket, mutations));
+    loop {
+        if let Some(result) = queue.done.remove(&ticket) {
+            return result;
+        }
+        if queue.leader_active {
+            queue = rt
+                .committed
+                .wait(queue)
+                .unwrap_or_else(|poison| poison.into_inner());
+            continue;
+        }
+        queue.leader_active = true;
+        let batch = std::mem::take(&mut queue.pending);
+        drop(queue);
+        let results = write_batch(index, rt, batch);
+        queue = lock(&rt.queue);
+        queue.done.extend(results);
+        queue.leader_active = false;
+        rt.committed.notify_all();
+    }
+}
+
+fn write_batch(index: &Index, rt: &DriveRt, batch: Batch) -> Vec<(u64, Result<Vec<u64>, StoreError>)> {
+    let mut log = lock(&rt.log);
+    match append_batch(index, rt, &mut log, &batch) {
+        Ok(offsets) => batch
+            .iter()
+            .zip(offsets)
+            .map(|((ticket, _), offsets)| (*ticket, Ok(offsets)))
+            .collect(),
+        Err(error) => {
+            let failed = rt.is_failed();
+            let mut first = Some(error);
+            batch
+                .iter()
+                .map(|(ticket, _)| {
+                    let error = first.take().unwrap_or_else(|| {
+                        if failed {
+                            StoreError::DriveFailed(rt.path())
+                        } else {
+                            StoreError::DriveFull(rt.path())
+                        }
+                    });
+                    (*ticket, Err(error))
+                })
+                .collect()
+        }
+    }
+}
+
+/// Bytes being laid out for one commit: runs of contiguous bytes at device offsets.
+struct Layout {
+    runs: Vec<(u64, Vec<u8>)>,
+    segment: u32,
+    segment_end: u64,
+    epoch: u32,
+    seq: u64,
+    linked: Vec<u32>,
+}
+
+impl Layout {
+    fn position(&self) -> u64 {
+        let (start, bytes) = self.runs.last().expect("one run at least");
+        start + bytes.len() as u64
+    }
+
+    fn push(&mut self, bytes: &[u8]) {
+        self.runs.last_mut().expect("one run").1.extend_from_slice(bytes);
+    }
+
+    /// A header never starts in the last 31 bytes of a block: readers skip them.
+    fn skip_block_tail(&mut self) {
+        let remainder = block_remainder(self.position());
+        if remainder < RECORD_HEADER_BYTES {
+            self.push(&vec![0u8; remainder as usize]);
+        }
+    }
+
+    fn push_record(&mut self, salt: u32, kind: RecordKind, payload: &[u8]) -> u64 {
+        self.skip_block_tail();
+        let offset = self.position();
+        let header = RecordHeader::for_payload(kind, self.epoch, self.seq, payload);
+        self.seq += 1;
+        self.push(&header.encode(salt));
+        self.push(payload);
+        let padding = header.record_bytes() - RECORD_HEADER_BYTES - payload.len() as u64;
+        self.push(&vec![0u8; padding as usize]);
+        offset
+    }
+
+    /// Ends the current run on a block boundary with a Pad record (or zeros if too short).
+    fn pad_to_block(&mut self, salt: u32) {
+        let remainder = block_remainder(self.position());
+        if remainder == BLOCK_BYTES {
+            return;
+        }
+        if remainder < RECORD_HEADER_BYTES {
+            self.push(&vec![0u8; remainder as usize]);
+            return;
+        }
+        let filler = vec![0u8; (remainder - RECORD_HEADER_BYTES) as usize];
+        self.push_record(salt, RecordKind::Pad, &filler);
+    }
+}
+
+/// Bytes left before the next block boundary (a full block when on one).
+fn block_remainder(offset_bytes: u64) -> u64 {
+    BLOCK_BYTES - offset_bytes % BLOCK_BYTES
+}
+
+fn append_batch(
+    index: &Index,
+    rt: &DriveRt,
+    log: &mut LogState,
+    batch: &Batch,
+) -> Result<Vec<Vec<u64>>, StoreError> {
+    if rt.is_failed() {
+        return Err(StoreError::DriveFailed(rt.path()));
+    }
+    rt.drive
+        .flush()
+        .map_err(|error| crate::store::fail_drive(index, rt, rt.io_error("data flush", error)))?;
+    let superblock = &rt.superblock;
+    let mut layout = Layout {
+        runs: vec![(log.cursor_bytes, Vec::new())],
+        segment: log.segment,
+        segment_end: superblock.segment_offset_bytes(log.segment) + superblock.segment_bytes,
+        epoch: log.epoch,
+        seq: log.next_seq,
+        linked: Vec::new(),
+    };
+    let mut offsets = Vec::with_capacity(batch.len());
+    for (_, mutations) in batch {
+        let mut these = Vec::with_capacity(mutations.len());
+        for mutation in mutations {
+            let (kind, payload) = mutation.record();
+            let needed = RecordHeader::for_payload(kind, 0, 0, &payload).record_bytes();
+            if layout.position() + RECORD_HEADER_BYTES + needed + LINK_RESERVE_BYTES
+                > layout.segment_end
+            {
+                link_new_segment(rt, &mut layout)?;
+            }
+            these.push(layout.push_record(rt.salt, kind, &payload));
+        }
+        offsets.push(these);
+    }
+    layout.pad_to_block(rt.salt);
+    let written: u64 = layout.runs.iter().map(|(_, bytes)| bytes.len() as u64).sum();
+    for (start, bytes) in &layout.runs {
+        let buf = AlignedBuf::from_slice_padded(bytes);
+        write_all_at(&*rt.drive, *start, buf)
+            .map_err(|error| crate::store::fail_drive(index, rt, rt.io_error("log write", error)))?;
+    }
+    rt.drive
+        .flush()
+        .map_err(|error| crate::store::fail_drive(index, rt, rt.io_error("log flush", error)))?;
+    log.cursor_bytes = layout.position();
+    log.segment = layout.segment;
+    log.next_seq = layout.seq;
+    log.chain.extend(layout.linked.iter().copied());
+    log.bytes_since_checkpoint += written;
+    let mut space = lock(&rt.space);
+    for ((_, mutations), offsets) in batch.iter().zip(&offsets) {
+        for (mutation, offset) in mutations.iter().zip(offsets) {
+            apply(index, rt, &mut space, mutation, *offset)
+                .unwrap_or_else(|why| panic!("drive {}: {why}", rt.path().display()));
+        }
+    }
+    Ok(offsets)
+}
+
+/// Ends the current log segment with a Link to a newly allocated one.
+fn link_new_segment(rt: &DriveRt, layout: &mut Layout) -> Result<(), StoreError> {
+    let next = lock(&rt.space)
+        .allocate(SegmentKind::Log, 0)
+        .ok_or_else(|| StoreError::DriveFull(rt.path()))?;
+    layout.push_record(rt.salt, RecordKind::Link, &encode_link(next));
+    let remainder = block_remainder(layout.position());
+    if remainder != BLOCK_BYTES {
+        layout.push(&vec![0u8; remainder as usize]);
+    }
+    let start = rt.superblock.segment_offset_bytes(next);
+    layout.runs.push((start, Vec::new()));
+    layout.segment = next;
+    layout.segment_end = start + rt.superblock.segment_bytes;
+    layout.linked.push(next);
+    Ok(())
+}
+
+/// Applies one durable mutation to the segment table and the index.
+pub(crate) fn apply(
+    index: &Index,
+    rt: &DriveRt,
+    space: &mut Space,
+    mutation: &Mutation,
+    offset_bytes: u64,
+) -> Result<(), String> {
+    let superblock = &rt.superblock;
+    let meta_segment = |offset: u64| {
+        superblock
+            .segment_of(offset)
+            .ok_or_else(|| format!("record offset {offset} outside the segment area"))
+    };
+    let new_location = location(rt.number, offset_bytes);
+    match mutation {
+        Mutation::Publish { tag, meta } => {
+            for extent in &meta.extents {
+                let segment = superblock
+                    .segment_of(extent.offset_bytes)
+                    .ok_or_else(|| format!("extent at {} outside segments", extent.offset_bytes))?;
+                if space.kinds[segment as usize] != SegmentKind::Data {
+                    space.kinds[segment as usize] = SegmentKind::Data;
+                    space.free.retain(|&free| free != segment);
+                }
+                space.add_live(segment, extent.length_bytes);
+            }
+            space.add_live(meta_segment(offset_bytes)?, 1);
+            match &meta.replaced {
+                Some(replaced) => {
+                    for row in &replaced.segments {
+                        space.remove_live(row.segment, row.bytes)?;
+                    }
+                    space.remove_live(meta_segment(replaced.meta_offset_bytes)?, 1)?;
+                    let old = location(rt.number, replaced.meta_offset_bytes);
+                    if !index.replace(*tag, old, new_location) {
+                        return Err(format!("replaced version of {} not indexed", meta.path));
+                    }
+                }
+                None => {
+                    index
+                        .insert(*tag, new_location)
+                        .map_err(|_| "index full while applying a publish".to_string())?;
+                    space.files += 1;
+                }
+            }
+        }
+        Mutation::Delete { tag, deletion } => {
+            for row in &deletion.retired.segments {
+                space.remove_live(row.segment, row.bytes)?;
+            }
+            space.remove_live(meta_segment(deletion.retired.meta_offset_bytes)?, 1)?;
+            let old = location(rt.number, deletion.retired.meta_offset_bytes);
+            if !index.remove(*tag, old) {
+                return Err(format!("deleted file {} not indexed", deletion.path));
+            }
+            space.files -= 1;
+        }
+    }
+    Ok(())
+}
+
+/// Writes a checkpoint of this drive into the slot not holding the newest one.
+pub(crate) fn write_checkpoint(index: &Index, rt: &DriveRt) -> Result<(), StoreError> {
+    let mut log = lock(&rt.log);
+    if rt.is_failed() {
+        return Err(StoreError::DriveFailed(rt.path()));
+    }
+    let head = LogPosition {
+        offset_bytes: log.cursor_bytes,
+        seq: log.next_seq,
+    };
+    let mut body = Vec::new();
+    {
+        let space = lock(&rt.space);
+        for (kind, live) in space.kinds.iter().zip(&space.live) {
+            SegmentRow {
+                kind: *kind,
+                live: *live,
+            }
+            .encode(&mut body);
+        }
+    }
+    let mut entry_count = 0u64;
+    index.for_each(|tag, location| {
+        if location_drive(location) == rt.number {
+            body.extend_from_slice(&tag.to_le_bytes());
+            body.extend_from_slice(&(location & OFFSET_MASK).to_le_bytes());
+            entry_count += 1;
+        }
+    });
+    let superblock = &rt.superblock;
+    assert!(
+        entry_count <= superblock.files_max,
+        "drive holds more files than its checkpoint region fits"
+    );
+    let header = CheckpointHeader {
+        generation: log.generation + 1,
+        epoch: log.epoch,
+        log_head: head,
+        segment_count: superblock.segment_count,
+        entry_count,
+        body_bytes: body.len() as u64,
+        body_crc: crc32c::crc32c(&body),
+        drive_uuid: superblock.drive_uuid,
+    };
+    let slot = 1 - log.slot;
+    let mut bytes = header.encode();
+    debug_assert_eq!(bytes.len() as u64, CHECKPOINT_HEADER_BYTES);
+    bytes.extend_from_slice(&body);
+    assert!(bytes.len() as u64 <= superblock.checkpoint_region_bytes);
+    let buf = AlignedBuf::from_slice_padded(&bytes);
+    write_all_at(&*rt.drive, superblock.checkpoint_offset_bytes(slot), buf).map_err(|error| {
+        crate::store::fail_drive(index, rt, rt.io_error("checkpoint write", error))
+    })?;
+    rt.drive.flush().map_err(|error| {
+        crate::store::fail_drive(index, rt, rt.io_error("checkpoint flush", error))
+    })?;
+    let older_head = log.newest_head;
+    log.generation = header.generation;
+    log.slot = slot;
+    log.newest_head = head;
+    log.bytes_since_checkpoint = 0;
+    let keep_from = superblock
+        .segment_of(older_head.offset_bytes)
+        .expect("log head inside the segment area");
+    while log.chain.len() > 1 && log.chain.front() != Some(&keep_from) {
+        log.chain.pop_front();
+    }
+    Ok(())
+}

@@ -1,0 +1,308 @@
+//! Opening a formatted drive: superblock checks, the newest valid checkpoint, replay of the log
+//! written since, and a fresh checkpoint for the new run.
+//!
+//! Replay stops at the first record that does not check out (bad header, checksum, sequence or
+//! an epoch older than the one before it): that is the torn tail of the last run, never
+//! acknowledged to anyone. Recovery reads the checkpoint and the log tail only, never the data.
+
+use crate::drive::{location, lock, DriveRt, LogState, Space};
+use crate::index::Index;
+use crate::layout::{
+    decode_link, CheckpointHeader, DecodeError, Deletion, FileMeta, RecordHeader, RecordKind,
+    SegmentKind, SegmentRow, Superblock, CHECKPOINT_HEADER_BYTES, ENTRY_ROW_BYTES,
+    RECORD_HEADER_BYTES, SEGMENT_ROW_BYTES, SUPERBLOCK_BYTES,
+};
+use crate::log::{apply, write_checkpoint, Mutation};
+use appliance_device::{read_exact_at, AlignedBuf, Drive, BLOCK_BYTES};
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU32};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Instant;
+
+/// Bytes the replay reader fetches at a time.
+const REPLAY_WINDOW_BYTES: u64 = 4 << 20;
+
+/// Opens and recovers one drive; the error is a reason fit for the drive's status line.
+pub(crate) fn open_drive(
+    number: u8,
+    drive: Arc<dyn Drive>,
+    index: &Index,
+    on_failed: Arc<dyn Fn([u8; 16], &str) + Send + Sync>,
+) -> Result<DriveRt, String> {
+    let started = Instant::now();
+    let superblock = read_superblock(&*drive)?;
+    let (checkpoint, slot, body) = read_checkpoint(&*drive, &superblock)?;
+    let rows = decode_rows(&superblock, &body)?;
+    let mut rt = DriveRt {
+        number,
+        salt: DriveRt::salt_for(&superblock),
+        pins: (0..superblock.segment_count).map(|_| AtomicU32::new(0)).collect(),
+        space: Mutex::new(Space {
+            kinds: rows.iter().map(|row| row.kind).collect(),
+            live: rows.iter().map(|row| row.live).collect(),
+            open: vec![false; superblock.segment_count as usize],
+            free: VecDeque::new(),
+            pool: Vec::new(),
+            pending_free: Vec::new(),
+            files: checkpoint.entry_count,
+            writers: 0,
+        }),
+        log: Mutex::new(LogState {
+            segment: 0,
+            cursor_bytes: 0,
+            next_seq: 0,
+            epoch: 0,
+            chain: VecDeque::new(),
+            bytes_since_checkpoint: 0,
+            generation: checkpoint.generation,
+            slot,
+            newest_head: checkpoint.log_head,
+        }),
+        superblock,
+        drive,
+        failed: AtomicBool::new(false),
+        failure: Mutex::new(None),
+        queue: Mutex::new(Default::default()),
+        committed: Condvar::new(),
+        recovery_ms: 0,
+        on_failed,
+    };
+    let result = load_entries(index, &rt, &body, checkpoint.entry_count)
+        .and_then(|()| replay(index, &rt, &checkpoint))
+        .and_then(|end| finish(&rt, end, checkpoint.epoch));
+    if let Err(why) = result {
+        index.remove_where(|location| crate::drive::location_drive(location) == number);
+        return Err(why);
+    }
+    write_checkpoint(index, &rt).map_err(|error| {
+        index.remove_where(|location| crate::drive::location_drive(location) == number);
+        format!("writing the recovery checkpoint: {error}")
+    })?;
+    rt.recovery_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX);
+    Ok(rt)
+}
+
+fn read_superblock(drive: &dyn Drive) -> Result<Superblock, String> {
+    let bytes = read_exact_at(drive, 0, AlignedBuf::new(2 * SUPERBLOCK_BYTES as usize))
+        .map_err(|error| format!("reading the superblock: {error}"))?;
+    let first = Superblock::decode(&bytes[..4096]);
+    let second = Superblock::decode(&bytes[4096..]);
+    let superblock = match (first, second) {
+        (Ok(superblock), _) | (Err(_), Ok(superblock)) => superblock,
+        (Err(DecodeError::BadMagic), Err(DecodeError::BadMagic)) => {
+            return Err("not formatted as an appliance drive (no superblock)".into())
+        }
+        (Err(a), Err(b)) => return Err(format!("no valid superblock (copy A: {a}; copy B: {b})")),
+    };
+    let size_bytes = drive.info().size_bytes;
+    if superblock.drive_size_bytes > size_bytes {
+        return Err(format!(
+            "geometry mismatch: formatted for {} bytes but the drive has {size_bytes}",
+            superblock.drive_size_bytes
+        ));
+    }
+    Ok(superblock)
+}
+
+/// The newest checkpoint whose header and body check out, its slot and its body.
+fn read_checkpoint(
+    drive: &dyn Drive,
+    superblock: &Superblock,
+) -> Result<(CheckpointHeader, u64, AlignedBuf), String> {
+    let mut candidates = Vec::new();
+    let mut problems = Vec::new();
+    for slot in 0..2 {
+        let offset = superblock.checkpoint_offset_bytes(slot);
+        let block = read_exact_at(drive, offset, AlignedBuf::new(CHECKPOINT_HEADER_BYTES as usize))
+            .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
+        match CheckpointHeader::decode(&block) {
+            Ok(header) => candidates.push((header, slot)),
+            Err(error) => problems.push(format!("slot {slot}: {error}")),
+        }
+    }
+    candidates.sort_by_key(|(header, _)| std::cmp::Reverse(header.generation));
+    for (header, slot) in candidates {
+        if header.drive_uuid != superblock.drive_uuid
+            || header.segment_count != superblock.segment_count
+            || header.entry_count > superblock.files_max
+            || CHECKPOINT_HEADER_BYTES + header.body_bytes > superblock.checkpoint_region_bytes
+        {
+            problems.push(format!("slot {slot}: does not match the superblock"));
+            continue;
+        }
+        let length = header.body_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let offset = superblock.checkpoint_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES;
+        let body = read_exact_at(drive, offset, AlignedBuf::new(length as usize))
+            .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
+        if crc32c::crc32c(&body[..header.body_bytes as usize]) == header.body_crc {
+            return Ok((header, slot, body));
+        }
+        problems.push(format!("slot {slot}: body checksum mismatch"));
+    }
+    Err(format!("no valid checkpoint ({})", problems.join("; ")))
+}
+
+fn decode_rows(superblock: &Superblock, body: &[u8]) -> Result<Vec<SegmentRow>, String> {
+    (0..superblock.segment_count as usize)
+        .map(|segment| {
+            let start = segment * SEGMENT_ROW_BYTES as usize;
+            SegmentRow::decode(&body[start..start + SEGMENT_ROW_BYTES as usize])
+                .map_err(|error| format!("checkpoint segment row {segment}: {error}"))
+        })
+        .collect()
+}
+
+fn load_entries(index: &Index, rt: &DriveRt, body: &[u8], count: u64) -> Result<(), String> {
+    let superblock = &rt.superblock;
+    let start = superblock.segment_count as usize * SEGMENT_ROW_BYTES as usize;
+    for row in 0..count as usize {
+        let at = start + row * ENTRY_ROW_BYTES as usize;
+        let tag = u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
+        let offset = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
+        if tag == 0 || superblock.segment_of(offset).is_none() {
+            return Err(format!("checkpoint entry {row} is out of range"));
+        }
+        index
+            .insert(tag, location(rt.number, offset))
+            .map_err(|_| "the index is too small for the checkpoint".to_string())?;
+    }
+    Ok(())
+}
+
+/// Reads a drive's log through a window of a few MiB.
+struct LogReader<'a> {
+    drive: &'a dyn Drive,
+    start: u64,
+    window: AlignedBuf,
+}
+
+impl LogReader<'_> {
+    fn bytes(&mut self, offset: u64, length: u64) -> Result<&[u8], String> {
+        let end = offset + length;
+        if offset < self.start || end > self.start + self.window.len() as u64 {
+            let start = offset - offset % BLOCK_BYTES;
+            let wanted = (end - start).max(REPLAY_WINDOW_BYTES).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+            let available = self.drive.info().size_bytes - start;
+            let length = wanted.min(available);
+            self.window = read_exact_at(self.drive, start, AlignedBuf::new(length as usize))
+                .map_err(|error| format!("reading the log at {start}: {error}"))?;
+            self.start = start;
+        }
+        let from = (offset - self.start) as usize;
+        Ok(&self.window[from..from + length as usize])
+    }
+}
+
+/// Where replay ended: the offset after the last good record and the next sequence number.
+struct LogEnd {
+    offset_bytes: u64,
+    seq: u64,
+    epoch: u32,
+    chain: VecDeque<u32>,
+}
+
+fn replay(index: &Index, rt: &DriveRt, checkpoint: &CheckpointHeader) -> Result<LogEnd, String> {
+    let superblock = &rt.superblock;
+    let mut reader = LogReader {
+        drive: &*rt.drive,
+        start: 0,
+        window: AlignedBuf::new(0),
+    };
+    let mut position = checkpoint.log_head.offset_bytes;
+    let mut seq = checkpoint.log_head.seq;
+    let mut epoch = checkpoint.epoch;
+    let mut segment = superblock
+        .segment_of(position)
+        .ok_or("checkpoint log head outside the segment area")?;
+    let mut chain = VecDeque::from([segment]);
+    loop {
+        let segment_end = superblock.segment_offset_bytes(segment) + superblock.segment_bytes;
+        let remainder = BLOCK_BYTES - position % BLOCK_BYTES;
+        if remainder < RECORD_HEADER_BYTES {
+            position += remainder;
+        }
+        if position + RECORD_HEADER_BYTES > segment_end {
+            break;
+        }
+        let Ok(header) = RecordHeader::decode(reader.bytes(position, RECORD_HEADER_BYTES)?, rt.salt)
+        else {
+            break;
+        };
+        if header.seq != seq || header.epoch < epoch || position + header.record_bytes() > segment_end {
+            break;
+        }
+        let payload = reader.bytes(position + RECORD_HEADER_BYTES, u64::from(header.payload_bytes))?;
+        if header.check_payload(payload).is_err() {
+            break;
+        }
+        let payload = payload.to_vec();
+        epoch = header.epoch;
+        seq += 1;
+        match header.kind {
+            RecordKind::Pad => {}
+            RecordKind::Link => {
+                let next = decode_link(&payload).map_err(|error| format!("link record: {error}"))?;
+                if next >= superblock.segment_count {
+                    return Err(format!("link to segment {next} out of range"));
+                }
+                lock(&rt.space).kinds[next as usize] = SegmentKind::Log;
+                chain.push_back(next);
+                segment = next;
+                position = superblock.segment_offset_bytes(next);
+                continue;
+            }
+            RecordKind::Publish => {
+                let meta = FileMeta::decode(&payload)
+                    .map_err(|error| format!("publish record at {position}: {error}"))?;
+                let tag = crate::index::tag_of(&meta.path);
+                let mutation = Mutation::Publish { tag, meta };
+                apply(index, rt, &mut lock(&rt.space), &mutation, position)?;
+            }
+            RecordKind::Delete => {
+                let deletion = Deletion::decode(&payload)
+                    .map_err(|error| format!("delete record at {position}: {error}"))?;
+                let tag = crate::index::tag_of(&deletion.path);
+                let mutation = Mutation::Delete { tag, deletion };
+                apply(index, rt, &mut lock(&rt.space), &mutation, position)?;
+            }
+        }
+        position += header.record_bytes();
+    }
+    Ok(LogEnd {
+        offset_bytes: position,
+        seq,
+        epoch,
+        chain,
+    })
+}
+
+/// Sets up the new run: free list, sealed segments, and the log continuing on a block boundary
+/// after the last good record, in a new epoch.
+fn finish(rt: &DriveRt, end: LogEnd, checkpoint_epoch: u32) -> Result<(), String> {
+    let superblock = &rt.superblock;
+    let mut space = lock(&rt.space);
+    let mut log = lock(&rt.log);
+    let tail_segment = *end.chain.back().expect("chain holds the head segment");
+    for segment in 0..superblock.segment_count {
+        let index = segment as usize;
+        let in_chain = end.chain.contains(&segment);
+        let dead = space.live[index] == 0;
+        let unused = match space.kinds[index] {
+            SegmentKind::Free => true,
+            SegmentKind::Data => dead,
+            SegmentKind::Log => dead && !in_chain,
+        };
+        if unused {
+            space.kinds[index] = SegmentKind::Free;
+            space.free.push_back(segment);
+        }
+    }
+    let aligned = end.offset_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+    let segment_end = superblock.segment_offset_bytes(tail_segment) + superblock.segment_bytes;
+    log.segment = tail_segment;
+    log.cursor_bytes = aligned.min(segment_end);
+    log.next_seq = end.seq;
+    log.epoch = end.epoch.max(checkpoint_epoch).checked_add(1).ok_or("epoch overflow")?;
+    log.chain = end.chain;
+    Ok(())
+}

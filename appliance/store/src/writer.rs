@@ -1,0 +1,283 @@
+//! Writing one file: aligned appends into data segments of one drive, then a durable publish.
+//!
+//! Bytes are copied once into an aligned buffer; full buffers go to the drive's ring while the
+//! next one fills, up to a bounded number in flight. A buffer never crosses a segment end, so
+//! a file is a short list of contiguous extents. Until `publish` returns nothing of the file is
+//! visible; a writer dropped without publishing leaves nothing behind but dead space.
+
+use crate::drive::{lock, DriveRt, OpenSegment};
+use crate::error::StoreError;
+use crate::index::tag_of;
+use crate::layout::{Extent, FileMeta, Replaced, SegmentKind, EXTENTS_PER_FILE_MAX};
+use crate::log::{commit, Mutation};
+use crate::store::{fail_drive, Inner, PathClaim, LOG_RESERVE_SEGMENTS};
+use appliance_device::{AlignedBuf, Ticket, BLOCK_BYTES};
+use std::collections::VecDeque;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+/// A file being written; see the module comment.
+pub struct FileWriter {
+    inner: Arc<Inner>,
+    rt: Arc<DriveRt>,
+    claim: PathClaim,
+    replaced: Option<Replaced>,
+    current: Option<OpenSegment>,
+    buffer: Option<AlignedBuf>,
+    buffer_offset_bytes: u64,
+    buffer_target: usize,
+    filled: usize,
+    in_flight: VecDeque<Ticket>,
+    spare: Vec<AlignedBuf>,
+    extents: Vec<Extent>,
+    size_bytes: u64,
+    pinned: Vec<u32>,
+    finished: bool,
+}
+
+impl FileWriter {
+    pub(crate) fn new(
+        inner: Arc<Inner>,
+        rt: Arc<DriveRt>,
+        claim: PathClaim,
+        replaced: Option<Replaced>,
+    ) -> FileWriter {
+        FileWriter {
+            inner,
+            rt,
+            claim,
+            replaced,
+            current: None,
+            buffer: None,
+            buffer_offset_bytes: 0,
+            buffer_target: 0,
+            filled: 0,
+            in_flight: VecDeque::new(),
+            spare: Vec::new(),
+            extents: Vec::new(),
+            size_bytes: 0,
+            pinned: Vec::new(),
+            finished: false,
+        }
+    }
+
+    /// The drive this file is being written to.
+    pub fn drive_path(&self) -> PathBuf {
+        self.rt.path()
+    }
+
+    /// Bytes appended so far.
+    pub fn size_bytes(&self) -> u64 {
+        self.size_bytes
+    }
+
+    /// Appends bytes to the file.
+    pub fn append(&mut self, mut bytes: &[u8]) -> Result<(), StoreError> {
+        if self.rt.is_failed() {
+            return Err(StoreError::DriveFailed(self.rt.path()));
+        }
+        while !bytes.is_empty() {
+            if self.buffer.is_none() {
+                self.start_buffer()?;
+            }
+            let count = (self.buffer_target - self.filled).min(bytes.len());
+            let buffer = self.buffer.as_mut().expect("started above");
+            buffer[self.filled..self.filled + count].copy_from_slice(&bytes[..count]);
+            let extent = self.extents.last_mut().expect("start_buffer opens an extent");
+            extent.crc = crc32c::crc32c_append(extent.crc, &bytes[..count]);
+            extent.length_bytes += count as u64;
+            self.filled += count;
+            self.size_bytes += count as u64;
+            bytes = &bytes[count..];
+            if self.filled == self.buffer_target {
+                self.submit()?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Adds bytes that already lie on this drive (relocation keeps extents that need no move).
+    pub(crate) fn append_existing(&mut self, extent: Extent) -> Result<(), StoreError> {
+        self.submit()?;
+        if self.extents.len() >= EXTENTS_PER_FILE_MAX {
+            return Err(StoreError::TooLarge(self.claim.path.clone()));
+        }
+        self.extents.push(extent);
+        self.size_bytes += extent.length_bytes;
+        Ok(())
+    }
+
+    /// Makes the file durable and visible under its path, replacing any earlier version.
+    /// `sha256` is the checksum the caller verified the bytes against.
+    pub fn publish(mut self, sha256: [u8; 32]) -> Result<(), StoreError> {
+        self.submit()?;
+        self.wait_all()?;
+        self.release_segment();
+        let meta = FileMeta {
+            path: self.claim.path.clone(),
+            size_bytes: self.size_bytes,
+            published_unix_s: (self.inner.config.clock)(),
+            sha256,
+            extents: std::mem::take(&mut self.extents),
+            replaced: self.replaced.take(),
+        };
+        let mutation = Mutation::Publish {
+            tag: tag_of(&meta.path),
+            meta,
+        };
+        commit(&self.inner.index, &self.rt, vec![mutation])?;
+        Ok(())
+    }
+
+    /// Gives up the file: nothing of it becomes visible.
+    pub fn abort(self) {}
+
+    /// Readies a buffer for the next bytes, opening a segment or an extent where needed.
+    fn start_buffer(&mut self) -> Result<(), StoreError> {
+        let segment_bytes = self.rt.superblock.segment_bytes;
+        let needs_segment = match &self.current {
+            Some(open) => self.segment_end(open.segment) == open.cursor_bytes,
+            None => true,
+        };
+        if needs_segment {
+            self.acquire_segment()?;
+        }
+        let open = self.current.expect("acquired above");
+        let remaining = self.segment_end(open.segment) - open.cursor_bytes;
+        let capacity = self.inner.config.write_buffer_bytes;
+        let mut buffer = self.spare.pop().unwrap_or_else(|| AlignedBuf::new(capacity));
+        buffer.set_len(buffer.capacity());
+        self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
+        debug_assert!(self.buffer_target as u64 % BLOCK_BYTES == 0 && segment_bytes > 0);
+        self.buffer = Some(buffer);
+        self.buffer_offset_bytes = open.cursor_bytes;
+        self.filled = 0;
+        let superblock = &self.rt.superblock;
+        let contiguous = self.extents.last().is_some_and(|last| {
+            last.offset_bytes + last.length_bytes == open.cursor_bytes
+                && superblock.segment_of(last.offset_bytes) == Some(open.segment)
+        });
+        if !contiguous {
+            if self.extents.len() >= EXTENTS_PER_FILE_MAX {
+                return Err(StoreError::TooLarge(self.claim.path.clone()));
+            }
+            self.extents.push(Extent {
+                offset_bytes: open.cursor_bytes,
+                length_bytes: 0,
+                crc: 0,
+            });
+        }
+        Ok(())
+    }
+
+    fn segment_end(&self, segment: u32) -> u64 {
+        self.rt.superblock.segment_offset_bytes(segment) + self.rt.superblock.segment_bytes
+    }
+
+    /// Continues a partly written segment, or opens a free one.
+    fn acquire_segment(&mut self) -> Result<(), StoreError> {
+        if let Some(open) = self.current.take() {
+            lock(&self.rt.space).open[open.segment as usize] = false;
+        }
+        let mut space = lock(&self.rt.space);
+        let pooled = (0..space.pool.len()).max_by_key(|&at| {
+            let open = space.pool[at];
+            self.segment_end(open.segment) - open.cursor_bytes
+        });
+        let open = match pooled {
+            Some(at) => space.pool.swap_remove(at),
+            None => {
+                let segment = space
+                    .allocate(SegmentKind::Data, LOG_RESERVE_SEGMENTS)
+                    .ok_or_else(|| StoreError::DriveFull(self.rt.path()))?;
+                space.open[segment as usize] = true;
+                OpenSegment {
+                    segment,
+                    cursor_bytes: self.rt.superblock.segment_offset_bytes(segment),
+                }
+            }
+        };
+        drop(space);
+        if !self.pinned.contains(&open.segment) {
+            self.rt.pin(open.segment);
+            self.pinned.push(open.segment);
+        }
+        self.current = Some(open);
+        Ok(())
+    }
+
+    /// Sends the filled part of the buffer (padded to whole blocks) to the drive.
+    fn submit(&mut self) -> Result<(), StoreError> {
+        let Some(mut buffer) = self.buffer.take() else {
+            return Ok(());
+        };
+        let length = self.filled.div_ceil(BLOCK_BYTES as usize) * BLOCK_BYTES as usize;
+        if length == 0 {
+            self.spare.push(buffer);
+            return Ok(());
+        }
+        buffer[self.filled..length].fill(0);
+        buffer.set_len(length);
+        let ticket = self.rt.drive.write_at(self.buffer_offset_bytes, buffer);
+        self.in_flight.push_back(ticket);
+        let open = self.current.as_mut().expect("a buffer belongs to a segment");
+        open.cursor_bytes += length as u64;
+        self.filled = 0;
+        while self.in_flight.len() > self.inner.config.writes_in_flight_max {
+            self.wait_oldest()?;
+        }
+        Ok(())
+    }
+
+    fn wait_oldest(&mut self) -> Result<(), StoreError> {
+        let Some(ticket) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let (result, mut buffer) = ticket.wait();
+        if let Err(error) = result {
+            let error = self.rt.io_error("data write", error);
+            return Err(fail_drive(&self.inner.index, &self.rt, error));
+        }
+        buffer.set_len(buffer.capacity());
+        if buffer.capacity() == self.inner.config.write_buffer_bytes {
+            self.spare.push(buffer);
+        }
+        Ok(())
+    }
+
+    fn wait_all(&mut self) -> Result<(), StoreError> {
+        while !self.in_flight.is_empty() {
+            self.wait_oldest()?;
+        }
+        Ok(())
+    }
+
+    /// Hands the current segment back to the pool, or seals it when it is full.
+    fn release_segment(&mut self) {
+        let Some(open) = self.current.take() else {
+            return;
+        };
+        let mut space = lock(&self.rt.space);
+        if self.segment_end(open.segment) - open.cursor_bytes >= BLOCK_BYTES {
+            space.pool.push(open);
+        } else {
+            space.open[open.segment as usize] = false;
+        }
+    }
+}
+
+impl Drop for FileWriter {
+    fn drop(&mut self) {
+        if !self.finished {
+            self.finished = true;
+            while let Some(ticket) = self.in_flight.pop_front() {
+                let _ = ticket.wait();
+            }
+            self.release_segment();
+            for segment in self.pinned.drain(..) {
+                self.rt.unpin(segment);
+            }
+            lock(&self.rt.space).writers -= 1;
+        }
+    }
+}
