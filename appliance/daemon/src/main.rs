@@ -1,0 +1,78 @@
+//! `applianced`: the process shell around the store: command line, drive opening, the
+//! failed-drive list on the OS disk, and logging. Store commands work on stopped appliances.
+
+mod drives;
+mod store_commands;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+
+/// The ISP cache appliance daemon.
+#[derive(Parser)]
+#[command(name = "applianced", version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Formats data drives with the appliance layout.
+    Format(FormatArgs),
+    /// Works with the files stored on the data drives (the appliance must not be running).
+    Store(store_commands::StoreArgs),
+}
+
+/// Options of `applianced format`.
+#[derive(clap::Args)]
+struct FormatArgs {
+    /// Overwrite drives that hold a filesystem signature or another appliance's data.
+    #[arg(long)]
+    force: bool,
+    /// Segment size in MiB (the unit of allocation and reclaim).
+    #[arg(long, default_value_t = 256)]
+    segment_mib: u64,
+    /// Most files each drive will hold (sizes the checkpoint); default one per MiB.
+    #[arg(long)]
+    files_max: Option<u64>,
+    /// Drives to format: block devices or regular files.
+    #[arg(required = true)]
+    drives: Vec<PathBuf>,
+}
+
+fn main() {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.command {
+        Command::Format(args) => format(&args),
+        Command::Store(args) => store_commands::run(args),
+    };
+    if let Err(error) = result {
+        eprintln!("applianced: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn format(args: &FormatArgs) -> Result<()> {
+    let mut failures = 0;
+    for path in &args.drives {
+        match drives::format_one(path, args.segment_mib, args.files_max, args.force) {
+            Ok(summary) => println!("{}: {summary}", path.display()),
+            Err(error) => {
+                eprintln!("{}: {error:#}", path.display());
+                failures += 1;
+            }
+        }
+    }
+    if failures > 0 {
+        anyhow::bail!("{failures} of {} drives not formatted", args.drives.len());
+    }
+    Ok(())
+}
