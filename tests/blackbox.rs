@@ -1,0 +1,209 @@
+//! Black-box tests of the real `applianced` binary: formatting refusals, start-up with broken
+//! or missing drives, SIGKILL in the middle of writing many files, the same on a loop device,
+//! and a drive that starts failing I/O (device-mapper error target) staying out of service.
+
+mod util;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use util::{applianced, root_or_skip, Catalog, LoopDevice, Scratch};
+
+#[test]
+fn format_refuses_foreign_and_appliance_data_unless_forced() {
+    let scratch = Scratch::new("format");
+    let drive = scratch.drive("d0", 64 << 20);
+    let status = Command::new("mkfs.ext4")
+        .args(["-q", "-F"])
+        .arg(&drive)
+        .status();
+    if !status.is_ok_and(|status| status.success()) {
+        // Without mkfs, plant the ext4 magic by hand.
+        util::write_at(&drive, 0x438, &[0x53, 0xEF]);
+    }
+    let refused = applianced(&["format", "--segment-mib", "4", drive.to_str().unwrap()]);
+    assert!(!refused.status.success());
+    assert!(
+        refused.stderr.contains("ext2/3/4 filesystem"),
+        "{}",
+        refused.stderr
+    );
+    let forced = applianced(&[
+        "format",
+        "--force",
+        "--segment-mib",
+        "4",
+        drive.to_str().unwrap(),
+    ]);
+    assert!(forced.status.success(), "{}", forced.stderr);
+    let again = applianced(&["format", "--segment-mib", "4", drive.to_str().unwrap()]);
+    assert!(
+        again.stderr.contains("holds appliance data"),
+        "{}",
+        again.stderr
+    );
+    let tiny = scratch.drive("tiny", 1 << 20);
+    let small = applianced(&["format", "--segment-mib", "4", tiny.to_str().unwrap()]);
+    assert!(small.stderr.contains("too small"), "{}", small.stderr);
+}
+
+#[test]
+fn broken_or_missing_drives_are_reported_and_the_others_serve() {
+    let scratch = Scratch::new("broken");
+    let good = scratch.drive("good", 64 << 20);
+    let broken = scratch.drive("broken", 64 << 20);
+    let blank = scratch.drive("blank", 64 << 20);
+    for drive in [&good, &broken] {
+        let out = applianced(&["format", "--segment-mib", "4", drive.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    util::write_at(&broken, 100, b"garbage over superblock A");
+    util::write_at(&broken, 4096 + 100, b"garbage over superblock B");
+    let catalog = Catalog::generate(&scratch, "src", 6, 300_000);
+    let missing = scratch.path("missing");
+    let drives = [good.as_path(), &broken, &blank, &missing];
+    let out = scratch.store(&drives, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let stats = scratch.store(&drives, &["stats", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stats.stdout).expect("stats JSON");
+    let states: Vec<&str> = report["drives"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|drive| drive["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states[0], "ok");
+    assert!(states[1].contains("no valid superblock"), "{states:?}");
+    assert!(states[2].contains("not formatted"), "{states:?}");
+    assert!(states[3].starts_with("failed"), "{states:?}");
+    assert_eq!(report["files"], 6);
+    catalog.check_all(&scratch, &drives);
+}
+
+/// Kills `import` with SIGKILL after a random number of files, again and again; after each
+/// kill every file the store lists (and every one it reported published) is byte-exact.
+fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
+    let catalog = Catalog::generate(scratch, "src", 40, 3_000_000);
+    for round in 0..rounds {
+        let stop_after = 1 + (round * 7 + 3) % 25;
+        let mut child = Command::new(env!("CARGO_BIN_EXE_applianced"))
+            .args(scratch.store_args(drives))
+            .args(["import", "--jobs", "4", catalog.root.to_str().unwrap()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn import");
+        let mut published = Vec::new();
+        let stdout = child.stdout.take().unwrap();
+        for line in BufReader::new(stdout).lines() {
+            let line = line.unwrap();
+            if let Some(rest) = line.strip_prefix("published ") {
+                published.push(rest.split(' ').next().unwrap().to_string());
+            }
+            if published.len() as u64 >= stop_after {
+                break;
+            }
+        }
+        unsafe_free_kill(child.id());
+        let _ = child.wait();
+        let listed = catalog.check_listed(scratch, drives);
+        for path in &published {
+            assert!(
+                listed.contains(path),
+                "round {round}: published {path} lost after SIGKILL; published {published:?}, listed {listed:?}"
+            );
+        }
+    }
+    let out = scratch.store(drives, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    catalog.check_all(scratch, drives);
+    let verify = scratch.store(drives, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        verify.stdout,
+        verify.stderr
+    );
+}
+
+fn unsafe_free_kill(pid: u32) {
+    let status = Command::new("kill")
+        .args(["-KILL", &pid.to_string()])
+        .status();
+    assert!(status.is_ok_and(|status| status.success()));
+}
+
+#[test]
+fn sigkill_during_import_never_loses_a_published_file() {
+    let scratch = Scratch::new("kill");
+    let d0 = scratch.drive("d0", 96 << 20);
+    let d1 = scratch.drive("d1", 96 << 20);
+    for drive in [&d0, &d1] {
+        let out = applianced(&["format", "--segment-mib", "4", drive.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    kill_loop(&scratch, &[&d0, &d1], 6);
+}
+
+#[test]
+fn sigkill_on_a_loop_device() {
+    let Some(()) = root_or_skip("sigkill_on_a_loop_device") else {
+        return;
+    };
+    let scratch = Scratch::new("loop");
+    let backing = scratch.drive("backing", 160 << 20);
+    let Some(device) = LoopDevice::attach(&backing) else {
+        return;
+    };
+    let out = applianced(&[
+        "format",
+        "--segment-mib",
+        "4",
+        device.path.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", out.stderr);
+    kill_loop(&scratch, &[&device.path], 3);
+}
+
+#[test]
+fn a_drive_that_fails_io_is_taken_out_of_service_and_stays_out() {
+    let Some(()) = root_or_skip("a_drive_that_fails_io") else {
+        return;
+    };
+    let scratch = Scratch::new("dm");
+    let backing = scratch.drive("backing", 64 << 20);
+    let Some(device) = LoopDevice::attach(&backing) else {
+        return;
+    };
+    let Some(mapped) = util::DmDevice::create(&scratch.name, &device.path) else {
+        return;
+    };
+    let healthy = scratch.drive("healthy", 64 << 20);
+    for drive in [&mapped.path, &healthy] {
+        let out = applianced(&["format", "--segment-mib", "4", drive.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", out.stderr);
+    }
+    let catalog = Catalog::generate(&scratch, "src", 12, 400_000);
+    let drives = [mapped.path.as_path(), healthy.as_path()];
+    let out = scratch.store(&drives, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    mapped.fail_all_io();
+    let verify = scratch.store(&drives, &["verify"]);
+    let stats = scratch.store(&drives, &["stats", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&stats.stdout).expect("stats JSON");
+    let state = report["drives"][0]["state"].as_str().unwrap().to_string();
+    assert!(state.starts_with("failed"), "{state} / {}", verify.stdout);
+    assert_eq!(report["drives"][1]["state"], "ok");
+    mapped.restore();
+    let after = scratch.store(&drives, &["stats", "--json"]);
+    let report: serde_json::Value = serde_json::from_str(&after.stdout).expect("stats JSON");
+    assert!(
+        report["drives"][0]["state"]
+            .as_str()
+            .unwrap()
+            .contains("marked failed"),
+        "a failed drive must stay out of service after a restart: {report}"
+    );
+    let healthy_files = report["drives"][1]["files"].as_u64().unwrap();
+    assert_eq!(report["files"].as_u64().unwrap(), healthy_files);
+    assert!(healthy_files > 0);
+}

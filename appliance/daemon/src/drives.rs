@@ -8,13 +8,19 @@ use std::fs;
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 /// File in the state directory listing failed drives, one `UUID reason` per line.
 const FAILED_DRIVES_FILE: &str = "failed-drives";
 
 /// Formats one drive and describes the result.
-pub fn format_one(path: &Path, segment_mib: u64, files_max: Option<u64>, force: bool) -> Result<String> {
-    let drive = UringDrive::open(path, &UringConfig::default())?;
+pub fn format_one(
+    path: &Path,
+    segment_mib: u64,
+    files_max: Option<u64>,
+    force: bool,
+) -> Result<String> {
+    let drive = open_waiting(path)?;
     let options = FormatOptions {
         segment_bytes: segment_mib << 20,
         files_max,
@@ -32,11 +38,32 @@ pub fn format_one(path: &Path, segment_mib: u64, files_max: Option<u64>, force: 
     ))
 }
 
+/// How long to wait for a drive that another process still holds. After a SIGKILL the
+/// kernel tears the dead process's io_uring down asynchronously and keeps its files open for a
+/// moment; a restart must not take that for a second appliance on the drive.
+const BUSY_WAIT: Duration = Duration::from_secs(10);
+
+/// Opens a drive, waiting up to [`BUSY_WAIT`] while it is busy.
+fn open_waiting(path: &Path) -> std::io::Result<UringDrive> {
+    let deadline = Instant::now() + BUSY_WAIT;
+    loop {
+        match UringDrive::open(path, &UringConfig::default()) {
+            Err(error)
+                if error.kind() == std::io::ErrorKind::ResourceBusy
+                    && Instant::now() < deadline =>
+            {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            result => return result,
+        }
+    }
+}
+
 /// Opens every configured drive; a drive that cannot be opened becomes an `Unavailable` slot.
 pub fn open_all(paths: &[PathBuf]) -> Vec<DriveSource> {
     paths
         .iter()
-        .map(|path| match UringDrive::open(path, &UringConfig::default()) {
+        .map(|path| match open_waiting(path) {
             Ok(drive) => DriveSource::Opened(Arc::new(drive)),
             Err(error) => {
                 tracing::error!(drive = %path.display(), %error, "data drive unavailable");
@@ -87,7 +114,10 @@ fn read_failed(list: &Path) -> Result<Vec<[u8; 16]>> {
 }
 
 fn append_failed(list: &Path, uuid: &[u8; 16], reason: &str) -> std::io::Result<()> {
-    let mut file = fs::OpenOptions::new().create(true).append(true).open(list)?;
+    let mut file = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(list)?;
     let reason = reason.replace('\n', " ");
     writeln!(file, "{} {reason}", uuid_hex(uuid))?;
     file.sync_all()

@@ -101,7 +101,9 @@ pub fn run(args: StoreArgs) -> Result<()> {
             Ok(())
         }
     };
-    store.checkpoint().context("writing the shutdown checkpoint")?;
+    store
+        .checkpoint()
+        .context("writing the shutdown checkpoint")?;
     result
 }
 
@@ -258,8 +260,12 @@ fn parse_range(text: &str, size: u64) -> Result<(u64, u64)> {
     let (start, end) = text
         .split_once('-')
         .with_context(|| format!("range {text:?} is not START-END"))?;
-    let start: u64 = start.parse().with_context(|| format!("bad range start {start:?}"))?;
-    let end: u64 = end.parse().with_context(|| format!("bad range end {end:?}"))?;
+    let start: u64 = start
+        .parse()
+        .with_context(|| format!("bad range start {start:?}"))?;
+    let end: u64 = end
+        .parse()
+        .with_context(|| format!("bad range end {end:?}"))?;
     if start > end || end >= size {
         bail!("range {text} is outside the file's {size} bytes");
     }

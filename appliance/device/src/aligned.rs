@@ -68,7 +68,11 @@ impl AlignedBuf {
 
     /// Changes the length within the allocation; bytes past the old length keep their values.
     pub fn set_len(&mut self, len: usize) {
-        assert!(len <= self.capacity, "length {len} exceeds capacity {}", self.capacity);
+        assert!(
+            len <= self.capacity,
+            "length {len} exceeds capacity {}",
+            self.capacity
+        );
         self.len = len;
     }
 

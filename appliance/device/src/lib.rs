@@ -95,13 +95,21 @@ pub trait Drive: Send + Sync + 'static {
 }
 
 /// Waits for a write and turns the buffer-carrying completion into a plain result.
-pub fn write_all_at(drive: &dyn Drive, offset_bytes: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+pub fn write_all_at(
+    drive: &dyn Drive,
+    offset_bytes: u64,
+    buf: AlignedBuf,
+) -> io::Result<AlignedBuf> {
     let (result, buf) = drive.write_at(offset_bytes, buf).wait();
     result.map(|()| buf)
 }
 
 /// Waits for a read and returns the filled buffer.
-pub fn read_exact_at(drive: &dyn Drive, offset_bytes: u64, buf: AlignedBuf) -> io::Result<AlignedBuf> {
+pub fn read_exact_at(
+    drive: &dyn Drive,
+    offset_bytes: u64,
+    buf: AlignedBuf,
+) -> io::Result<AlignedBuf> {
     let (result, buf) = drive.read_at(offset_bytes, buf).wait();
     result.map(|()| buf)
 }

@@ -52,7 +52,11 @@ pub(crate) struct OpenedDrive {
 pub(crate) const BLKDISCARD: libc::Ioctl = 0x1277;
 
 /// `_IOR(0x12, 114, u64)`: size of a block device in bytes (the generic ioctl encoding).
-#[cfg(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "riscv64"))]
+#[cfg(any(
+    target_arch = "x86_64",
+    target_arch = "aarch64",
+    target_arch = "riscv64"
+))]
 const BLKGETSIZE64: libc::Ioctl = (2 << 30) | (8 << 16) | (0x12 << 8) | 114;
 
 /// Opens `path` for direct I/O, takes its exclusive lock and reads its geometry.
@@ -71,7 +75,10 @@ pub(crate) fn open_drive(path: &Path) -> io::Result<OpenedDrive> {
         return Err(invalid(path, "changed kind while it was being opened"));
     }
     let (size_bytes, logical_block_bytes) = match kind {
-        DriveKind::BlockDevice => (block_device_size_bytes(path, &direct)?, logical_block_bytes(path, &direct)?),
+        DriveKind::BlockDevice => (
+            block_device_size_bytes(path, &direct)?,
+            logical_block_bytes(path, &direct)?,
+        ),
         _ => (metadata.len(), file_logical_block_bytes(metadata.blksize())),
     };
     if u64::from(logical_block_bytes) > BLOCK_BYTES {
@@ -128,7 +135,10 @@ fn kind_of(path: &Path, metadata: &fs::Metadata) -> io::Result<DriveKind> {
     } else if file_type.is_file() {
         Ok(DriveKind::RegularFile)
     } else {
-        Err(invalid(path, "is neither a block device nor a regular file"))
+        Err(invalid(
+            path,
+            "is neither a block device nor a regular file",
+        ))
     }
 }
 
@@ -183,7 +193,11 @@ fn block_device_size_bytes(path: &Path, file: &File) -> io::Result<u64> {
     let status = unsafe { libc::ioctl(file.as_raw_fd(), BLKGETSIZE64, &mut size_bytes) };
     if status < 0 {
         let error = io::Error::last_os_error();
-        return Err(context(path, "cannot read block device size (BLKGETSIZE64)", error));
+        return Err(context(
+            path,
+            "cannot read block device size (BLKGETSIZE64)",
+            error,
+        ));
     }
     Ok(size_bytes)
 }
@@ -194,7 +208,11 @@ fn logical_block_bytes(path: &Path, file: &File) -> io::Result<u32> {
     let status = unsafe { libc::ioctl(file.as_raw_fd(), libc::BLKSSZGET, &mut block_bytes) };
     if status < 0 {
         let error = io::Error::last_os_error();
-        return Err(context(path, "cannot read logical block size (BLKSSZGET)", error));
+        return Err(context(
+            path,
+            "cannot read logical block size (BLKSSZGET)",
+            error,
+        ));
     }
     u32::try_from(block_bytes).map_err(|_| invalid(path, "reports a negative logical block size"))
 }
@@ -216,7 +234,10 @@ fn sysfs_identity(rdev: u64) -> (Option<String>, Option<String>) {
         return (None, None);
     };
     let disk_dir = if block_dir.join("partition").exists() {
-        block_dir.parent().map(Path::to_path_buf).unwrap_or(block_dir)
+        block_dir
+            .parent()
+            .map(Path::to_path_buf)
+            .unwrap_or(block_dir)
     } else {
         block_dir
     };

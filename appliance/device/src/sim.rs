@@ -123,7 +123,9 @@ impl SimDrive {
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, SimState> {
-        self.state.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.state
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn check_range(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()> {
@@ -310,12 +312,18 @@ mod tests {
         block.fill(0xCD);
         write_all_at(&sim, 4096, block).unwrap();
         let seen = read_exact_at(&sim, 4096, AlignedBuf::new(4096)).unwrap();
-        assert!(seen.iter().all(|&b| b == 0xCD), "unflushed writes are readable");
+        assert!(
+            seen.iter().all(|&b| b == 0xCD),
+            "unflushed writes are readable"
+        );
         sim.crash();
         let first = read_exact_at(&sim, 0, AlignedBuf::new(4096)).unwrap();
         let second = read_exact_at(&sim, 4096, AlignedBuf::new(4096)).unwrap();
         assert!(first.iter().all(|&b| b == 0xAB));
-        assert!(second.iter().all(|&b| b == 0), "a lost write leaves the old bytes");
+        assert!(
+            second.iter().all(|&b| b == 0),
+            "a lost write leaves the old bytes"
+        );
     }
 
     #[test]

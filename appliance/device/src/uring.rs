@@ -117,7 +117,8 @@ impl UringDrive {
         } = open_drive(path)?;
         let ring = IoUring::new(config.queue_depth)
             .map_err(|error| context(path, "cannot set up io_uring", error))?;
-        let wake = Arc::new(new_eventfd().map_err(|error| context(path, "cannot create eventfd", error))?);
+        let wake =
+            Arc::new(new_eventfd().map_err(|error| context(path, "cannot create eventfd", error))?);
         let direct = Arc::new(direct);
         let depth = usize::try_from(config.queue_depth).expect("a u32 queue depth fits usize");
         let (commands, receiver) = mpsc::sync_channel(depth);
@@ -129,7 +130,10 @@ impl UringDrive {
             wake: Arc::clone(&wake),
             depth,
         });
-        let name = path.file_name().unwrap_or(path.as_os_str()).to_string_lossy();
+        let name = path
+            .file_name()
+            .unwrap_or(path.as_os_str())
+            .to_string_lossy();
         let thread = thread::Builder::new()
             .name(format!("drive-{name}"))
             .spawn(move || ring_thread.run())
@@ -410,7 +414,8 @@ impl RingThread {
 
     /// Takes commands while a slot is free for each; the rest wait in the bounded channel.
     fn admit_commands(&mut self) {
-        while !self.stopping && self.in_flight_count() + self.pending_flushes.len() < self.slots.len()
+        while !self.stopping
+            && self.in_flight_count() + self.pending_flushes.len() < self.slots.len()
         {
             match self.commands.try_recv() {
                 Ok(Command::Transfer(transfer)) => self.start_transfer(transfer),
@@ -429,7 +434,10 @@ impl RingThread {
             transfer.write_sequence = self.next_write_sequence;
             self.next_write_sequence += 1;
         }
-        let slot = self.free_slots.pop().expect("commands are admitted only into free slots");
+        let slot = self
+            .free_slots
+            .pop()
+            .expect("commands are admitted only into free slots");
         self.slots[slot] = Some(InFlight::Transfer(transfer));
         self.submit_transfer(slot);
     }
@@ -441,9 +449,12 @@ impl RingThread {
             panic!("slot {slot} holds no transfer");
         };
         let remaining_bytes = transfer.buf.len() - transfer.done_bytes;
-        assert!(remaining_bytes > 0, "a complete transfer is never resubmitted");
-        let chunk_bytes = u32::try_from(remaining_bytes.min(CHUNK_BYTES_MAX))
-            .expect("CHUNK_BYTES_MAX fits u32");
+        assert!(
+            remaining_bytes > 0,
+            "a complete transfer is never resubmitted"
+        );
+        let chunk_bytes =
+            u32::try_from(remaining_bytes.min(CHUNK_BYTES_MAX)).expect("CHUNK_BYTES_MAX fits u32");
         let address = transfer.buf.as_mut_ptr().wrapping_add(transfer.done_bytes);
         let offset_bytes = transfer.offset_bytes + transfer.done_bytes as u64;
         let entry = match transfer.direction {
@@ -483,7 +494,9 @@ impl RingThread {
 
     fn oldest_write_in_flight(&self) -> Option<u64> {
         let writes = self.slots.iter().filter_map(|slot| match slot {
-            Some(InFlight::Transfer(t)) if t.direction == Direction::Write => Some(t.write_sequence),
+            Some(InFlight::Transfer(t)) if t.direction == Direction::Write => {
+                Some(t.write_sequence)
+            }
             _ => None,
         });
         writes.min()
@@ -546,7 +559,11 @@ impl RingThread {
             error.raw_os_error(),
             Some(libc::EINTR | libc::EAGAIN | libc::EBUSY)
         );
-        assert!(retryable, "{}: io_uring_enter failed: {error}", self.path.display());
+        assert!(
+            retryable,
+            "{}: io_uring_enter failed: {error}",
+            self.path.display()
+        );
     }
 
     fn reap_completions(&mut self) {
@@ -598,10 +615,15 @@ impl RingThread {
 
     fn complete_transfer(&mut self, slot: usize, mut transfer: Transfer, result: i32) {
         let outcome = match usize::try_from(result) {
-            Ok(0) => Some(Err(self.transfer_error(&transfer, zero_transfer_error(transfer.direction)))),
+            Ok(0) => Some(Err(
+                self.transfer_error(&transfer, zero_transfer_error(transfer.direction))
+            )),
             Ok(moved_bytes) => {
                 transfer.done_bytes += moved_bytes;
-                assert!(transfer.done_bytes <= transfer.buf.len(), "the kernel moved too much");
+                assert!(
+                    transfer.done_bytes <= transfer.buf.len(),
+                    "the kernel moved too much"
+                );
                 (transfer.done_bytes == transfer.buf.len()).then_some(Ok(()))
             }
             Err(_) if is_retryable(result) && transfer.retry_count < RETRY_COUNT_MAX => {

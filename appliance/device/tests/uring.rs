@@ -135,7 +135,10 @@ fn concurrent_writes_from_several_threads_read_back_after_flush() {
                 let offset = offset_of(thread_index, write);
                 let buf = AlignedBuf::new(usize::try_from(WRITE_BYTES).expect("fits"));
                 let read = read_exact_at(&*drive, offset, buf).expect("read");
-                assert!(read[..] == pattern(offset, WRITE_BYTES, 9)[..], "depth {queue_depth}");
+                assert!(
+                    read[..] == pattern(offset, WRITE_BYTES, 9)[..],
+                    "depth {queue_depth}"
+                );
             }
         }
     }
@@ -147,7 +150,9 @@ fn cached_reads_see_direct_writes() {
     let drive = open(&scratch.path, 8);
     assert!(drive.serve_fd().is_some());
     let mut before = vec![0xFFu8; 10_000];
-    drive.read_cached(100, &mut before).expect("cached read fills the page cache");
+    drive
+        .read_cached(100, &mut before)
+        .expect("cached read fills the page cache");
     assert!(before.iter().all(|&b| b == 0));
     write_all_at(&drive, 0, pattern(0, 16_384, 3)).expect("write");
     let mut after = vec![0u8; 10_000];
@@ -155,7 +160,9 @@ fn cached_reads_see_direct_writes() {
     assert!(after[..] == pattern(0, 16_384, 3)[100..10_100]);
     drive.drop_cached(0, 16_384).expect("drop cached");
     drive.drop_cached(0, 0).expect("drop nothing");
-    let error = drive.read_cached(MIB - 10, &mut after).expect_err("past the end");
+    let error = drive
+        .read_cached(MIB - 10, &mut after)
+        .expect_err("past the end");
     assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
 }
 
@@ -168,7 +175,10 @@ fn a_second_open_is_refused_while_the_drive_is_in_use() {
         .expect("second open must fail");
     let message = error.to_string();
     assert!(message.contains("in use by another process"), "{message}");
-    assert!(message.contains(&scratch.path.display().to_string()), "{message}");
+    assert!(
+        message.contains(&scratch.path.display().to_string()),
+        "{message}"
+    );
     drop(first);
     let again = UringDrive::open(&scratch.path, &UringConfig::default());
     assert!(again.is_ok(), "dropping the drive releases its lock");
@@ -200,8 +210,13 @@ fn ranges_past_the_end_are_errors() {
         let error = result.expect_err("write past the end");
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
         let (result, _) = drive.read_at(offset, buf).wait();
-        assert_eq!(result.expect_err("read").kind(), io::ErrorKind::InvalidInput);
-        let error = drive.discard(offset, length).expect_err("discard past the end");
+        assert_eq!(
+            result.expect_err("read").kind(),
+            io::ErrorKind::InvalidInput
+        );
+        let error = drive
+            .discard(offset, length)
+            .expect_err("discard past the end");
         assert_eq!(error.kind(), io::ErrorKind::InvalidInput);
     }
     read_exact_at(&drive, MIB - 4096, AlignedBuf::new(4096)).expect("the last block is fine");
@@ -222,9 +237,18 @@ fn check_discard(drive: &dyn Drive, offset: u64) {
     drive.discard(offset + 4096, 4096).expect("discard");
     let read = read_exact_at(drive, offset, AlignedBuf::new(3 * 4096)).expect("read");
     let expected = pattern(offset, 3 * 4096, 7);
-    assert!(read[..4096] == expected[..4096], "the block before is intact");
-    assert!(read[4096..8192].iter().all(|&b| b == 0), "the discarded block reads zeros");
-    assert!(read[8192..] == expected[8192..], "the block after is intact");
+    assert!(
+        read[..4096] == expected[..4096],
+        "the block before is intact"
+    );
+    assert!(
+        read[4096..8192].iter().all(|&b| b == 0),
+        "the discarded block reads zeros"
+    );
+    assert!(
+        read[8192..] == expected[8192..],
+        "the block after is intact"
+    );
 }
 
 #[test]
@@ -247,7 +271,10 @@ fn dropping_tickets_and_the_drive_with_operations_in_flight_is_clean() {
         .collect();
     drop(drive);
     for ticket in tickets {
-        ticket.wait().0.expect("reads submitted before the drop complete");
+        ticket
+            .wait()
+            .0
+            .expect("reads submitted before the drop complete");
     }
 }
 

@@ -175,7 +175,10 @@ impl DriveRt {
 
     pub fn unpin(&self, segment: u32) {
         let before = self.pins[segment as usize].fetch_sub(1, Ordering::SeqCst);
-        assert!(before > 0, "segment {segment} unpinned more often than pinned");
+        assert!(
+            before > 0,
+            "segment {segment} unpinned more often than pinned"
+        );
     }
 
     pub fn is_pinned(&self, segment: u32) -> bool {

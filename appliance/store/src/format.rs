@@ -33,7 +33,10 @@ pub enum FormatError {
     /// The drive holds something that must not be overwritten without `force`.
     Occupied(String),
     /// The drive is too small for the requested geometry.
-    TooSmall { size_bytes: u64, needed_bytes: u64 },
+    TooSmall {
+        size_bytes: u64,
+        needed_bytes: u64,
+    },
     /// The options do not make sense.
     BadOptions(String),
     Io(io::Error),
@@ -43,12 +46,18 @@ impl fmt::Display for FormatError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             FormatError::Occupied(what) => {
-                write!(f, "refusing to format: the drive {what} (use --force to overwrite)")
+                write!(
+                    f,
+                    "refusing to format: the drive {what} (use --force to overwrite)"
+                )
             }
             FormatError::TooSmall {
                 size_bytes,
                 needed_bytes,
-            } => write!(f, "drive of {size_bytes} bytes is too small: need {needed_bytes}"),
+            } => write!(
+                f,
+                "drive of {size_bytes} bytes is too small: need {needed_bytes}"
+            ),
             FormatError::BadOptions(why) => write!(f, "bad format options: {why}"),
             FormatError::Io(error) => write!(f, "I/O error: {error}"),
         }
@@ -172,7 +181,11 @@ pub fn format_drive(drive: &dyn Drive, options: &FormatOptions) -> Result<Superb
         superblock.checkpoint_offset_bytes(1),
         superblock.segments_offset_bytes,
     ] {
-        write_all_at(drive, offset, AlignedBuf::new(SEGMENTS_ALIGN_BYTES.min(4096 * 16) as usize))?;
+        write_all_at(
+            drive,
+            offset,
+            AlignedBuf::new(SEGMENTS_ALIGN_BYTES.min(4096 * 16) as usize),
+        )?;
     }
     let mut body = Vec::new();
     for segment in 0..superblock.segment_count {
@@ -206,7 +219,11 @@ pub fn format_drive(drive: &dyn Drive, options: &FormatOptions) -> Result<Superb
     drive.flush()?;
     let encoded = superblock.encode();
     for copy in 0..2 {
-        write_all_at(drive, copy * SUPERBLOCK_BYTES, AlignedBuf::from_slice_padded(&encoded))?;
+        write_all_at(
+            drive,
+            copy * SUPERBLOCK_BYTES,
+            AlignedBuf::from_slice_padded(&encoded),
+        )?;
     }
     drive.flush()?;
     Ok(superblock)

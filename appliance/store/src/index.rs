@@ -55,7 +55,9 @@ impl Index {
     pub fn with_capacity(files_max: u64) -> Index {
         let slot_count = (files_max.max(1) * 100).div_ceil(LOAD_PERCENT_MAX) + 1;
         let slot_count = usize::try_from(slot_count).expect("index fits in memory");
-        let slots: Vec<Slot> = std::iter::repeat_with(Slot::default).take(slot_count).collect();
+        let slots: Vec<Slot> = std::iter::repeat_with(Slot::default)
+            .take(slot_count)
+            .collect();
         Index {
             slots: slots.into_boxed_slice(),
             writer: Mutex::new(Counts::default()),
@@ -78,7 +80,9 @@ impl Index {
     }
 
     fn counts(&self) -> std::sync::MutexGuard<'_, Counts> {
-        self.writer.lock().unwrap_or_else(|poison| poison.into_inner())
+        self.writer
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
     }
 
     fn home(&self, tag: u64) -> usize {
@@ -111,7 +115,8 @@ impl Index {
 
     /// True when `tag` currently maps to `location`.
     pub fn contains(&self, tag: u64, location: u64) -> bool {
-        self.find(tag, |found| (found == location).then_some(())).is_some()
+        self.find(tag, |found| (found == location).then_some(()))
+            .is_some()
     }
 
     /// Adds an entry (a tag may hold several locations: different paths, same hash).
@@ -168,7 +173,9 @@ impl Index {
         let mut counts = self.counts();
         match self.position_of(tag, location) {
             Some(position) => {
-                self.slots[position].location.store(TOMBSTONE, Ordering::SeqCst);
+                self.slots[position]
+                    .location
+                    .store(TOMBSTONE, Ordering::SeqCst);
                 counts.live -= 1;
                 true
             }
@@ -250,7 +257,9 @@ mod tests {
     fn tombstones_are_reused_and_the_limit_holds() {
         let index = Index::with_capacity(10);
         for n in 0..10u64 {
-            index.insert(tag_of(&format!("/f{n}")), 4096 * (n + 1)).unwrap();
+            index
+                .insert(tag_of(&format!("/f{n}")), 4096 * (n + 1))
+                .unwrap();
         }
         assert_eq!(index.insert(tag_of("/f10"), 1 << 20), Err(IndexFull));
         assert!(index.remove(tag_of("/f3"), 4096 * 4));

@@ -95,7 +95,10 @@ impl Superblock {
 
     /// Device offset of the first byte of `segment`.
     pub fn segment_offset_bytes(&self, segment: u32) -> u64 {
-        assert!(segment < self.segment_count, "segment {segment} out of range");
+        assert!(
+            segment < self.segment_count,
+            "segment {segment} out of range"
+        );
         self.segments_offset_bytes + u64::from(segment) * self.segment_bytes
     }
 
@@ -615,7 +618,10 @@ fn put_u32(out: &mut Vec<u8>, value: usize) {
 }
 
 fn put_path(out: &mut Vec<u8>, path: &str) {
-    assert!(path.len() <= PATH_BYTES_MAX, "path length checked by the caller");
+    assert!(
+        path.len() <= PATH_BYTES_MAX,
+        "path length checked by the caller"
+    );
     out.extend_from_slice(&u16::try_from(path.len()).expect("short path").to_le_bytes());
     out.extend_from_slice(path.as_bytes());
 }
@@ -641,8 +647,14 @@ impl<'a> Reader<'a> {
     }
 
     fn take(&mut self, length: usize) -> Result<&'a [u8], DecodeError> {
-        let end = self.position.checked_add(length).ok_or(DecodeError::Truncated)?;
-        let slice = self.bytes.get(self.position..end).ok_or(DecodeError::Truncated)?;
+        let end = self
+            .position
+            .checked_add(length)
+            .ok_or(DecodeError::Truncated)?;
+        let slice = self
+            .bytes
+            .get(self.position..end)
+            .ok_or(DecodeError::Truncated)?;
         self.position = end;
         Ok(slice)
     }

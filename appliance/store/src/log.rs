@@ -76,7 +76,11 @@ pub(crate) fn commit(
     }
 }
 
-fn write_batch(index: &Index, rt: &DriveRt, batch: Batch) -> Vec<(u64, Result<Vec<u64>, StoreError>)> {
+fn write_batch(
+    index: &Index,
+    rt: &DriveRt,
+    batch: Batch,
+) -> Vec<(u64, Result<Vec<u64>, StoreError>)> {
     let mut log = lock(&rt.log);
     match append_batch(index, rt, &mut log, &batch) {
         Ok(offsets) => batch
@@ -121,7 +125,11 @@ impl Layout {
     }
 
     fn push(&mut self, bytes: &[u8]) {
-        self.runs.last_mut().expect("one run").1.extend_from_slice(bytes);
+        self.runs
+            .last_mut()
+            .expect("one run")
+            .1
+            .extend_from_slice(bytes);
     }
 
     /// A header never starts in the last 31 bytes of a block: readers skip them.
@@ -201,11 +209,16 @@ fn append_batch(
         offsets.push(these);
     }
     layout.pad_to_block(rt.salt);
-    let written: u64 = layout.runs.iter().map(|(_, bytes)| bytes.len() as u64).sum();
+    let written: u64 = layout
+        .runs
+        .iter()
+        .map(|(_, bytes)| bytes.len() as u64)
+        .sum();
     for (start, bytes) in &layout.runs {
         let buf = AlignedBuf::from_slice_padded(bytes);
-        write_all_at(&*rt.drive, *start, buf)
-            .map_err(|error| crate::store::fail_drive(index, rt, rt.io_error("log write", error)))?;
+        write_all_at(&*rt.drive, *start, buf).map_err(|error| {
+            crate::store::fail_drive(index, rt, rt.io_error("log write", error))
+        })?;
     }
     rt.drive
         .flush()

@@ -141,8 +141,12 @@ fn copy_extent(
     while done < extent.length_bytes {
         let want = (extent.length_bytes - done).min(COPY_CHUNK_BYTES);
         let aligned = want.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        let buf = read_exact_at(&*rt.drive, extent.offset_bytes + done, AlignedBuf::new(aligned as usize))
-            .map_err(|error| fail_drive(&inner.index, rt, rt.io_error("relocation read", error)))?;
+        let buf = read_exact_at(
+            &*rt.drive,
+            extent.offset_bytes + done,
+            AlignedBuf::new(aligned as usize),
+        )
+        .map_err(|error| fail_drive(&inner.index, rt, rt.io_error("relocation read", error)))?;
         writer.append(&buf[..want as usize])?;
         done += want;
     }

@@ -36,7 +36,9 @@ pub(crate) fn open_drive(
     let mut rt = DriveRt {
         number,
         salt: DriveRt::salt_for(&superblock),
-        pins: (0..superblock.segment_count).map(|_| AtomicU32::new(0)).collect(),
+        pins: (0..superblock.segment_count)
+            .map(|_| AtomicU32::new(0))
+            .collect(),
         space: Mutex::new(Space {
             kinds: rows.iter().map(|row| row.kind).collect(),
             live: rows.iter().map(|row| row.live).collect(),
@@ -113,8 +115,12 @@ fn read_checkpoint(
     let mut problems = Vec::new();
     for slot in 0..2 {
         let offset = superblock.checkpoint_offset_bytes(slot);
-        let block = read_exact_at(drive, offset, AlignedBuf::new(CHECKPOINT_HEADER_BYTES as usize))
-            .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
+        let block = read_exact_at(
+            drive,
+            offset,
+            AlignedBuf::new(CHECKPOINT_HEADER_BYTES as usize),
+        )
+        .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
         match CheckpointHeader::decode(&block) {
             Ok(header) => candidates.push((header, slot)),
             Err(error) => problems.push(format!("slot {slot}: {error}")),
@@ -224,14 +230,21 @@ fn replay(index: &Index, rt: &DriveRt, checkpoint: &CheckpointHeader) -> Result<
         if position + RECORD_HEADER_BYTES > segment_end {
             break;
         }
-        let Ok(header) = RecordHeader::decode(reader.bytes(position, RECORD_HEADER_BYTES)?, rt.salt)
+        let Ok(header) =
+            RecordHeader::decode(reader.bytes(position, RECORD_HEADER_BYTES)?, rt.salt)
         else {
             break;
         };
-        if header.seq != seq || header.epoch < epoch || position + header.record_bytes() > segment_end {
+        if header.seq != seq
+            || header.epoch < epoch
+            || position + header.record_bytes() > segment_end
+        {
             break;
         }
-        let payload = reader.bytes(position + RECORD_HEADER_BYTES, u64::from(header.payload_bytes))?;
+        let payload = reader.bytes(
+            position + RECORD_HEADER_BYTES,
+            u64::from(header.payload_bytes),
+        )?;
         if header.check_payload(payload).is_err() {
             break;
         }
@@ -241,7 +254,8 @@ fn replay(index: &Index, rt: &DriveRt, checkpoint: &CheckpointHeader) -> Result<
         match header.kind {
             RecordKind::Pad => {}
             RecordKind::Link => {
-                let next = decode_link(&payload).map_err(|error| format!("link record: {error}"))?;
+                let next =
+                    decode_link(&payload).map_err(|error| format!("link record: {error}"))?;
                 if next >= superblock.segment_count {
                     return Err(format!("link to segment {next} out of range"));
                 }
@@ -302,7 +316,11 @@ fn finish(rt: &DriveRt, end: LogEnd, checkpoint_epoch: u32) -> Result<(), String
     log.segment = tail_segment;
     log.cursor_bytes = aligned.min(segment_end);
     log.next_seq = end.seq;
-    log.epoch = end.epoch.max(checkpoint_epoch).checked_add(1).ok_or("epoch overflow")?;
+    log.epoch = end
+        .epoch
+        .max(checkpoint_epoch)
+        .checked_add(1)
+        .ok_or("epoch overflow")?;
     log.chain = end.chain;
     Ok(())
 }

@@ -152,7 +152,9 @@ impl Store {
             return;
         }
         let mut entries = Vec::new();
-        self.inner.index.for_each(|tag, location| entries.push((tag, location)));
+        self.inner
+            .index
+            .for_each(|tag, location| entries.push((tag, location)));
         entries.sort_unstable();
         let mut versions: Vec<(u64, u8, u64, Arc<DriveRt>, crate::layout::FileMeta)> = Vec::new();
         for pair in entries.windows(2) {
@@ -165,7 +167,10 @@ impl Store {
                     continue;
                 };
                 let offset = location & OFFSET_MASK;
-                if versions.iter().any(|(t, n, o, _, _)| (*t, *n, *o) == (tag, number, offset)) {
+                if versions
+                    .iter()
+                    .any(|(t, n, o, _, _)| (*t, *n, *o) == (tag, number, offset))
+                {
                     continue;
                 }
                 if let Ok(meta) = rt.read_meta(offset) {
@@ -174,8 +179,14 @@ impl Store {
             }
         }
         versions.sort_by(|a, b| {
-            (&a.4.path, std::cmp::Reverse((a.4.published_unix_s, a.1, a.2)))
-                .cmp(&(&b.4.path, std::cmp::Reverse((b.4.published_unix_s, b.1, b.2))))
+            (
+                &a.4.path,
+                std::cmp::Reverse((a.4.published_unix_s, a.1, a.2)),
+            )
+                .cmp(&(
+                    &b.4.path,
+                    std::cmp::Reverse((b.4.published_unix_s, b.1, b.2)),
+                ))
         });
         for pair in versions.windows(2) {
             let (newer, older) = (&pair[0], &pair[1]);
@@ -191,7 +202,14 @@ impl Store {
                     segments: meta.segment_bytes(&rt.superblock),
                 },
             };
-            let _ = commit(&self.inner.index, rt, vec![Mutation::Delete { tag: *tag, deletion }]);
+            let _ = commit(
+                &self.inner.index,
+                rt,
+                vec![Mutation::Delete {
+                    tag: *tag,
+                    deletion,
+                }],
+            );
         }
     }
 
@@ -215,7 +233,12 @@ impl Store {
             }
             space.writers += 1;
         }
-        Ok(FileWriter::new(Arc::clone(&self.inner), rt, claim, replaced))
+        Ok(FileWriter::new(
+            Arc::clone(&self.inner),
+            rt,
+            claim,
+            replaced,
+        ))
     }
 
     /// Looks up a published file for reading; `None` when the store does not hold it.
@@ -292,12 +315,11 @@ impl Store {
     }
 
     /// Calls `visit` with the path and size of every published file (reads each record).
-    pub fn for_each_file(
-        &self,
-        mut visit: impl FnMut(&str, u64),
-    ) -> Result<(), StoreError> {
+    pub fn for_each_file(&self, mut visit: impl FnMut(&str, u64)) -> Result<(), StoreError> {
         let mut locations = Vec::new();
-        self.inner.index.for_each(|_, location| locations.push(location));
+        self.inner
+            .index
+            .for_each(|_, location| locations.push(location));
         for location in locations {
             let Some(rt) = self.inner.drive_rt(location_drive(location)) else {
                 continue;
@@ -307,7 +329,9 @@ impl Store {
             }
             match rt.read_meta(location & OFFSET_MASK) {
                 Ok(meta) => visit(&meta.path, meta.size_bytes),
-                Err(error @ StoreError::Io { .. }) => return Err(fail_drive(&self.inner.index, rt, error)),
+                Err(error @ StoreError::Io { .. }) => {
+                    return Err(fail_drive(&self.inner.index, rt, error))
+                }
                 Err(error) => return Err(error),
             }
         }
@@ -489,7 +513,8 @@ fn open_slot(number: u8, source: DriveSource, index: &Index, config: &StoreConfi
 }
 
 fn peek_superblock(drive: &dyn Drive) -> Option<crate::layout::Superblock> {
-    let bytes = appliance_device::read_exact_at(drive, 0, appliance_device::AlignedBuf::new(8192)).ok()?;
+    let bytes =
+        appliance_device::read_exact_at(drive, 0, appliance_device::AlignedBuf::new(8192)).ok()?;
     crate::layout::Superblock::decode(&bytes[..4096])
         .or_else(|_| crate::layout::Superblock::decode(&bytes[4096..]))
         .ok()
@@ -506,7 +531,9 @@ fn peek_files_max(drive: &dyn Drive) -> Option<u64> {
 /// Checks a content path: absolute, at most 1 KiB, no NUL.
 fn check_path(path: &str) -> Result<(), StoreError> {
     if !path.starts_with('/') {
-        return Err(StoreError::InvalidPath(format!("{path:?} does not start with '/'")));
+        return Err(StoreError::InvalidPath(format!(
+            "{path:?} does not start with '/'"
+        )));
     }
     if path.len() > PATH_BYTES_MAX {
         return Err(StoreError::InvalidPath(format!(

@@ -83,7 +83,10 @@ impl FileWriter {
             let count = (self.buffer_target - self.filled).min(bytes.len());
             let buffer = self.buffer.as_mut().expect("started above");
             buffer[self.filled..self.filled + count].copy_from_slice(&bytes[..count]);
-            let extent = self.extents.last_mut().expect("start_buffer opens an extent");
+            let extent = self
+                .extents
+                .last_mut()
+                .expect("start_buffer opens an extent");
             extent.crc = crc32c::crc32c_append(extent.crc, &bytes[..count]);
             extent.length_bytes += count as u64;
             self.filled += count;
@@ -145,7 +148,10 @@ impl FileWriter {
         let open = self.current.expect("acquired above");
         let remaining = self.segment_end(open.segment) - open.cursor_bytes;
         let capacity = self.inner.config.write_buffer_bytes;
-        let mut buffer = self.spare.pop().unwrap_or_else(|| AlignedBuf::new(capacity));
+        let mut buffer = self
+            .spare
+            .pop()
+            .unwrap_or_else(|| AlignedBuf::new(capacity));
         buffer.set_len(buffer.capacity());
         self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
         debug_assert!(self.buffer_target as u64 % BLOCK_BYTES == 0 && segment_bytes > 0);
@@ -220,7 +226,10 @@ impl FileWriter {
         buffer.set_len(length);
         let ticket = self.rt.drive.write_at(self.buffer_offset_bytes, buffer);
         self.in_flight.push_back(ticket);
-        let open = self.current.as_mut().expect("a buffer belongs to a segment");
+        let open = self
+            .current
+            .as_mut()
+            .expect("a buffer belongs to a segment");
         open.cursor_bytes += length as u64;
         self.filled = 0;
         while self.in_flight.len() > self.inner.config.writes_in_flight_max {

@@ -173,7 +173,11 @@ impl World {
             return;
         }
         let sha256: [u8; 32] = Sha256::digest(&content).into();
-        let before = self.model.get(&path).cloned().unwrap_or(Expect::certain(None));
+        let before = self
+            .model
+            .get(&path)
+            .cloned()
+            .unwrap_or(Expect::certain(None));
         match writer.publish(sha256) {
             Ok(()) => {
                 self.model.insert(path, Expect::certain(Some(content)));
@@ -188,7 +192,11 @@ impl World {
 
     fn delete(&mut self, store: &Store) {
         let path = self.path();
-        let before = self.model.get(&path).cloned().unwrap_or(Expect::certain(None));
+        let before = self
+            .model
+            .get(&path)
+            .cloned()
+            .unwrap_or(Expect::certain(None));
         // While a drive is out of service its files are invisible, yet they return after a
         // restart (the simulation does not record failures), so a delete is then uncertain.
         let degraded = store
@@ -254,7 +262,10 @@ impl World {
         let mut visible = 0u64;
         store
             .for_each_file(|path, _| {
-                assert!(self.model.contains_key(path), "seed {seed}: {path} never written");
+                assert!(
+                    self.model.contains_key(path),
+                    "seed {seed}: {path} never written"
+                );
                 visible += 1;
             })
             .expect("listing");
@@ -265,7 +276,11 @@ impl World {
             .count() as u64;
         assert_eq!(visible, present, "seed {seed}: visible file count");
         for stats in store.stats().drives {
-            assert_eq!(stats.status, appliance_store::DriveStatus::Ok, "seed {seed}");
+            assert_eq!(
+                stats.status,
+                appliance_store::DriveStatus::Ok,
+                "seed {seed}"
+            );
         }
     }
 
