@@ -398,9 +398,6 @@ impl RingThread {
     }
 
     /// Stopping, and nothing left in the kernel's hands or waiting to start.
-    ///
-    /// The wake-up read always completes after a stop: the stop command is sent before its
-    /// eventfd write, and no read is armed once the stop has been received.
     fn is_finished(&self) -> bool {
         self.stopping
             && !self.wake_armed
@@ -423,9 +420,20 @@ impl RingThread {
                     write_sequence_barrier: self.next_write_sequence,
                     reply,
                 }),
-                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => self.stopping = true,
+                Ok(Command::Stop) | Err(TryRecvError::Disconnected) => self.stop(),
                 Err(TryRecvError::Empty) => return,
             }
+        }
+    }
+
+    /// Stops taking commands, and completes the armed wake-up read by bumping the eventfd:
+    /// the caller's own bump may already have been consumed by an earlier read.
+    fn stop(&mut self) {
+        self.stopping = true;
+        if self.wake_armed {
+            (&*self.wake)
+                .write_all(&1u64.to_ne_bytes())
+                .expect("an eventfd write of 1 cannot fail");
         }
     }
 

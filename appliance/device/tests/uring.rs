@@ -75,8 +75,15 @@ const ROUND_TRIP_CASES: &[(u64, u64, u8)] = &[
     (MIB, 64 * 1024, 3),
     (5 * MIB + 12 * 4096, 3 * MIB, 4),
     (16 * MIB - 4096, 4096, 5),
-    (0, 4096, 6), // overwrite
 ];
+
+/// The same ranges with other bytes, to check overwrites.
+fn reseeded(cases: &[(u64, u64, u8)], seed: u8) -> Vec<(u64, u64, u8)> {
+    cases
+        .iter()
+        .map(|&(offset, length, old)| (offset, length, old ^ seed))
+        .collect()
+}
 
 #[test]
 fn writes_read_back_at_several_offsets() {
@@ -88,6 +95,7 @@ fn writes_read_back_at_several_offsets() {
     assert!(matches!(info.logical_block_bytes, 512 | 4096));
     assert_eq!(info.path, scratch.path);
     check_round_trip(&drive, ROUND_TRIP_CASES);
+    check_round_trip(&drive, &reseeded(ROUND_TRIP_CASES, 0x5A));
 }
 
 #[test]

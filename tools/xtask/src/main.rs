@@ -1,0 +1,53 @@
+//! `cargo xtask`: the project's automation in Rust: `test` (every test tier, what CI runs),
+//! `demo` (the appliance's main job on file-backed drives) and `bench <name>` (figures beside
+//! the peer measured in the same run, written to target/bench/<name>.json).
+
+mod bench;
+mod demo;
+mod util;
+
+use anyhow::{bail, Result};
+
+const USAGE: &str = "usage: cargo xtask <test | demo | bench <store-write|index|recovery|all>>";
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let result = run(&args);
+    if let Err(error) = result {
+        eprintln!("xtask: {error:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(args: &[String]) -> Result<()> {
+    let words: Vec<&str> = args.iter().map(String::as_str).collect();
+    match words.as_slice() {
+        ["test"] => test(),
+        ["demo"] => demo::run(),
+        ["bench", name] => bench::run(name),
+        ["populate", rest @ ..] => bench::populate_child(rest),
+        _ => bail!("{USAGE}"),
+    }
+}
+
+/// Every test tier: formatting, lints, unit, simulation and black-box tests.
+fn test() -> Result<()> {
+    let root = util::workspace_root();
+    util::run_in(&root, "cargo", &["fmt", "--all", "--check"])?;
+    util::run_in(
+        &root,
+        "cargo",
+        &[
+            "clippy",
+            "--workspace",
+            "--all-targets",
+            "--",
+            "-D",
+            "warnings",
+        ],
+    )?;
+    util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
+    util::run_in(&root, "cargo", &["test", "--workspace"])?;
+    println!("xtask test: every tier passed");
+    Ok(())
+}
