@@ -117,7 +117,7 @@ pub fn read_exact_at(
 /// Panics unless `value` is a multiple of [`BLOCK_BYTES`]; callers pass only aligned values.
 pub(crate) fn assert_aligned(what: &str, value: u64) {
     assert!(
-        value % BLOCK_BYTES == 0,
+        value.is_multiple_of(BLOCK_BYTES),
         "{what} {value} is not a multiple of {BLOCK_BYTES}"
     );
 }

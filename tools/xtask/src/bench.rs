@@ -285,7 +285,7 @@ fn populated_drive(count: u64) -> Result<PathBuf> {
     }
     let data_bytes = count * (POPULATE_FILE_BYTES as u64) * 2 + (4 << 30);
     fresh_file(&path, data_bytes)?;
-    format_file(&path, 64 << 20, count + count / 4 + 100_000)?;
+    format_file(&path, 16 << 20, count + count / 4 + 100_000)?;
     println!(
         "  populating {count} files (once; kept in {})",
         path.display()
