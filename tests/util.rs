@@ -126,7 +126,7 @@ impl Catalog {
             };
             let path = format!("/title-{:02}/{number:03}.mp4", number % 7);
             let content: Vec<u8> = (0..size)
-                .map(|at| (at.wrapping_mul(31).wrapping_add(number * 131) >> 3) as u8)
+                .map(|at| (at.wrapping_mul(31).wrapping_add(number * 131) >> 3).to_le_bytes()[0])
                 .collect();
             let target = root.join(&path[1..]);
             fs::create_dir_all(target.parent().unwrap()).unwrap();

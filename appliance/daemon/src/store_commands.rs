@@ -284,7 +284,8 @@ fn cat(store: &Store, path: &str, range: Option<&str>) -> Result<()> {
     let mut buf = vec![0u8; IMPORT_CHUNK_BYTES];
     let mut done = 0u64;
     while done < length {
-        let count = (length - done).min(buf.len() as u64) as usize;
+        let count =
+            usize::try_from((length - done).min(buf.len() as u64)).expect("below the buffer size");
         handle.read_at(start + done, &mut buf[..count])?;
         out.write_all(&buf[..count])?;
         done += count as u64;

@@ -2,6 +2,7 @@
 //! and health. Other modules lock its parts in one order: commit queue, log, space, index.
 
 use crate::error::StoreError;
+use crate::layout::to_usize;
 use crate::layout::{
     record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, Superblock,
     RECORD_HEADER_BYTES,
@@ -127,7 +128,7 @@ pub(crate) struct DriveRt {
     pub committed: Condvar,
     pub recovery_ms: u64,
     /// Told once when this drive is taken out of service.
-    pub on_failed: Arc<dyn Fn([u8; 16], &str) + Send + Sync>,
+    pub on_failed: crate::DriveFailureHook,
 }
 
 /// Locks a mutex, ignoring poisoning: every structure stays consistent between statements
@@ -187,7 +188,7 @@ impl DriveRt {
 
     /// Reads and checks the Publish record at `offset_bytes` through the page cache.
     pub fn read_meta(&self, offset_bytes: u64) -> Result<FileMeta, StoreError> {
-        let mut header_bytes = [0u8; RECORD_HEADER_BYTES as usize];
+        let mut header_bytes = [0u8; to_usize(RECORD_HEADER_BYTES)];
         self.drive
             .read_cached(offset_bytes, &mut header_bytes)
             .map_err(|error| self.io_error("metadata read", error))?;

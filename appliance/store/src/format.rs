@@ -1,6 +1,7 @@
 //! Formatting a drive: refusing drives that hold other data, then writing superblocks and an
 //! empty checkpoint.
 
+use crate::layout::to_usize;
 use crate::layout::{
     checkpoint_region_bytes, CheckpointHeader, LogPosition, SegmentKind, SegmentRow, Superblock,
     SEGMENT_BYTES_MIN, SUPERBLOCK_BYTES,
@@ -88,10 +89,10 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
 /// What the first bytes of a drive hold: our superblock, a known signature, or nothing known.
 pub fn inspect_drive(drive: &dyn Drive) -> io::Result<Option<String>> {
     let probe_bytes = (128 * 1024).min(drive.info().size_bytes);
-    let head = read_exact_at(drive, 0, AlignedBuf::new(probe_bytes as usize))?;
+    let head = read_exact_at(drive, 0, AlignedBuf::new(to_usize(probe_bytes)))?;
     for copy in 0..2usize {
-        let start = copy * SUPERBLOCK_BYTES as usize;
-        if let Some(bytes) = head.get(start..start + SUPERBLOCK_BYTES as usize) {
+        let start = copy * to_usize(SUPERBLOCK_BYTES);
+        if let Some(bytes) = head.get(start..start + to_usize(SUPERBLOCK_BYTES)) {
             if let Ok(superblock) = Superblock::decode(bytes) {
                 return Ok(Some(format!(
                     "holds appliance data (drive {}, formatted at unix time {})",
@@ -125,7 +126,7 @@ pub fn uuid_text(uuid: &[u8; 16]) -> String {
 /// Lays out `size_bytes` with the given options.
 fn geometry(size_bytes: u64, options: &FormatOptions) -> Result<Superblock, FormatError> {
     let segment_bytes = options.segment_bytes;
-    if segment_bytes < SEGMENT_BYTES_MIN || segment_bytes % 4096 != 0 {
+    if segment_bytes < SEGMENT_BYTES_MIN || !segment_bytes.is_multiple_of(4096) {
         return Err(FormatError::BadOptions(format!(
             "segment size {segment_bytes} must be a multiple of 4096 and at least {SEGMENT_BYTES_MIN}"
         )));

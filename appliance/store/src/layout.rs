@@ -36,9 +36,20 @@ pub const SEGMENT_BYTES_MIN: u64 = 2 << 20;
 /// Extent rows one file may have; a file longer than that many segments is refused.
 pub const EXTENTS_PER_FILE_MAX: usize = 16_384;
 
-const _: () = assert!(RECORD_HEADER_BYTES % RECORD_ALIGN_BYTES == 0);
-const _: () = assert!(appliance_device::BLOCK_BYTES % RECORD_ALIGN_BYTES == 0);
-const _: () = assert!(SEGMENT_BYTES_MIN % appliance_device::BLOCK_BYTES == 0);
+const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(RECORD_ALIGN_BYTES));
+const _: () = assert!(appliance_device::BLOCK_BYTES.is_multiple_of(RECORD_ALIGN_BYTES));
+const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(appliance_device::BLOCK_BYTES));
+const _: () = assert!(
+    usize::BITS == 64,
+    "the appliance runs on 64-bit machines only"
+);
+
+/// A device offset or byte count as a `usize`: lossless on the 64-bit machines the appliance
+/// runs on (asserted above).
+#[allow(clippy::cast_possible_truncation)]
+pub const fn to_usize(value: u64) -> usize {
+    value as usize
+}
 const _: () = assert!(SEGMENT_BYTES_MIN > RECORD_PAYLOAD_BYTES_MAX as u64 + RECORD_HEADER_BYTES);
 const _: () = assert!(CHECKPOINT_HEADER_BYTES == appliance_device::BLOCK_BYTES);
 
@@ -169,7 +180,7 @@ impl Superblock {
     /// Checks how the geometry fields relate to each other.
     pub fn validate(&self) -> Result<(), DecodeError> {
         let block = appliance_device::BLOCK_BYTES;
-        if self.segment_bytes < SEGMENT_BYTES_MIN || self.segment_bytes % block != 0 {
+        if self.segment_bytes < SEGMENT_BYTES_MIN || !self.segment_bytes.is_multiple_of(block) {
             return Err(DecodeError::BadField("segment_bytes"));
         }
         if self.segment_count == 0 {
@@ -177,12 +188,12 @@ impl Superblock {
         }
         let checkpoint_needed = checkpoint_region_bytes(self.segment_count, self.files_max);
         if self.checkpoint_region_bytes < checkpoint_needed
-            || self.checkpoint_region_bytes % block != 0
+            || !self.checkpoint_region_bytes.is_multiple_of(block)
         {
             return Err(DecodeError::BadField("checkpoint_region_bytes"));
         }
         if self.segments_offset_bytes < 2 * SUPERBLOCK_BYTES + 2 * self.checkpoint_region_bytes
-            || self.segments_offset_bytes % block != 0
+            || !self.segments_offset_bytes.is_multiple_of(block)
         {
             return Err(DecodeError::BadField("segments_offset_bytes"));
         }

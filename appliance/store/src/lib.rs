@@ -25,3 +25,6 @@ pub use format::{format_drive, inspect_drive, FormatError, FormatOptions};
 pub use reader::{DeviceRange, FileHandle};
 pub use store::{DriveSource, Store, StoreConfig, StoreStats};
 pub use writer::FileWriter;
+
+/// Told once when a drive is taken out of service: its UUID and the reason.
+pub type DriveFailureHook = std::sync::Arc<dyn Fn([u8; 16], &str) + Send + Sync>;

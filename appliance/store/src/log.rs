@@ -8,6 +8,7 @@
 use crate::drive::{location, location_drive, lock, DriveRt, LogState, Space, OFFSET_MASK};
 use crate::error::StoreError;
 use crate::index::Index;
+use crate::layout::to_usize;
 use crate::layout::{
     encode_link, CheckpointHeader, Deletion, FileMeta, LogPosition, RecordHeader, RecordKind,
     SegmentKind, SegmentRow, CHECKPOINT_HEADER_BYTES, RECORD_HEADER_BYTES,
@@ -136,7 +137,7 @@ impl Layout {
     fn skip_block_tail(&mut self) {
         let remainder = block_remainder(self.position());
         if remainder < RECORD_HEADER_BYTES {
-            self.push(&vec![0u8; remainder as usize]);
+            self.push(&vec![0u8; to_usize(remainder)]);
         }
     }
 
@@ -148,7 +149,7 @@ impl Layout {
         self.push(&header.encode(salt));
         self.push(payload);
         let padding = header.record_bytes() - RECORD_HEADER_BYTES - payload.len() as u64;
-        self.push(&vec![0u8; padding as usize]);
+        self.push(&vec![0u8; to_usize(padding)]);
         offset
     }
 
@@ -159,10 +160,10 @@ impl Layout {
             return;
         }
         if remainder < RECORD_HEADER_BYTES {
-            self.push(&vec![0u8; remainder as usize]);
+            self.push(&vec![0u8; to_usize(remainder)]);
             return;
         }
-        let filler = vec![0u8; (remainder - RECORD_HEADER_BYTES) as usize];
+        let filler = vec![0u8; to_usize(remainder - RECORD_HEADER_BYTES)];
         self.push_record(salt, RecordKind::Pad, &filler);
     }
 }
@@ -246,7 +247,7 @@ fn link_new_segment(rt: &DriveRt, layout: &mut Layout) -> Result<(), StoreError>
     layout.push_record(rt.salt, RecordKind::Link, &encode_link(next));
     let remainder = block_remainder(layout.position());
     if remainder != BLOCK_BYTES {
-        layout.push(&vec![0u8; remainder as usize]);
+        layout.push(&vec![0u8; to_usize(remainder)]);
     }
     let start = rt.superblock.segment_offset_bytes(next);
     layout.runs.push((start, Vec::new()));
@@ -318,62 +319,130 @@ pub(crate) fn apply(
     Ok(())
 }
 
-/// Writes a checkpoint of this drive into the slot not holding the newest one.
+/// Bytes of checkpoint body written at a time: the checkpoint streams, so its memory stays
+/// bounded whatever the file count.
+const CHECKPOINT_CHUNK_BYTES: usize = 1 << 20;
+
+/// Streams bytes to consecutive device offsets in aligned chunks, with a running CRC-32C.
+struct ChunkWriter<'a> {
+    rt: &'a DriveRt,
+    offset_bytes: u64,
+    buffer: AlignedBuf,
+    filled: usize,
+    crc: u32,
+    length_bytes: u64,
+    error: Option<std::io::Error>,
+}
+
+impl ChunkWriter<'_> {
+    fn push(&mut self, mut bytes: &[u8]) {
+        self.crc = crc32c::crc32c_append(self.crc, bytes);
+        self.length_bytes += bytes.len() as u64;
+        while !bytes.is_empty() {
+            let count = (CHECKPOINT_CHUNK_BYTES - self.filled).min(bytes.len());
+            self.buffer[self.filled..self.filled + count].copy_from_slice(&bytes[..count]);
+            self.filled += count;
+            bytes = &bytes[count..];
+            if self.filled == CHECKPOINT_CHUNK_BYTES {
+                self.write_out();
+            }
+        }
+    }
+
+    fn write_out(&mut self) {
+        let length = self.filled.div_ceil(to_usize(BLOCK_BYTES)) * to_usize(BLOCK_BYTES);
+        if length == 0 || self.error.is_some() {
+            self.filled = 0;
+            return;
+        }
+        self.buffer[self.filled..length].fill(0);
+        let mut buffer = std::mem::replace(&mut self.buffer, AlignedBuf::new(0));
+        buffer.set_len(length);
+        match write_all_at(&*self.rt.drive, self.offset_bytes, buffer) {
+            Ok(mut buffer) => {
+                buffer.set_len(buffer.capacity());
+                self.buffer = buffer;
+            }
+            Err(error) => {
+                self.error = Some(error);
+                self.buffer = AlignedBuf::new(CHECKPOINT_CHUNK_BYTES);
+            }
+        }
+        self.offset_bytes += length as u64;
+        self.filled = 0;
+    }
+}
+
+/// Writes a checkpoint of this drive into the slot not holding the newest one: the body
+/// (segment table, then this drive's index entries) streams out first, the header last, then
+/// one flush. A torn checkpoint fails its checksums and recovery uses the other slot.
 pub(crate) fn write_checkpoint(index: &Index, rt: &DriveRt) -> Result<(), StoreError> {
     let mut log = lock(&rt.log);
     if rt.is_failed() {
         return Err(StoreError::DriveFailed(rt.path()));
     }
+    let superblock = &rt.superblock;
     let head = LogPosition {
         offset_bytes: log.cursor_bytes,
         seq: log.next_seq,
     };
-    let mut body = Vec::new();
+    let slot = 1 - log.slot;
+    let region = superblock.checkpoint_offset_bytes(slot);
+    let mut writer = ChunkWriter {
+        rt,
+        offset_bytes: region + CHECKPOINT_HEADER_BYTES,
+        buffer: AlignedBuf::new(CHECKPOINT_CHUNK_BYTES),
+        filled: 0,
+        crc: 0,
+        length_bytes: 0,
+        error: None,
+    };
     {
         let space = lock(&rt.space);
+        let mut row_bytes = Vec::with_capacity(16);
         for (kind, live) in space.kinds.iter().zip(&space.live) {
+            row_bytes.clear();
             SegmentRow {
                 kind: *kind,
                 live: *live,
             }
-            .encode(&mut body);
+            .encode(&mut row_bytes);
+            writer.push(&row_bytes);
         }
     }
     let mut entry_count = 0u64;
     index.for_each(|tag, location| {
         if location_drive(location) == rt.number {
-            body.extend_from_slice(&tag.to_le_bytes());
-            body.extend_from_slice(&(location & OFFSET_MASK).to_le_bytes());
+            let mut row = [0u8; 16];
+            row[..8].copy_from_slice(&tag.to_le_bytes());
+            row[8..].copy_from_slice(&(location & OFFSET_MASK).to_le_bytes());
+            writer.push(&row);
             entry_count += 1;
         }
     });
-    let superblock = &rt.superblock;
+    writer.write_out();
     assert!(
         entry_count <= superblock.files_max,
         "drive holds more files than its checkpoint region fits"
     );
+    assert!(CHECKPOINT_HEADER_BYTES + writer.length_bytes <= superblock.checkpoint_region_bytes);
+    let fail = |error| crate::store::fail_drive(index, rt, rt.io_error("checkpoint write", error));
+    if let Some(error) = writer.error.take() {
+        return Err(fail(error));
+    }
     let header = CheckpointHeader {
         generation: log.generation + 1,
         epoch: log.epoch,
         log_head: head,
         segment_count: superblock.segment_count,
         entry_count,
-        body_bytes: body.len() as u64,
-        body_crc: crc32c::crc32c(&body),
+        body_bytes: writer.length_bytes,
+        body_crc: writer.crc,
         drive_uuid: superblock.drive_uuid,
     };
-    let slot = 1 - log.slot;
-    let mut bytes = header.encode();
-    debug_assert_eq!(bytes.len() as u64, CHECKPOINT_HEADER_BYTES);
-    bytes.extend_from_slice(&body);
-    assert!(bytes.len() as u64 <= superblock.checkpoint_region_bytes);
-    let buf = AlignedBuf::from_slice_padded(&bytes);
-    write_all_at(&*rt.drive, superblock.checkpoint_offset_bytes(slot), buf).map_err(|error| {
-        crate::store::fail_drive(index, rt, rt.io_error("checkpoint write", error))
-    })?;
-    rt.drive.flush().map_err(|error| {
-        crate::store::fail_drive(index, rt, rt.io_error("checkpoint flush", error))
-    })?;
+    let header_block = AlignedBuf::from_slice_padded(&header.encode());
+    write_all_at(&*rt.drive, region, header_block).map_err(fail)?;
+    rt.drive.flush().map_err(fail)?;
     let older_head = log.newest_head;
     log.generation = header.generation;
     log.slot = slot;

@@ -8,6 +8,7 @@
 
 use crate::drive::{DriveRt, OFFSET_MASK};
 use crate::error::StoreError;
+use crate::layout::to_usize;
 use crate::layout::{FileMeta, Replaced};
 use crate::store::{fail_drive, Inner, OpenError};
 use appliance_device::{read_exact_at, AlignedBuf, BLOCK_BYTES};
@@ -160,7 +161,7 @@ impl FileHandle {
         }
         let mut done = 0usize;
         for range in self.ranges(offset, buf.len() as u64) {
-            let part = &mut buf[done..done + range.length_bytes as usize];
+            let part = &mut buf[done..done + to_usize(range.length_bytes)];
             self.rt
                 .drive
                 .read_cached(range.offset_bytes, part)
@@ -178,7 +179,7 @@ impl FileHandle {
             while done < extent.length_bytes {
                 let want = (extent.length_bytes - done).min(VERIFY_CHUNK_BYTES);
                 let aligned = want.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-                let buf = AlignedBuf::new(aligned as usize);
+                let buf = AlignedBuf::new(to_usize(aligned));
                 let buf = read_exact_at(&*self.rt.drive, extent.offset_bytes + done, buf)
                     .map_err(|error| self.failed(self.rt.io_error("verify read", error)))?;
                 crc = crc32c::crc32c_append(crc, &buf[..want as usize]);

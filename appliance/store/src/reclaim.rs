@@ -9,7 +9,7 @@
 
 use crate::drive::{location_drive, lock, DriveRt, OFFSET_MASK};
 use crate::error::StoreError;
-use crate::layout::{Extent, SegmentKind};
+use crate::layout::{to_usize, Extent, SegmentKind};
 use crate::store::{fail_drive, Inner};
 use appliance_device::{read_exact_at, AlignedBuf, BLOCK_BYTES};
 use std::collections::BTreeSet;
@@ -144,7 +144,7 @@ fn copy_extent(
         let buf = read_exact_at(
             &*rt.drive,
             extent.offset_bytes + done,
-            AlignedBuf::new(aligned as usize),
+            AlignedBuf::new(to_usize(aligned)),
         )
         .map_err(|error| fail_drive(&inner.index, rt, rt.io_error("relocation read", error)))?;
         writer.append(&buf[..want as usize])?;

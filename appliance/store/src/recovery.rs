@@ -7,6 +7,7 @@
 
 use crate::drive::{location, lock, DriveRt, LogState, Space};
 use crate::index::Index;
+use crate::layout::to_usize;
 use crate::layout::{
     decode_link, CheckpointHeader, DecodeError, Deletion, FileMeta, RecordHeader, RecordKind,
     SegmentKind, SegmentRow, Superblock, CHECKPOINT_HEADER_BYTES, ENTRY_ROW_BYTES,
@@ -27,12 +28,11 @@ pub(crate) fn open_drive(
     number: u8,
     drive: Arc<dyn Drive>,
     index: &Index,
-    on_failed: Arc<dyn Fn([u8; 16], &str) + Send + Sync>,
+    on_failed: crate::DriveFailureHook,
 ) -> Result<DriveRt, String> {
     let started = Instant::now();
     let superblock = read_superblock(&*drive)?;
-    let (checkpoint, slot, body) = read_checkpoint(&*drive, &superblock)?;
-    let rows = decode_rows(&superblock, &body)?;
+    let (checkpoint, slot, rows) = load_checkpoint(&*drive, &superblock, index, number)?;
     let mut rt = DriveRt {
         number,
         salt: DriveRt::salt_for(&superblock),
@@ -69,9 +69,7 @@ pub(crate) fn open_drive(
         recovery_ms: 0,
         on_failed,
     };
-    let result = load_entries(index, &rt, &body, checkpoint.entry_count)
-        .and_then(|()| replay(index, &rt, &checkpoint))
-        .and_then(|end| finish(&rt, end, checkpoint.epoch));
+    let result = replay(index, &rt, &checkpoint).and_then(|end| finish(&rt, end, checkpoint.epoch));
     if let Err(why) = result {
         index.remove_where(|location| crate::drive::location_drive(location) == number);
         return Err(why);
@@ -85,7 +83,7 @@ pub(crate) fn open_drive(
 }
 
 fn read_superblock(drive: &dyn Drive) -> Result<Superblock, String> {
-    let bytes = read_exact_at(drive, 0, AlignedBuf::new(2 * SUPERBLOCK_BYTES as usize))
+    let bytes = read_exact_at(drive, 0, AlignedBuf::new(2 * to_usize(SUPERBLOCK_BYTES)))
         .map_err(|error| format!("reading the superblock: {error}"))?;
     let first = Superblock::decode(&bytes[..4096]);
     let second = Superblock::decode(&bytes[4096..]);
@@ -106,11 +104,14 @@ fn read_superblock(drive: &dyn Drive) -> Result<Superblock, String> {
     Ok(superblock)
 }
 
-/// The newest checkpoint whose header and body check out, its slot and its body.
-fn read_checkpoint(
+/// Loads the newest checkpoint whose header and body check out: its segment rows are
+/// returned and its entries are in the index. The body streams through a bounded window.
+fn load_checkpoint(
     drive: &dyn Drive,
     superblock: &Superblock,
-) -> Result<(CheckpointHeader, u64, AlignedBuf), String> {
+    index: &Index,
+    number: u8,
+) -> Result<(CheckpointHeader, u64, Vec<SegmentRow>), String> {
     let mut candidates = Vec::new();
     let mut problems = Vec::new();
     for slot in 0..2 {
@@ -118,7 +119,7 @@ fn read_checkpoint(
         let block = read_exact_at(
             drive,
             offset,
-            AlignedBuf::new(CHECKPOINT_HEADER_BYTES as usize),
+            AlignedBuf::new(to_usize(CHECKPOINT_HEADER_BYTES)),
         )
         .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
         match CheckpointHeader::decode(&block) {
@@ -136,43 +137,59 @@ fn read_checkpoint(
             problems.push(format!("slot {slot}: does not match the superblock"));
             continue;
         }
-        let length = header.body_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
-        let offset = superblock.checkpoint_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES;
-        let body = read_exact_at(drive, offset, AlignedBuf::new(length as usize))
-            .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
-        if crc32c::crc32c(&body[..header.body_bytes as usize]) == header.body_crc {
-            return Ok((header, slot, body));
+        match load_body(drive, superblock, &header, slot, index, number) {
+            Ok(rows) => return Ok((header, slot, rows)),
+            Err(problem) => {
+                index.remove_where(|location| crate::drive::location_drive(location) == number);
+                problems.push(format!("slot {slot}: {problem}"));
+            }
         }
-        problems.push(format!("slot {slot}: body checksum mismatch"));
     }
     Err(format!("no valid checkpoint ({})", problems.join("; ")))
 }
 
-fn decode_rows(superblock: &Superblock, body: &[u8]) -> Result<Vec<SegmentRow>, String> {
-    (0..superblock.segment_count as usize)
-        .map(|segment| {
-            let start = segment * SEGMENT_ROW_BYTES as usize;
-            SegmentRow::decode(&body[start..start + SEGMENT_ROW_BYTES as usize])
-                .map_err(|error| format!("checkpoint segment row {segment}: {error}"))
-        })
-        .collect()
-}
-
-fn load_entries(index: &Index, rt: &DriveRt, body: &[u8], count: u64) -> Result<(), String> {
-    let superblock = &rt.superblock;
-    let start = superblock.segment_count as usize * SEGMENT_ROW_BYTES as usize;
-    for row in 0..count as usize {
-        let at = start + row * ENTRY_ROW_BYTES as usize;
-        let tag = u64::from_le_bytes(body[at..at + 8].try_into().expect("8 bytes"));
-        let offset = u64::from_le_bytes(body[at + 8..at + 16].try_into().expect("8 bytes"));
-        if tag == 0 || superblock.segment_of(offset).is_none() {
-            return Err(format!("checkpoint entry {row} is out of range"));
+fn load_body(
+    drive: &dyn Drive,
+    superblock: &Superblock,
+    header: &CheckpointHeader,
+    slot: u64,
+    index: &Index,
+    number: u8,
+) -> Result<Vec<SegmentRow>, String> {
+    let mut reader = LogReader {
+        drive,
+        start: 0,
+        window: AlignedBuf::new(0),
+    };
+    let body_start = superblock.checkpoint_offset_bytes(slot) + CHECKPOINT_HEADER_BYTES;
+    let mut crc = 0u32;
+    let mut rows = Vec::with_capacity(superblock.segment_count as usize);
+    let mut offset = body_start;
+    for segment in 0..superblock.segment_count {
+        let bytes = reader.bytes(offset, SEGMENT_ROW_BYTES)?;
+        crc = crc32c::crc32c_append(crc, bytes);
+        rows.push(
+            SegmentRow::decode(bytes).map_err(|error| format!("segment row {segment}: {error}"))?,
+        );
+        offset += SEGMENT_ROW_BYTES;
+    }
+    for row in 0..header.entry_count {
+        let bytes = reader.bytes(offset, ENTRY_ROW_BYTES)?;
+        crc = crc32c::crc32c_append(crc, bytes);
+        let tag = u64::from_le_bytes(bytes[..8].try_into().expect("8 bytes"));
+        let entry_offset = u64::from_le_bytes(bytes[8..16].try_into().expect("8 bytes"));
+        if tag == 0 || superblock.segment_of(entry_offset).is_none() {
+            return Err(format!("entry {row} is out of range"));
         }
         index
-            .insert(tag, location(rt.number, offset))
+            .insert(tag, location(number, entry_offset))
             .map_err(|_| "the index is too small for the checkpoint".to_string())?;
+        offset += ENTRY_ROW_BYTES;
     }
-    Ok(())
+    if crc != header.body_crc {
+        return Err("body checksum mismatch".into());
+    }
+    Ok(rows)
 }
 
 /// Reads a drive's log through a window of a few MiB.
@@ -190,12 +207,12 @@ impl LogReader<'_> {
             let wanted = (end - start).max(REPLAY_WINDOW_BYTES).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
             let available = self.drive.info().size_bytes - start;
             let length = wanted.min(available);
-            self.window = read_exact_at(self.drive, start, AlignedBuf::new(length as usize))
+            self.window = read_exact_at(self.drive, start, AlignedBuf::new(to_usize(length)))
                 .map_err(|error| format!("reading the log at {start}: {error}"))?;
             self.start = start;
         }
-        let from = (offset - self.start) as usize;
-        Ok(&self.window[from..from + length as usize])
+        let from = to_usize(offset - self.start);
+        Ok(&self.window[from..from + to_usize(length)])
     }
 }
 

@@ -37,7 +37,7 @@ pub struct StoreConfig {
     /// The clock for publish times (seconds since the Unix epoch).
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Called once when a drive is taken out of service: its UUID and the reason.
-    pub on_drive_failed: Arc<dyn Fn([u8; 16], &str) + Send + Sync>,
+    pub on_drive_failed: crate::DriveFailureHook,
 }
 
 impl Default for StoreConfig {

@@ -8,6 +8,7 @@
 use crate::drive::{lock, DriveRt, OpenSegment};
 use crate::error::StoreError;
 use crate::index::tag_of;
+use crate::layout::to_usize;
 use crate::layout::{Extent, FileMeta, Replaced, SegmentKind, EXTENTS_PER_FILE_MAX};
 use crate::log::{commit, Mutation};
 use crate::store::{fail_drive, Inner, PathClaim, LOG_RESERVE_SEGMENTS};
@@ -154,7 +155,7 @@ impl FileWriter {
             .unwrap_or_else(|| AlignedBuf::new(capacity));
         buffer.set_len(buffer.capacity());
         self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
-        debug_assert!(self.buffer_target as u64 % BLOCK_BYTES == 0 && segment_bytes > 0);
+        debug_assert!((self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && segment_bytes > 0);
         self.buffer = Some(buffer);
         self.buffer_offset_bytes = open.cursor_bytes;
         self.filled = 0;
@@ -217,7 +218,7 @@ impl FileWriter {
         let Some(mut buffer) = self.buffer.take() else {
             return Ok(());
         };
-        let length = self.filled.div_ceil(BLOCK_BYTES as usize) * BLOCK_BYTES as usize;
+        let length = self.filled.div_ceil(to_usize(BLOCK_BYTES)) * to_usize(BLOCK_BYTES);
         if length == 0 {
             self.spare.push(buffer);
             return Ok(());

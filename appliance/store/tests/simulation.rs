@@ -5,6 +5,9 @@
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 200); `SIM_SEED=S` replays one seed exactly.
 
+// Test data generation truncates on purpose; sizes here are small.
+#![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
+
 use appliance_device::{SimConfig, SimDrive, SimFaults};
 use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
 use sha2::{Digest, Sha256};

@@ -106,7 +106,7 @@ fn store_write_once(path: &Path, total_bytes: u64) -> Result<f64> {
     )?;
     let store = open_store(path, StoreConfig::default())?;
     let chunk: Vec<u8> = (0..1u32 << 20)
-        .map(|at| (at.wrapping_mul(2654435761) >> 13) as u8)
+        .map(|at| (at.wrapping_mul(2654435761) >> 13).to_le_bytes()[0])
         .collect();
     let file_bytes: u64 = 256 << 20;
     let next = AtomicU64::new(0);
@@ -285,7 +285,8 @@ fn populated_drive(count: u64) -> Result<PathBuf> {
     }
     let data_bytes = count * (POPULATE_FILE_BYTES as u64) * 2 + (4 << 30);
     fresh_file(&path, data_bytes)?;
-    format_file(&path, 16 << 20, count + count / 4 + 100_000)?;
+    // Sized for the catalog with a tenth to spare, as an operator sizes files_max.
+    format_file(&path, 16 << 20, count + count / 10)?;
     println!(
         "  populating {count} files (once; kept in {})",
         path.display()
@@ -404,7 +405,7 @@ fn index() -> Result<Map<String, Value>> {
     let index_lookups_per_s = lookups as f64 / started.elapsed().as_secs_f64();
     assert_eq!(hits, lookups);
     let suffix = |n: u64| {
-        if n % 1_000_000 == 0 {
+        if n.is_multiple_of(1_000_000) {
             format!("{}m", n / 1_000_000)
         } else {
             n.to_string()

@@ -109,14 +109,14 @@ fn run_bytes(binary: &str, args: &[String]) -> Result<Vec<u8>> {
 }
 
 fn generate(dir: &Path) -> Result<()> {
-    let mut state = 0x5DEE_CE66_Du64;
+    let mut state = 0x0005_DEEC_E66D_u64;
     for number in 0..24u64 {
         state = state
             .wrapping_mul(6364136223846793005)
             .wrapping_add(1442695040888963407);
         let size = (1 << 20) + (state >> 20) % (19 << 20);
         let bytes: Vec<u8> = (0..size)
-            .map(|at| (at.wrapping_mul(2654435761).wrapping_add(number) >> 11) as u8)
+            .map(|at| (at.wrapping_mul(2654435761).wrapping_add(number) >> 11).to_le_bytes()[0])
             .collect();
         std::fs::write(dir.join(format!("title-{number:02}.mp4")), bytes)?;
     }
