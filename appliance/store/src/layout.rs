@@ -727,3 +727,214 @@ impl<'a> Reader<'a> {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn superblock() -> Superblock {
+        Superblock {
+            drive_uuid: [7; 16],
+            segment_bytes: 4 << 20,
+            segment_count: 10,
+            segments_offset_bytes: 1 << 20,
+            checkpoint_region_bytes: checkpoint_region_bytes(10, 100),
+            files_max: 100,
+            created_unix_s: 1_700_000_000,
+            drive_size_bytes: 64 << 20,
+        }
+    }
+
+    fn meta() -> FileMeta {
+        FileMeta {
+            path: "/video/a.mp4".into(),
+            size_bytes: 5000,
+            published_unix_s: 1_700_000_001,
+            sha256: [9; 32],
+            extents: vec![
+                Extent {
+                    offset_bytes: 1 << 20,
+                    length_bytes: 4096,
+                    crc: 1,
+                },
+                Extent {
+                    offset_bytes: 5 << 20,
+                    length_bytes: 904,
+                    crc: 2,
+                },
+            ],
+            replaced: Some(Replaced {
+                meta_offset_bytes: 9 << 20,
+                segments: vec![SegmentBytes {
+                    segment: 3,
+                    bytes: 77,
+                }],
+            }),
+        }
+    }
+
+    /// Every single-byte change of `bytes` in `0..span` must be refused by `decode`.
+    fn check_every_flip_refused<T>(
+        bytes: &[u8],
+        span: usize,
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    ) {
+        for at in 0..span {
+            let mut damaged = bytes.to_vec();
+            damaged[at] ^= 0x5A;
+            assert!(
+                decode(&damaged).is_err(),
+                "a flip at byte {at} was accepted"
+            );
+        }
+    }
+
+    /// Every truncation of `bytes` must be refused, never panic.
+    fn check_every_truncation_refused<T>(
+        bytes: &[u8],
+        decode: impl Fn(&[u8]) -> Result<T, DecodeError>,
+    ) {
+        for length in 0..bytes.len() {
+            assert!(
+                decode(&bytes[..length]).is_err(),
+                "truncated to {length} bytes"
+            );
+        }
+    }
+
+    #[test]
+    fn superblock_round_trip_and_corruptions() {
+        let encoded = superblock().encode();
+        assert_eq!(encoded.len(), 4096);
+        assert_eq!(Superblock::decode(&encoded), Ok(superblock()));
+        check_every_flip_refused(&encoded, 4096, Superblock::decode);
+        check_every_truncation_refused(&encoded[..], Superblock::decode);
+        let mut version = encoded.clone();
+        version[8..12].copy_from_slice(&2u32.to_le_bytes());
+        let crc = crc32c::crc32c(&version[..4092]);
+        version[4092..].copy_from_slice(&crc.to_le_bytes());
+        assert_eq!(
+            Superblock::decode(&version),
+            Err(DecodeError::UnsupportedVersion(2))
+        );
+        let bad_geometry: &[(&str, fn(&mut Superblock))] = &[
+            ("segment_bytes", |sb| sb.segment_bytes = 4097),
+            ("segment_bytes", |sb| sb.segment_bytes = 1 << 20),
+            ("segment_count", |sb| sb.segment_count = 0),
+            ("segment_count", |sb| sb.drive_size_bytes = 8 << 20),
+            ("checkpoint_region_bytes", |sb| {
+                sb.checkpoint_region_bytes = 4096
+            }),
+            ("segments_offset_bytes", |sb| {
+                sb.segments_offset_bytes = 8192
+            }),
+        ];
+        for (field, damage) in bad_geometry {
+            let mut broken = superblock();
+            damage(&mut broken);
+            assert_eq!(
+                Superblock::decode(&broken.encode()),
+                Err(DecodeError::BadField(field)),
+                "{field}"
+            );
+        }
+    }
+
+    #[test]
+    fn record_header_round_trip_and_corruptions() {
+        let payload = meta().encode();
+        let header = RecordHeader::for_payload(RecordKind::Publish, 3, 42, &payload);
+        let encoded = header.encode(77);
+        assert_eq!(RecordHeader::decode(&encoded, 77), Ok(header));
+        assert_eq!(header.check_payload(&payload), Ok(()));
+        check_every_flip_refused(&encoded, 32, |bytes| RecordHeader::decode(bytes, 77));
+        check_every_truncation_refused(&encoded, |bytes| RecordHeader::decode(bytes, 77));
+        assert_eq!(
+            RecordHeader::decode(&encoded, 78),
+            Err(DecodeError::BadChecksum),
+            "a record from another format of the drive is refused"
+        );
+        let mut tampered = payload.clone();
+        tampered[0] ^= 1;
+        assert_eq!(
+            header.check_payload(&tampered),
+            Err(DecodeError::BadChecksum)
+        );
+        assert_eq!(
+            header.check_payload(&payload[1..]),
+            Err(DecodeError::Truncated)
+        );
+        assert_eq!(header.record_bytes() % RECORD_ALIGN_BYTES, 0);
+    }
+
+    #[test]
+    fn payload_round_trips_and_truncations() {
+        let file = meta();
+        let encoded = file.encode();
+        assert_eq!(FileMeta::decode(&encoded), Ok(file.clone()));
+        check_every_truncation_refused(&encoded, FileMeta::decode);
+        let mut trailing = encoded.clone();
+        trailing.push(0);
+        assert_eq!(
+            FileMeta::decode(&trailing),
+            Err(DecodeError::BadField("trailing bytes"))
+        );
+        let mut short = file.clone();
+        short.size_bytes += 1;
+        assert_eq!(
+            FileMeta::decode(&short.encode()),
+            Err(DecodeError::BadField("extents"))
+        );
+        let deletion = Deletion {
+            path: "/gone.mp4".into(),
+            retired: file.replaced.clone().unwrap(),
+        };
+        let encoded = deletion.encode();
+        assert_eq!(Deletion::decode(&encoded), Ok(deletion));
+        check_every_truncation_refused(&encoded, Deletion::decode);
+        assert_eq!(decode_link(&encode_link(12)), Ok(12));
+        check_every_truncation_refused(&encode_link(12), decode_link);
+    }
+
+    #[test]
+    fn checkpoint_header_round_trip_and_corruptions() {
+        let header = CheckpointHeader {
+            generation: 5,
+            epoch: 2,
+            log_head: LogPosition {
+                offset_bytes: 1 << 20,
+                seq: 99,
+            },
+            segment_count: 10,
+            entry_count: 3,
+            body_bytes: 10 * SEGMENT_ROW_BYTES + 3 * ENTRY_ROW_BYTES,
+            body_crc: 1234,
+            drive_uuid: [7; 16],
+        };
+        let encoded = header.encode();
+        assert_eq!(CheckpointHeader::decode(&encoded), Ok(header));
+        check_every_flip_refused(&encoded, 4096, CheckpointHeader::decode);
+        check_every_truncation_refused(&encoded, CheckpointHeader::decode);
+        let rows = [
+            SegmentRow {
+                kind: SegmentKind::Free,
+                live: 0,
+            },
+            SegmentRow {
+                kind: SegmentKind::Data,
+                live: 1 << 30,
+            },
+            SegmentRow {
+                kind: SegmentKind::Log,
+                live: 17,
+            },
+        ];
+        for row in rows {
+            let mut bytes = Vec::new();
+            row.encode(&mut bytes);
+            assert_eq!(SegmentRow::decode(&bytes), Ok(row));
+            bytes[0] = 9;
+            assert!(SegmentRow::decode(&bytes).is_err());
+        }
+    }
+}

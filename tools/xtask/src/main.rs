@@ -30,8 +30,40 @@ fn run(args: &[String]) -> Result<()> {
     }
 }
 
+/// Tools the black-box tests drive, and the Debian packages that carry them.
+const TEST_TOOLS: &[(&str, &str)] = &[
+    ("mkfs.ext4", "e2fsprogs"),
+    ("losetup", "mount"),
+    ("blockdev", "util-linux"),
+    ("fallocate", "util-linux"),
+    ("dmsetup", "dmsetup"),
+    ("fio", "fio"),
+];
+
+/// Installs missing test tools with apt-get when running as root (a fresh machine).
+fn ensure_test_tools() -> Result<()> {
+    let missing: Vec<&str> = TEST_TOOLS
+        .iter()
+        .filter(|(tool, _)| !util::have(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    if !util::is_root() {
+        println!("xtask test: missing {missing:?}; tests that need them will say they skip");
+        return Ok(());
+    }
+    let root = util::workspace_root();
+    util::run_in(&root, "apt-get", &["update", "-qq"])?;
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(missing);
+    util::run_in(&root, "apt-get", &args)
+}
+
 /// Every test tier: formatting, lints, unit, simulation and black-box tests.
 fn test() -> Result<()> {
+    ensure_test_tools()?;
     let root = util::workspace_root();
     util::run_in(&root, "cargo", &["fmt", "--all", "--check"])?;
     util::run_in(

@@ -68,3 +68,23 @@ pub fn applianced() -> Result<PathBuf> {
     )?;
     Ok(root.join("target/release/applianced"))
 }
+
+/// True when `tool` is on the PATH (or in /sbin, /usr/sbin for root's tools).
+pub fn have(tool: &str) -> bool {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/sbin", "/usr/sbin"])
+        .any(|dir| Path::new(dir).join(tool).is_file());
+    found
+}
+
+/// True when running as root (from /proc/self/status).
+pub fn is_root() -> bool {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find_map(|line| line.strip_prefix("Uid:"))
+        .and_then(|ids| ids.split_whitespace().nth(1))
+        == Some("0")
+}
