@@ -29,12 +29,17 @@ pub enum StoreError {
     Corrupt { drive: PathBuf, what: String },
     /// The file is longer than one file may be.
     TooLarge(String),
+    /// Every write buffer is in use by other writers (retry later).
+    OutOfBuffers,
 }
 
 impl StoreError {
     /// True when the same call may succeed later without operator action.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, StoreError::PathBusy(_) | StoreError::DriveFull(_))
+        matches!(
+            self,
+            StoreError::PathBusy(_) | StoreError::DriveFull(_) | StoreError::OutOfBuffers
+        )
     }
 }
 
@@ -58,6 +63,7 @@ impl fmt::Display for StoreError {
                 write!(f, "drive {}: corrupt {what}", drive.display())
             }
             StoreError::TooLarge(path) => write!(f, "{path}: file has too many extents"),
+            StoreError::OutOfBuffers => write!(f, "every write buffer is in use"),
         }
     }
 }

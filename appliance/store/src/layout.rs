@@ -817,7 +817,8 @@ mod tests {
             Superblock::decode(&version),
             Err(DecodeError::UnsupportedVersion(2))
         );
-        let bad_geometry: &[(&str, fn(&mut Superblock))] = &[
+        type Damage = fn(&mut Superblock);
+        let bad_geometry: &[(&str, Damage)] = &[
             ("segment_bytes", |sb| sb.segment_bytes = 4097),
             ("segment_bytes", |sb| sb.segment_bytes = 1 << 20),
             ("segment_count", |sb| sb.segment_count = 0),

@@ -6,6 +6,7 @@
 //! concerns (opening device paths, persisting the failed-drive list, signals) belong to the
 //! daemon. See ARCHITECTURE.md for the on-disk format and the invariants.
 
+mod buffers;
 mod drive;
 mod error;
 mod format;

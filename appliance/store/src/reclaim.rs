@@ -111,7 +111,7 @@ fn relocate(
         let store = crate::store::Store {
             inner: Arc::clone(inner),
         };
-        let mut writer = match store.create(&meta.path, 0) {
+        let mut writer = match store.create_for_relocation(&meta.path) {
             Ok(writer) => writer,
             Err(StoreError::PathBusy(_)) => continue,
             Err(error) => return Err(error),

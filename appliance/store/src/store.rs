@@ -18,6 +18,12 @@ use std::sync::{Arc, Mutex};
 /// Free segments each drive keeps for its log and for relocation; data writers cannot take
 /// them.
 pub(crate) const LOG_RESERVE_SEGMENTS: usize = 2;
+/// Free segments each drive keeps for relocation, on top of the log's: new files cannot take
+/// them, so reclaim can always make progress on a full drive.
+pub(crate) const RELOCATION_RESERVE_SEGMENTS: usize = 2;
+/// Free segments new files leave alone.
+pub(crate) const NEW_FILE_RESERVE_SEGMENTS: usize =
+    LOG_RESERVE_SEGMENTS + RELOCATION_RESERVE_SEGMENTS;
 
 /// Settings of a running store; every limit is explicit.
 #[derive(Clone)]
@@ -26,6 +32,10 @@ pub struct StoreConfig {
     pub write_buffer_bytes: usize,
     /// Appends each writer keeps in flight before waiting for the oldest.
     pub writes_in_flight_max: usize,
+    /// Write buffers shared by all writers, allocated at start-up.
+    pub write_buffer_count: usize,
+    /// How long a writer waits for a free write buffer before a retryable error.
+    pub write_buffer_wait_ms: u64,
     /// A checkpoint is due once this many log bytes were written since the last one.
     pub checkpoint_interval_log_bytes: u64,
     /// Reclaim runs when a drive has fewer free segments than this.
@@ -45,6 +55,8 @@ impl Default for StoreConfig {
         StoreConfig {
             write_buffer_bytes: 1 << 20,
             writes_in_flight_max: 4,
+            write_buffer_count: 64,
+            write_buffer_wait_ms: 30_000,
             checkpoint_interval_log_bytes: 64 << 20,
             reclaim_free_segments_min: 8,
             reclaim_live_percent_max: 50,
@@ -83,6 +95,7 @@ pub(crate) struct Inner {
     /// Paths being written or deleted right now.
     pub busy: Mutex<HashSet<String>>,
     pub files_max: u64,
+    pub buffers: crate::buffers::BufferPool,
 }
 
 /// The segment store over a set of drives.
@@ -132,8 +145,11 @@ impl Store {
             let number = u8::try_from(number).expect("checked above");
             drives.push(open_slot(number, source, &index, &config));
         }
+        let buffers =
+            crate::buffers::BufferPool::new(config.write_buffer_count, config.write_buffer_bytes);
         let store = Store {
             inner: Arc::new(Inner {
+                buffers,
                 config,
                 index,
                 drives,
@@ -215,6 +231,20 @@ impl Store {
 
     /// Starts writing a file at `path`, placed on one drive; `size_hint_bytes` steers placement.
     pub fn create(&self, path: &str, size_hint_bytes: u64) -> Result<FileWriter, StoreError> {
+        self.create_keeping(path, size_hint_bytes, NEW_FILE_RESERVE_SEGMENTS)
+    }
+
+    /// `create` for relocation, which may use the relocation reserve.
+    pub(crate) fn create_for_relocation(&self, path: &str) -> Result<FileWriter, StoreError> {
+        self.create_keeping(path, 0, LOG_RESERVE_SEGMENTS)
+    }
+
+    fn create_keeping(
+        &self,
+        path: &str,
+        size_hint_bytes: u64,
+        reserve_segments: usize,
+    ) -> Result<FileWriter, StoreError> {
         check_path(path)?;
         let claim = PathClaim::take(&self.inner, path)?;
         let existing = self.find(path)?;
@@ -238,6 +268,7 @@ impl Store {
             rt,
             claim,
             replaced,
+            reserve_segments,
         ))
     }
 
@@ -428,7 +459,7 @@ impl Store {
         let mut any_healthy = false;
         for rt in self.inner.ready_drives() {
             any_healthy = true;
-            let free = rt.free_bytes(LOG_RESERVE_SEGMENTS);
+            let free = rt.free_bytes(NEW_FILE_RESERVE_SEGMENTS);
             if free < size_hint_bytes.max(1) {
                 continue;
             }

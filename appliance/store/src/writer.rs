@@ -11,7 +11,7 @@ use crate::index::tag_of;
 use crate::layout::to_usize;
 use crate::layout::{Extent, FileMeta, Replaced, SegmentKind, EXTENTS_PER_FILE_MAX};
 use crate::log::{commit, Mutation};
-use crate::store::{fail_drive, Inner, PathClaim, LOG_RESERVE_SEGMENTS};
+use crate::store::{fail_drive, Inner, PathClaim};
 use appliance_device::{AlignedBuf, Ticket, BLOCK_BYTES};
 use std::collections::VecDeque;
 use std::path::PathBuf;
@@ -33,6 +33,7 @@ pub struct FileWriter {
     extents: Vec<Extent>,
     size_bytes: u64,
     pinned: Vec<u32>,
+    reserve_segments: usize,
     finished: bool,
 }
 
@@ -42,6 +43,7 @@ impl FileWriter {
         rt: Arc<DriveRt>,
         claim: PathClaim,
         replaced: Option<Replaced>,
+        reserve_segments: usize,
     ) -> FileWriter {
         FileWriter {
             inner,
@@ -58,6 +60,7 @@ impl FileWriter {
             extents: Vec::new(),
             size_bytes: 0,
             pinned: Vec::new(),
+            reserve_segments,
             finished: false,
         }
     }
@@ -149,11 +152,7 @@ impl FileWriter {
         let open = self.current.expect("acquired above");
         let remaining = self.segment_end(open.segment) - open.cursor_bytes;
         let capacity = self.inner.config.write_buffer_bytes;
-        let mut buffer = self
-            .spare
-            .pop()
-            .unwrap_or_else(|| AlignedBuf::new(capacity));
-        buffer.set_len(buffer.capacity());
+        let buffer = self.take_buffer()?;
         self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
         debug_assert!((self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && segment_bytes > 0);
         self.buffer = Some(buffer);
@@ -195,7 +194,7 @@ impl FileWriter {
             Some(at) => space.pool.swap_remove(at),
             None => {
                 let segment = space
-                    .allocate(SegmentKind::Data, LOG_RESERVE_SEGMENTS)
+                    .allocate(SegmentKind::Data, self.reserve_segments)
                     .ok_or_else(|| StoreError::DriveFull(self.rt.path()))?;
                 space.open[segment as usize] = true;
                 OpenSegment {
@@ -220,7 +219,7 @@ impl FileWriter {
         };
         let length = self.filled.div_ceil(to_usize(BLOCK_BYTES)) * to_usize(BLOCK_BYTES);
         if length == 0 {
-            self.spare.push(buffer);
+            self.inner.buffers.give(buffer);
             return Ok(());
         }
         buffer[self.filled..length].fill(0);
@@ -243,14 +242,43 @@ impl FileWriter {
         let Some(ticket) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let (result, mut buffer) = ticket.wait();
+        let (result, buffer) = ticket.wait();
         if let Err(error) = result {
+            self.inner.buffers.give(buffer);
             let error = self.rt.io_error("data write", error);
             return Err(fail_drive(&self.inner.index, &self.rt, error));
         }
-        buffer.set_len(buffer.capacity());
-        if buffer.capacity() == self.inner.config.write_buffer_bytes {
-            self.spare.push(buffer);
+        self.inner.buffers.give(buffer);
+        Ok(())
+    }
+
+    /// A write buffer: one of ours coming back from the drive first, else one from the pool.
+    fn take_buffer(&mut self) -> Result<AlignedBuf, StoreError> {
+        if let Some(mut buffer) = self.spare.pop() {
+            buffer.set_len(buffer.capacity());
+            return Ok(buffer);
+        }
+        if !self.in_flight.is_empty() {
+            self.wait_oldest_keeping()?;
+            if let Some(mut buffer) = self.spare.pop() {
+                buffer.set_len(buffer.capacity());
+                return Ok(buffer);
+            }
+        }
+        let wait = std::time::Duration::from_millis(self.inner.config.write_buffer_wait_ms);
+        self.inner.buffers.take(wait)
+    }
+
+    /// Waits for the oldest write and keeps its buffer for the next append.
+    fn wait_oldest_keeping(&mut self) -> Result<(), StoreError> {
+        let Some(ticket) = self.in_flight.pop_front() else {
+            return Ok(());
+        };
+        let (result, buffer) = ticket.wait();
+        self.spare.push(buffer);
+        if let Err(error) = result {
+            let error = self.rt.io_error("data write", error);
+            return Err(fail_drive(&self.inner.index, &self.rt, error));
         }
         Ok(())
     }
@@ -281,7 +309,14 @@ impl Drop for FileWriter {
         if !self.finished {
             self.finished = true;
             while let Some(ticket) = self.in_flight.pop_front() {
-                let _ = ticket.wait();
+                let (_, buffer) = ticket.wait();
+                self.inner.buffers.give(buffer);
+            }
+            if let Some(buffer) = self.buffer.take() {
+                self.inner.buffers.give(buffer);
+            }
+            for buffer in self.spare.drain(..) {
+                self.inner.buffers.give(buffer);
             }
             self.release_segment();
             for segment in self.pinned.drain(..) {
