@@ -193,9 +193,20 @@ fn import(store: &Store, dir: &Path, jobs: usize) -> Result<()> {
     let files = walk(dir)?;
     let next = AtomicUsize::new(0);
     let failures = AtomicUsize::new(0);
+    let finished = std::sync::atomic::AtomicBool::new(false);
     std::thread::scope(|scope| {
+        // Upkeep while importing: periodic checkpoints bound the log a crash would replay.
+        scope.spawn(|| {
+            while !finished.load(Ordering::SeqCst) {
+                if let Err(error) = store.maintain() {
+                    tracing::warn!(%error, "store upkeep failed");
+                }
+                std::thread::sleep(std::time::Duration::from_millis(500));
+            }
+        });
+        let mut workers = Vec::new();
         for _ in 0..jobs {
-            scope.spawn(|| loop {
+            workers.push(scope.spawn(|| loop {
                 let at = next.fetch_add(1, Ordering::SeqCst);
                 let Some((source, path)) = files.get(at) else {
                     break;
@@ -211,8 +222,12 @@ fn import(store: &Store, dir: &Path, jobs: usize) -> Result<()> {
                         failures.fetch_add(1, Ordering::SeqCst);
                     }
                 }
-            });
+            }));
         }
+        for worker in workers {
+            let _ = worker.join();
+        }
+        finished.store(true, Ordering::SeqCst);
     });
     let failed = failures.load(Ordering::SeqCst);
     if failed > 0 {

@@ -12,7 +12,7 @@ mod uring;
 
 pub use aligned::AlignedBuf;
 pub use open::{DriveInfo, DriveKind};
-pub use sim::{SimConfig, SimDrive, SimFaults};
+pub use sim::{SimConfig, SimDrive, SimFaults, SplitMix64};
 pub use uring::{UringConfig, UringDrive};
 
 use std::io;

@@ -93,24 +93,7 @@ impl Index {
     /// Calls `visit` with each live location stored under `tag`, in probe order, until it
     /// returns `Some`.
     pub fn find<T>(&self, tag: u64, mut visit: impl FnMut(u64) -> Option<T>) -> Option<T> {
-        let mut position = self.home(tag);
-        for _ in 0..self.slots.len() {
-            let slot = &self.slots[position];
-            let slot_tag = slot.tag.load(Ordering::SeqCst);
-            if slot_tag == EMPTY {
-                return None;
-            }
-            if slot_tag == tag {
-                let location = slot.location.load(Ordering::SeqCst);
-                if location != TOMBSTONE {
-                    if let Some(found) = visit(location) {
-                        return Some(found);
-                    }
-                }
-            }
-            position = (position + 1) % self.slots.len();
-        }
-        None
+        self.probe(tag, |_, location| visit(location))
     }
 
     /// True when `tag` currently maps to `location`.
@@ -218,6 +201,14 @@ impl Index {
     }
 
     fn position_of(&self, tag: u64, location: u64) -> Option<usize> {
+        self.probe(tag, |position, found| {
+            (found == location).then_some(position)
+        })
+    }
+
+    /// Walks `tag`'s probe sequence, calling `visit(position, location)` for each live slot
+    /// holding `tag`, until it returns `Some` or an empty slot ends the sequence.
+    fn probe<T>(&self, tag: u64, mut visit: impl FnMut(usize, u64) -> Option<T>) -> Option<T> {
         let mut position = self.home(tag);
         for _ in 0..self.slots.len() {
             let slot = &self.slots[position];
@@ -225,8 +216,13 @@ impl Index {
             if slot_tag == EMPTY {
                 return None;
             }
-            if slot_tag == tag && slot.location.load(Ordering::SeqCst) == location {
-                return Some(position);
+            if slot_tag == tag {
+                let location = slot.location.load(Ordering::SeqCst);
+                if location != TOMBSTONE {
+                    if let Some(found) = visit(position, location) {
+                        return Some(found);
+                    }
+                }
             }
             position = (position + 1) % self.slots.len();
         }

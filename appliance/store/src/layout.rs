@@ -138,29 +138,12 @@ impl Superblock {
         ] {
             out.extend_from_slice(&value.to_le_bytes());
         }
-        out.resize(4092, 0);
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        seal_block(out)
     }
 
     /// Decodes and checks one superblock copy.
     pub fn decode(bytes: &[u8]) -> Result<Superblock, DecodeError> {
-        if bytes.len() < 4096 {
-            return Err(DecodeError::Truncated);
-        }
-        let mut reader = Reader::new(&bytes[..4096]);
-        if reader.u64()? != SUPERBLOCK_MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&bytes[..4092]) != stored_crc {
-            return Err(DecodeError::BadChecksum);
-        }
-        let version = reader.u32()?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
+        let mut reader = open_block(bytes, SUPERBLOCK_MAGIC)?;
         reader.u32()?;
         let superblock = Superblock {
             drive_uuid: reader.array()?,
@@ -531,29 +514,12 @@ impl CheckpointHeader {
         ] {
             out.extend_from_slice(&value.to_le_bytes());
         }
-        out.resize(4092, 0);
-        let crc = crc32c::crc32c(&out);
-        out.extend_from_slice(&crc.to_le_bytes());
-        out
+        seal_block(out)
     }
 
     /// Decodes and checks a header block (not the body).
     pub fn decode(bytes: &[u8]) -> Result<CheckpointHeader, DecodeError> {
-        if bytes.len() < 4096 {
-            return Err(DecodeError::Truncated);
-        }
-        let mut reader = Reader::new(&bytes[..4092]);
-        if reader.u64()? != CHECKPOINT_MAGIC {
-            return Err(DecodeError::BadMagic);
-        }
-        let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
-        if crc32c::crc32c(&bytes[..4092]) != stored_crc {
-            return Err(DecodeError::BadChecksum);
-        }
-        let version = reader.u32()?;
-        if version != FORMAT_VERSION {
-            return Err(DecodeError::UnsupportedVersion(version));
-        }
+        let mut reader = open_block(bytes, CHECKPOINT_MAGIC)?;
         let body_crc = reader.u32()?;
         let drive_uuid = reader.array()?;
         let generation = reader.u64()?;
@@ -621,6 +587,36 @@ impl SegmentRow {
             live: reader.u64()?,
         })
     }
+}
+
+/// Pads a 4 KiB block's fields to 4092 bytes and appends the block's CRC-32C.
+fn seal_block(mut out: Vec<u8>) -> Vec<u8> {
+    assert!(out.len() <= 4092, "block fields overflow the block");
+    out.resize(4092, 0);
+    let crc = crc32c::crc32c(&out);
+    out.extend_from_slice(&crc.to_le_bytes());
+    out
+}
+
+/// Checks a sealed 4 KiB block's length, magic, checksum and version; returns a reader
+/// positioned after the version.
+fn open_block(bytes: &[u8], magic: u64) -> Result<Reader<'_>, DecodeError> {
+    if bytes.len() < 4096 {
+        return Err(DecodeError::Truncated);
+    }
+    let mut reader = Reader::new(&bytes[..4092]);
+    if reader.u64()? != magic {
+        return Err(DecodeError::BadMagic);
+    }
+    let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
+    if crc32c::crc32c(&bytes[..4092]) != stored_crc {
+        return Err(DecodeError::BadChecksum);
+    }
+    let version = reader.u32()?;
+    if version != FORMAT_VERSION {
+        return Err(DecodeError::UnsupportedVersion(version));
+    }
+    Ok(reader)
 }
 
 fn put_u32(out: &mut Vec<u8>, value: usize) {

@@ -8,7 +8,7 @@
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
-use appliance_device::{SimConfig, SimDrive, SimFaults};
+use appliance_device::{SimConfig, SimDrive, SimFaults, SplitMix64};
 use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
@@ -22,20 +22,16 @@ const DRIVE_BYTES: u64 = 40 << 20;
 const SEGMENT_BYTES: u64 = 2 << 20;
 const PATHS: u64 = 48;
 
-/// SplitMix64, so the whole run depends only on the seed.
-struct Rng(u64);
+/// The seeded generator of the whole run, with the helpers the test needs.
+struct Rng(SplitMix64);
 
 impl Rng {
     fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
+        self.0.next_u64()
     }
 
     fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
+        self.0.below(bound.max(1))
     }
 
     fn chance(&mut self, percent: u64) -> bool {
@@ -107,7 +103,7 @@ impl World {
         }
         World {
             seed,
-            rng: Rng(seed),
+            rng: Rng(SplitMix64(seed)),
             drives,
             model: BTreeMap::new(),
         }
