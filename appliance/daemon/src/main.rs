@@ -1,7 +1,10 @@
-//! `applianced`: the process shell around the store: command line, drive opening, the
-//! failed-drive list on the OS disk, and logging. Store commands work on stopped appliances.
+//! `applianced`: the process shell: command line, configuration, drive opening, the
+//! failed-drive list on the OS disk, signals and logging. `run` serves; the store commands
+//! work on a stopped appliance.
 
+mod config;
 mod drives;
+mod run;
 mod store_commands;
 
 use anyhow::Result;
@@ -22,6 +25,18 @@ enum Command {
     Format(FormatArgs),
     /// Works with the files stored on the data drives (the appliance must not be running).
     Store(store_commands::StoreArgs),
+    /// Runs the appliance: recovers the store and serves.
+    Run {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/appliance/appliance.toml")]
+        config: PathBuf,
+    },
+    /// Checks a configuration file without starting.
+    CheckConfig {
+        /// The configuration file.
+        #[arg(default_value = "/etc/appliance/appliance.toml")]
+        config: PathBuf,
+    },
 }
 
 /// Options of `applianced format`.
@@ -53,6 +68,10 @@ fn main() {
     let result: Result<()> = match cli.command {
         Command::Format(args) => format(&args),
         Command::Store(args) => store_commands::run(args),
+        Command::Run { config } => run::run(&config),
+        Command::CheckConfig { config } => config::Config::load(&config).map(|_| {
+            println!("{}: ok", config.display());
+        }),
     };
     if let Err(error) = result {
         eprintln!("applianced: {error:#}");

@@ -9,6 +9,7 @@ mod aligned;
 mod open;
 mod sim;
 mod uring;
+pub mod zerocopy;
 
 pub use aligned::AlignedBuf;
 pub use open::{DriveInfo, DriveKind};

@@ -1,0 +1,585 @@
+//! The serving loop: listeners, connections, request handling, and the zero-copy body path.
+//!
+//! Each connection is a tokio task that reads one request head at a time (bounded by the
+//! header limits and a header timeout), answers it in order (pipelining), and sends the body
+//! with sendfile(2) from the drive's buffered descriptor at the store's device offsets, after
+//! asking the kernel to read the range ahead. The head goes out with MSG_MORE so it shares a
+//! packet with the first body bytes. No body byte passes through user space. Nothing here
+//! takes a lock shared by all connections: counters are atomics, the access log a channel.
+
+use crate::access_log::{AccessLog, AccessLogTarget};
+use crate::http::{
+    content_type, error_response, etag_from_sha256, http_date, parse_request, write_response_head,
+    HttpError, Limits, Method, Parse, Representation, RequestHead, ResponseHead, Selection,
+};
+use crate::metrics::Metrics;
+use crate::signed::UrlSigner;
+use appliance_device::zerocopy;
+use appliance_store::{FileHandle, Store};
+use std::io;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use tokio::io::{AsyncReadExt, Interest};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
+
+/// Largest sendfile(2) call; the kernel sends what the socket buffer takes anyway.
+const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
+
+/// Every serving limit and option; each has a configured value.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub admin_listen: SocketAddr,
+    pub limits: Limits,
+    /// From a request's first byte (or the connection's start) to its complete head.
+    pub header_read_timeout: Duration,
+    /// How long a keep-alive connection may wait for its next request.
+    pub idle_timeout: Duration,
+    /// How long a send may make no progress (a client that stopped reading).
+    pub send_timeout: Duration,
+    /// Connections served at once; further ones wait in the listen backlog.
+    pub connections_max: usize,
+    /// Requests on one connection before it is closed.
+    pub requests_per_connection_max: u64,
+    /// On a miss, redirect (302) to this base URL with the same path and query.
+    pub miss_redirect_base: Option<String>,
+    /// When set, every request needs a valid signed URL (see `signed`).
+    pub url_signing_key: Option<Vec<u8>>,
+    pub access_log: AccessLogTarget,
+    /// How long a stop waits for responses in flight.
+    pub shutdown_grace: Duration,
+}
+
+impl Default for ServeConfig {
+    fn default() -> ServeConfig {
+        ServeConfig {
+            listen: "0.0.0.0:8080".parse().expect("valid"),
+            admin_listen: "127.0.0.1:8081".parse().expect("valid"),
+            limits: Limits::default(),
+            header_read_timeout: Duration::from_secs(10),
+            idle_timeout: Duration::from_secs(60),
+            send_timeout: Duration::from_secs(30),
+            connections_max: 20_000,
+            requests_per_connection_max: 10_000,
+            miss_redirect_base: None,
+            url_signing_key: None,
+            access_log: AccessLogTarget::Off,
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// What every connection shares.
+pub struct Shared {
+    pub store: Store,
+    pub config: ServeConfig,
+    pub metrics: Metrics,
+    draining: AtomicBool,
+    access_log: AccessLog,
+    signer: Option<UrlSigner>,
+}
+
+impl Shared {
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    pub fn set_draining(&self, draining: bool) {
+        self.draining.store(draining, Ordering::SeqCst);
+    }
+
+    pub fn connections_active(&self) -> i64 {
+        self.metrics.connections_active.get()
+    }
+
+    /// Asks the access-log writer to reopen its file (after rotation).
+    pub fn reopen_access_log(&self) {
+        self.access_log.reopen();
+    }
+}
+
+/// A bound server: the subscriber listener and the admin listener.
+pub struct Server {
+    shared: Arc<Shared>,
+    listener: TcpListener,
+    admin: TcpListener,
+}
+
+impl Server {
+    /// Binds both listeners; must run inside a tokio runtime.
+    pub async fn bind(store: Store, config: ServeConfig) -> io::Result<Server> {
+        let listener = TcpListener::bind(config.listen).await.map_err(|error| {
+            io::Error::new(
+                error.kind(),
+                format!("listening on {}: {error}", config.listen),
+            )
+        })?;
+        let admin = TcpListener::bind(config.admin_listen)
+            .await
+            .map_err(|error| {
+                io::Error::new(
+                    error.kind(),
+                    format!("admin listener on {}: {error}", config.admin_listen),
+                )
+            })?;
+        let signer = config.url_signing_key.as_deref().map(UrlSigner::new);
+        let shared = Arc::new(Shared {
+            store,
+            access_log: AccessLog::start(config.access_log.clone()),
+            config,
+            metrics: Metrics::new(),
+            draining: AtomicBool::new(false),
+            signer,
+        });
+        Ok(Server {
+            shared,
+            listener,
+            admin,
+        })
+    }
+
+    pub fn local_addr(&self) -> io::Result<SocketAddr> {
+        self.listener.local_addr()
+    }
+
+    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
+        self.admin.local_addr()
+    }
+
+    pub fn shared(&self) -> Arc<Shared> {
+        Arc::clone(&self.shared)
+    }
+
+    /// Serves until `stop` turns true; then stops accepting and waits up to the grace period
+    /// for the connections in flight.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Server {
+            shared,
+            listener,
+            admin,
+        } = self;
+        let admin_task = tokio::spawn(crate::admin::serve_admin(admin, Arc::clone(&shared)));
+        let slots = Arc::new(Semaphore::new(shared.config.connections_max));
+        loop {
+            let permit = tokio::select! {
+                permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = stop.wait_for(|stop| *stop) => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let shared = Arc::clone(&shared);
+                    tokio::spawn(async move {
+                        connection(stream, peer, &shared).await;
+                        drop(permit);
+                    });
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+        }
+        drop(listener);
+        shared.set_draining(true);
+        let deadline = Instant::now() + shared.config.shutdown_grace;
+        while shared.connections_active() > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        admin_task.abort();
+    }
+}
+
+/// Why reading a request head stopped.
+enum ReadError {
+    Http(HttpError),
+    Timeout,
+    Closed,
+}
+
+/// Counts an open connection for as long as it lives.
+struct ConnectionGuard<'a>(&'a Metrics);
+
+impl Drop for ConnectionGuard<'_> {
+    fn drop(&mut self) {
+        self.0.connections_active.dec();
+    }
+}
+
+async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    shared.metrics.connections_total.inc();
+    shared.metrics.connections_active.inc();
+    let _guard = ConnectionGuard(&shared.metrics);
+    let _ = stream.set_nodelay(true);
+    let mut buf: Vec<u8> = Vec::with_capacity(4096);
+    let mut served = 0u64;
+    loop {
+        let (head, consumed) = match read_head(&mut stream, &mut buf, shared, served == 0).await {
+            Ok(parsed) => parsed,
+            Err(ReadError::Closed) => return,
+            Err(ReadError::Timeout) => {
+                shared.metrics.timeouts.inc();
+                if !buf.is_empty() {
+                    let _ = send_error(&mut stream, shared, 408, false).await;
+                }
+                return;
+            }
+            Err(ReadError::Http(error)) => {
+                let _ = send_error(&mut stream, shared, error.status(), false).await;
+                return;
+            }
+        };
+        served += 1;
+        let keep_alive = head.keep_alive
+            && served < shared.config.requests_per_connection_max
+            && !shared.is_draining();
+        let started = Instant::now();
+        let outcome = respond(&mut stream, &head, keep_alive, shared).await;
+        let (status, bytes, hit) = match &outcome {
+            Ok(done) => *done,
+            Err(_) => (0, 0, false),
+        };
+        if status != 0 {
+            log_access(shared, peer, &head, status, bytes, started, hit);
+        }
+        if outcome.is_err() {
+            shared.metrics.errors.inc();
+            return;
+        }
+        buf.drain(..consumed);
+        if !keep_alive {
+            return;
+        }
+    }
+}
+
+/// Reads until `buf` holds a complete request head; returns it and its length.
+async fn read_head(
+    stream: &mut TcpStream,
+    buf: &mut Vec<u8>,
+    shared: &Shared,
+    first: bool,
+) -> Result<(RequestHead, usize), ReadError> {
+    let config = &shared.config;
+    let limit = config
+        .limits
+        .header_bytes_max
+        .max(config.limits.request_line_bytes_max)
+        + 1;
+    let mut deadline =
+        (first || !buf.is_empty()).then(|| Instant::now() + config.header_read_timeout);
+    loop {
+        if !buf.is_empty() {
+            match parse_request(buf, &config.limits) {
+                Ok(Parse::Complete {
+                    head,
+                    consumed_bytes,
+                }) => return Ok((head, consumed_bytes)),
+                Ok(Parse::Incomplete) => {}
+                Err(error) => return Err(ReadError::Http(error)),
+            }
+        }
+        let wait = match deadline {
+            Some(deadline) => deadline.saturating_duration_since(Instant::now()),
+            None => config.idle_timeout,
+        };
+        if buf.len() >= limit {
+            return Err(ReadError::Http(HttpError::HeadersTooLarge));
+        }
+        buf.reserve(4096.min(limit - buf.len()));
+        let read = match tokio::time::timeout(wait, stream.read_buf(buf)).await {
+            Err(_) => return Err(ReadError::Timeout),
+            Ok(Err(_)) | Ok(Ok(0)) => return Err(ReadError::Closed),
+            Ok(Ok(read)) => read,
+        };
+        if read > 0 && deadline.is_none() {
+            deadline = Some(Instant::now() + config.header_read_timeout);
+        }
+    }
+}
+
+fn now_unix_s() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| elapsed.as_secs())
+        .unwrap_or(0)
+}
+
+/// Answers one request; returns (status, bytes sent, hit).
+async fn respond(
+    stream: &mut TcpStream,
+    head: &RequestHead,
+    keep_alive: bool,
+    shared: &Shared,
+) -> io::Result<(u16, u64, bool)> {
+    if head.method == Method::Other {
+        return send_error(stream, shared, 405, keep_alive)
+            .await
+            .map(|bytes| (405, bytes, false));
+    }
+    if let Some(signer) = &shared.signer {
+        if signer
+            .verify(&head.path, head.query.as_deref(), now_unix_s())
+            .is_err()
+        {
+            return send_error(stream, shared, 403, keep_alive)
+                .await
+                .map(|bytes| (403, bytes, false));
+        }
+    }
+    let handle = match shared.store.open_file(&head.path) {
+        Ok(Some(handle)) => handle,
+        Ok(None) => {
+            shared.metrics.misses.inc();
+            return miss(stream, head, keep_alive, shared).await;
+        }
+        Err(error) => {
+            tracing::error!(path = %head.path, %error, "lookup failed");
+            return send_error(stream, shared, 500, false)
+                .await
+                .map(|bytes| (500, bytes, false));
+        }
+    };
+    shared.metrics.hits.inc();
+    let representation = Representation {
+        size_bytes: handle.size_bytes(),
+        etag: etag_from_sha256(&handle.sha256()),
+        last_modified_unix_s: handle.published_unix_s(),
+    };
+    let selection = crate::http::select(head, &representation);
+    let date = http_date(now_unix_s());
+    let mut extra = vec![
+        ("Content-Type", content_type(&head.path).to_string()),
+        ("ETag", representation.etag.clone()),
+        (
+            "Last-Modified",
+            http_date(representation.last_modified_unix_s),
+        ),
+    ];
+    let size = representation.size_bytes;
+    let (status, body) = match selection {
+        Selection::Full => (200, Some((0, size))),
+        Selection::Partial {
+            start,
+            end_inclusive,
+        } => {
+            extra.push((
+                "Content-Range",
+                format!("bytes {start}-{end_inclusive}/{size}"),
+            ));
+            (206, Some((start, end_inclusive - start + 1)))
+        }
+        Selection::NotModified => (304, None),
+        Selection::PreconditionFailed => {
+            return send_error(stream, shared, 412, keep_alive)
+                .await
+                .map(|bytes| (412, bytes, true));
+        }
+        Selection::RangeNotSatisfiable => {
+            extra.push(("Content-Range", format!("bytes */{size}")));
+            (416, None)
+        }
+    };
+    let content_length = body.map_or(0, |(_, length)| length);
+    let mut out = Vec::with_capacity(512);
+    write_response_head(
+        &ResponseHead {
+            status,
+            keep_alive,
+            version_minor: head.version_minor,
+            date: &date,
+            content_length,
+            extra: &extra,
+        },
+        &mut out,
+    );
+    let send_body = head.method == Method::Get && content_length > 0;
+    let mut sent = send_all(stream, &out, send_body, shared).await? as u64;
+    if send_body {
+        let (start, length) = body.expect("a body was selected");
+        sent += send_file_range(stream, &handle, start, length, shared).await?;
+    }
+    shared.metrics.count_status(status);
+    Ok((status, sent, true))
+}
+
+/// A path the box does not hold: 404, or a 302 to the configured upstream.
+async fn miss(
+    stream: &mut TcpStream,
+    head: &RequestHead,
+    keep_alive: bool,
+    shared: &Shared,
+) -> io::Result<(u16, u64, bool)> {
+    let Some(base) = &shared.config.miss_redirect_base else {
+        return send_error(stream, shared, 404, keep_alive)
+            .await
+            .map(|bytes| (404, bytes, false));
+    };
+    let mut location = base.trim_end_matches('/').to_string();
+    location.extend(percent_encoding::utf8_percent_encode(
+        &head.path,
+        PATH_ESCAPES,
+    ));
+    if let Some(query) = &head.query {
+        location.push('?');
+        location.push_str(query);
+    }
+    let date = http_date(now_unix_s());
+    let extra = [("Location", location)];
+    let mut out = Vec::with_capacity(256);
+    write_response_head(
+        &ResponseHead {
+            status: 302,
+            keep_alive,
+            version_minor: head.version_minor,
+            date: &date,
+            content_length: 0,
+            extra: &extra,
+        },
+        &mut out,
+    );
+    let sent = send_all(stream, &out, false, shared).await?;
+    shared.metrics.count_status(302);
+    Ok((302, sent as u64, false))
+}
+
+/// Characters escaped when a decoded path goes back into a URL.
+const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
+
+async fn send_error(
+    stream: &mut TcpStream,
+    shared: &Shared,
+    status: u16,
+    keep_alive: bool,
+) -> io::Result<u64> {
+    let mut out = Vec::with_capacity(256);
+    error_response(status, keep_alive, &http_date(now_unix_s()), &mut out);
+    shared.metrics.count_status(status);
+    let sent = send_all(stream, &out, false, shared).await?;
+    Ok(sent as u64)
+}
+
+/// Writes all of `bytes`, giving up when the client accepts nothing for the send timeout.
+async fn send_all(
+    stream: &TcpStream,
+    bytes: &[u8],
+    more_follows: bool,
+    shared: &Shared,
+) -> io::Result<usize> {
+    let mut written = 0;
+    while written < bytes.len() {
+        let attempt = stream.async_io(Interest::WRITABLE, || {
+            zerocopy::send(stream_fd(stream), &bytes[written..], more_follows)
+        });
+        let count = match tokio::time::timeout(shared.config.send_timeout, attempt).await {
+            Ok(result) => result?,
+            Err(_) => {
+                shared.metrics.timeouts.inc();
+                return Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout"));
+            }
+        };
+        written += count;
+    }
+    shared.metrics.bytes_sent.inc_by(written as u64);
+    Ok(written)
+}
+
+fn stream_fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsFd;
+    stream.as_fd()
+}
+
+/// Sends file bytes `start..start + length` with sendfile(2), extent by extent.
+async fn send_file_range(
+    stream: &TcpStream,
+    handle: &FileHandle,
+    start: u64,
+    length: u64,
+    shared: &Shared,
+) -> io::Result<u64> {
+    let Some(source) = handle.serve_fd() else {
+        return Err(io::Error::other("the drive has no descriptor to send from"));
+    };
+    let ranges = handle.ranges(start, length);
+    for range in &ranges {
+        let _ = zerocopy::prefetch(source, range.offset_bytes, range.length_bytes);
+    }
+    let mut total = 0u64;
+    for range in ranges {
+        let mut offset = range.offset_bytes;
+        let end = range.offset_bytes + range.length_bytes;
+        while offset < end {
+            let chunk = usize::try_from((end - offset).min(SENDFILE_CHUNK_BYTES))
+                .expect("chunk fits usize");
+            let attempt = stream.async_io(Interest::WRITABLE, || {
+                zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
+            });
+            let sent = match tokio::time::timeout(shared.config.send_timeout, attempt).await {
+                Ok(result) => result?,
+                Err(_) => {
+                    shared.metrics.timeouts.inc();
+                    return Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout"));
+                }
+            };
+            if sent == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the drive ended inside a stored extent",
+                ));
+            }
+            total += sent as u64;
+            shared.metrics.bytes_sent.inc_by(sent as u64);
+        }
+    }
+    Ok(total)
+}
+
+fn log_access(
+    shared: &Shared,
+    peer: SocketAddr,
+    head: &RequestHead,
+    status: u16,
+    bytes: u64,
+    started: Instant,
+    hit: bool,
+) {
+    if !shared.access_log.enabled() {
+        return;
+    }
+    let method = match head.method {
+        Method::Get => "GET",
+        Method::Head => "HEAD",
+        Method::Other => "OTHER",
+    };
+    let line = format!(
+        "{} {} {} {} {} {} {} {:.3} {}\n",
+        http_date(now_unix_s()),
+        peer,
+        method,
+        head.path,
+        head.range.as_deref().unwrap_or("-"),
+        status,
+        bytes,
+        started.elapsed().as_secs_f64() * 1000.0,
+        if hit { "hit" } else { "miss" }
+    );
+    if !shared.access_log.log(line) {
+        shared.metrics.access_log_dropped.inc();
+    }
+}

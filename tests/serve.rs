@@ -1,0 +1,590 @@
+//! Black-box tests of serving: the real `applianced run` on file-backed drives, driven with
+//! curl (a real client) and raw sockets: full GETs, every range form, conditionals, HEAD,
+//! keep-alive and pipelining, misses with and without redirect, signed URLs, drain, every
+//! limit, malformed requests, and served bytes equal to stored bytes for random ranges.
+
+// Test data generation truncates on purpose; sizes here are small.
+#![allow(clippy::cast_possible_truncation)]
+
+mod util;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use util::{applianced, Catalog, Scratch};
+
+/// A running appliance on loopback ports, stopped (SIGTERM) when dropped.
+struct Appliance {
+    child: Child,
+    port: u16,
+    admin_port: u16,
+    catalog: Catalog,
+    _scratch: Scratch,
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl Appliance {
+    /// Formats two drives, imports a catalog, writes a config with `serve_extra` lines in
+    /// `[serve]`, starts the daemon and waits for /health.
+    fn start(name: &str, serve_extra: &str) -> Appliance {
+        let scratch = Scratch::new(&format!("serve-{name}"));
+        let drives: Vec<PathBuf> = (0..2)
+            .map(|number| scratch.drive(&format!("d{number}"), 128 << 20))
+            .collect();
+        for drive in &drives {
+            let out = applianced(&["format", "--segment-mib", "8", drive.to_str().unwrap()]);
+            assert!(out.status.success(), "{}", out.stderr);
+        }
+        let catalog = Catalog::generate(&scratch, "src", 12, 3_000_000);
+        let refs: Vec<&std::path::Path> = drives.iter().map(PathBuf::as_path).collect();
+        let out = scratch.store(&refs, &["import", catalog.root.to_str().unwrap()]);
+        assert!(out.status.success(), "{}", out.stderr);
+        let port = free_port();
+        let admin_port = free_port();
+        let config = scratch.path("appliance.toml");
+        let drive_list: Vec<String> = drives
+            .iter()
+            .map(|d| format!("{:?}", d.display().to_string()))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "drives = [{}]\nstate_dir = {:?}\n[serve]\nlisten = \"127.0.0.1:{port}\"\n\
+                 admin_listen = \"127.0.0.1:{admin_port}\"\naccess_log = {:?}\n{serve_extra}\n",
+                drive_list.join(", "),
+                scratch.path("state").display().to_string(),
+                scratch.path("access.log").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_applianced"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start applianced");
+        let appliance = Appliance {
+            child,
+            port,
+            admin_port,
+            catalog,
+            _scratch: scratch,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if appliance.admin("GET", "/health").0 == 200 {
+                return appliance;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("the appliance did not become healthy");
+    }
+
+    /// A request on the admin listener: (status, body).
+    fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return (0, String::new());
+        };
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .get(9..12)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    fn connect(&self) -> TcpStream {
+        let stream = TcpStream::connect(("127.0.0.1", self.port)).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(15)))
+            .unwrap();
+        stream
+    }
+
+    /// The largest file of the catalog: (path, bytes).
+    fn big_file(&self) -> (String, Vec<u8>) {
+        self.catalog
+            .files
+            .iter()
+            .max_by_key(|(_, bytes)| bytes.len())
+            .cloned()
+            .unwrap()
+    }
+}
+
+impl Drop for Appliance {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+    }
+}
+
+/// curl with `args`; returns (status, headers text, body bytes).
+fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
+    let out = Command::new("curl")
+        .args(["-s", "-D", "/dev/stderr", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("curl");
+    let headers = String::from_utf8_lossy(&out.stderr).into_owned();
+    let status = headers
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    (status, headers.to_ascii_lowercase(), out.stdout)
+}
+
+/// One raw exchange: sends `request`, reads until the server closes or `timeout` passes.
+fn raw(stream: &mut TcpStream, request: &[u8]) -> String {
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 65536];
+    loop {
+        match stream.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(count) => response.extend_from_slice(&chunk[..count]),
+        }
+    }
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn gets_ranges_conditionals_and_head_follow_rfc_9110() {
+    let appliance = Appliance::start("protocol", "");
+    let (path, bytes) = appliance.big_file();
+    let url = appliance.url(&path);
+    let size = bytes.len();
+    let (status, headers, body) = curl(&[&url]);
+    assert_eq!(status, 200);
+    assert!(body == bytes, "full body differs");
+    assert!(headers.contains("accept-ranges: bytes"));
+    assert!(headers.contains("content-type: video/mp4"), "{headers}");
+    let etag = headers
+        .lines()
+        .find_map(|line| line.strip_prefix("etag: "))
+        .expect("etag")
+        .trim()
+        .to_string();
+    assert!(headers.contains("last-modified: "));
+    // Every range form.
+    let cases: Vec<(String, u16, std::ops::Range<usize>)> = vec![
+        ("0-9".into(), 206, 0..10),
+        ("100-".into(), 206, 100..size),
+        ("-50".into(), 206, size - 50..size),
+        (format!("{}-{}", size - 1, size + 100), 206, size - 1..size),
+        (format!("{}-", size), 416, 0..0),
+        ("0-0,5-9".into(), 200, 0..size),
+        ("junk".into(), 200, 0..size),
+    ];
+    for (range, expected, slice) in cases {
+        let (status, headers, body) = curl(&["-H", &format!("Range: bytes={range}"), &url]);
+        assert_eq!(status, expected, "range {range}");
+        if expected == 416 {
+            assert!(
+                headers.contains(&format!("content-range: bytes */{size}")),
+                "{headers}"
+            );
+        } else {
+            assert!(body == bytes[slice.clone()], "range {range} body");
+        }
+        if expected == 206 {
+            let expect = format!(
+                "content-range: bytes {}-{}/{size}",
+                slice.start,
+                slice.end - 1
+            );
+            assert!(headers.contains(&expect), "{headers}");
+        }
+    }
+    // Conditionals.
+    let cases: Vec<(Vec<String>, u16)> = vec![
+        (vec![format!("If-None-Match: {etag}")], 304),
+        (vec!["If-None-Match: \"other\"".into()], 200),
+        (vec!["If-Match: \"other\"".into()], 412),
+        (vec![format!("If-Match: {etag}")], 200),
+        (
+            vec!["If-Modified-Since: Fri, 01 Jan 2100 00:00:00 GMT".into()],
+            304,
+        ),
+        (
+            vec!["If-Unmodified-Since: Thu, 01 Jan 1970 00:00:00 GMT".into()],
+            412,
+        ),
+        (
+            vec!["Range: bytes=0-9".into(), format!("If-Range: {etag}")],
+            206,
+        ),
+        (
+            vec!["Range: bytes=0-9".into(), "If-Range: \"stale\"".into()],
+            200,
+        ),
+    ];
+    for (headers, expected) in cases {
+        let mut args: Vec<String> = Vec::new();
+        for header in &headers {
+            args.extend(["-H".to_string(), header.clone()]);
+        }
+        args.push(url.clone());
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        assert_eq!(curl(&refs).0, expected, "{headers:?}");
+    }
+    // HEAD: headers only, with the length of the body a GET would send.
+    let (status, headers, body) = curl(&["-I", &url]);
+    assert_eq!(status, 200);
+    assert!(headers.contains(&format!("content-length: {size}")));
+    assert!(body.is_empty() || String::from_utf8_lossy(&body).starts_with("HTTP/1.1 200"));
+    // Misses and other methods.
+    assert_eq!(curl(&[&appliance.url("/not/stored.mp4")]).0, 404);
+    assert_eq!(curl(&["-X", "DELETE", &url]).0, 405);
+    assert_eq!(
+        curl(&[&format!("{url}?token=abc")]).0,
+        200,
+        "the query is not part of the path"
+    );
+    // HTTP/1.0.
+    assert_eq!(curl(&["-0", "-H", "Range: bytes=0-0", &url]).0, 206);
+}
+
+#[test]
+fn served_bytes_equal_stored_bytes_for_random_ranges() {
+    let appliance = Appliance::start("random", "");
+    let mut state = 0x1234_5678_9ABC_DEF1u64;
+    let mut stream = appliance.connect();
+    for (path, bytes) in &appliance.catalog.files {
+        if bytes.is_empty() {
+            continue;
+        }
+        for _ in 0..4 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            let start = (state % bytes.len() as u64) as usize;
+            let end = start + ((state >> 20) % (bytes.len() - start) as u64) as usize;
+            let request =
+                format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes={start}-{end}\r\n\r\n");
+            stream.write_all(request.as_bytes()).unwrap();
+            let body = read_response(&mut stream);
+            assert!(body == bytes[start..=end], "{path} {start}-{end}");
+        }
+    }
+}
+
+/// Reads one keep-alive response and returns its body.
+fn read_response(stream: &mut TcpStream) -> Vec<u8> {
+    let mut head = Vec::new();
+    let mut byte = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    let length: usize = text
+        .lines()
+        .find_map(|line| line.strip_prefix("content-length: "))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body).unwrap();
+    body
+}
+
+#[test]
+fn keep_alive_pipelining_and_request_limits() {
+    let appliance = Appliance::start("pipeline", "requests_per_connection_max = 3");
+    let (path, bytes) = appliance.big_file();
+    let mut stream = appliance.connect();
+    let one = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n");
+    let two = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=4-7\r\n\r\n");
+    stream.write_all(format!("{one}{two}").as_bytes()).unwrap();
+    assert_eq!(read_response(&mut stream), bytes[0..4]);
+    assert_eq!(read_response(&mut stream), bytes[4..8]);
+    // The third request is the last this connection may carry: it is answered and closed.
+    let response = raw(&mut stream, one.as_bytes());
+    assert!(response.starts_with("HTTP/1.1 206"), "{response}");
+    assert!(response.to_ascii_lowercase().contains("connection: close"));
+    // Connection: close is honoured; HTTP/1.0 closes unless asked to keep alive.
+    let mut stream = appliance.connect();
+    let response = raw(
+        &mut stream,
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\nRange: bytes=0-0\r\n\r\n")
+            .as_bytes(),
+    );
+    assert!(response.starts_with("HTTP/1.1 206"));
+    let mut stream = appliance.connect();
+    let response = raw(
+        &mut stream,
+        format!("GET {path} HTTP/1.0\r\nRange: bytes=0-0\r\n\r\n").as_bytes(),
+    );
+    assert!(response.contains(" 206 "), "{response}");
+}
+
+#[test]
+fn malformed_requests_get_400_and_the_connection_closes() {
+    let appliance = Appliance::start(
+        "malformed",
+        "request_line_bytes_max = 1024\nheader_bytes_max = 4096",
+    );
+    let long_path = "/a".repeat(2000);
+    let big_header = "x".repeat(5000);
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"GARBAGE\r\n\r\n".to_vec(), "400"),
+        (b"GET /x HTTP/1.1\r\n\r\n".to_vec(), "400"),
+        (
+            b"GET /../etc/passwd HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            b"GET /a/%2e%2e/b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (b"GET /a%00b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), "400"),
+        (b"GET /a\\b HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), "400"),
+        (b"GET /%zz HTTP/1.1\r\nHost: a\r\n\r\n".to_vec(), "400"),
+        (
+            b"GET /x HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhello".to_vec(),
+            "400",
+        ),
+        (
+            b"GET /x HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (
+            b"GET /x HTTP/1.1\r\nHost: a\r\nBad Header\r\n\r\n".to_vec(),
+            "400",
+        ),
+        (b"\x00\x01\x02\r\n\r\n".to_vec(), "400"),
+        (
+            format!("GET {long_path} HTTP/1.1\r\nHost: a\r\n\r\n").into_bytes(),
+            "414",
+        ),
+        (
+            format!("GET /x HTTP/1.1\r\nHost: a\r\nX: {big_header}\r\n\r\n").into_bytes(),
+            "431",
+        ),
+    ];
+    for (request, status) in cases {
+        let mut stream = appliance.connect();
+        let response = raw(&mut stream, &request);
+        assert!(
+            response.starts_with(&format!("HTTP/1.1 {status}")),
+            "{:?} -> {response:?}",
+            String::from_utf8_lossy(&request)
+        );
+    }
+    // The daemon is still serving.
+    let (path, _) = appliance.big_file();
+    assert_eq!(curl(&["-r", "0-0", &appliance.url(&path)]).0, 206);
+}
+
+#[test]
+fn slow_idle_and_stalled_clients_are_cut_off() {
+    let appliance = Appliance::start(
+        "timeouts",
+        "header_read_timeout_ms = 800\nidle_timeout_ms = 800\nsend_timeout_ms = 800",
+    );
+    // Slowloris: a byte every 300 ms never completes a head within the header timeout.
+    let mut stream = appliance.connect();
+    let started = Instant::now();
+    let mut closed = false;
+    for byte in b"GET /slow HTTP/1.1\r\nHost: a\r\nX-Padding: aaaaaaaaaaaaaaaa" {
+        if stream.write_all(&[*byte]).is_err() {
+            closed = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(300));
+        if started.elapsed() > Duration::from_secs(4) {
+            break;
+        }
+    }
+    let mut rest = Vec::new();
+    let _ = stream.read_to_end(&mut rest);
+    assert!(closed || started.elapsed() < Duration::from_secs(6));
+    assert!(String::from_utf8_lossy(&rest).starts_with("HTTP/1.1 408") || rest.is_empty());
+    // Idle keep-alive connection: closed after the idle timeout.
+    let mut stream = appliance.connect();
+    let started = Instant::now();
+    let mut buf = [0u8; 16];
+    assert_eq!(stream.read(&mut buf).unwrap_or(0), 0);
+    assert!(started.elapsed() < Duration::from_secs(5));
+    // A client that stops reading a large body is dropped after the send timeout.
+    let (path, _) = appliance.big_file();
+    let mut stalled = appliance.connect();
+    for _ in 0..20 {
+        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+        if stalled.write_all(request.as_bytes()).is_err() {
+            break;
+        }
+    }
+    std::thread::sleep(Duration::from_secs(3));
+    let (_, metrics) = appliance.admin("GET", "/metrics");
+    let timeouts: f64 = metrics
+        .lines()
+        .find(|line| line.starts_with("appliance_http_timeouts_total"))
+        .and_then(|line| line.split_whitespace().nth(1))
+        .and_then(|value| value.parse().ok())
+        .unwrap_or(0.0);
+    assert!(
+        timeouts >= 3.0,
+        "slowloris, idle and stalled clients counted: {metrics}"
+    );
+    // Others are still served.
+    assert_eq!(curl(&["-r", "0-0", &appliance.url(&path)]).0, 206);
+}
+
+#[test]
+fn connections_beyond_the_limit_wait_without_harming_others() {
+    let appliance = Appliance::start("connlimit", "connections_max = 2");
+    let (path, bytes) = appliance.big_file();
+    let mut first = appliance.connect();
+    let mut second = appliance.connect();
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n");
+    first.write_all(request.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut first), bytes[0..4]);
+    second.write_all(request.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut second), bytes[0..4]);
+    // A third connection waits: no answer while both slots are taken.
+    let mut third = appliance.connect();
+    third
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    third.write_all(request.as_bytes()).unwrap();
+    let mut probe = [0u8; 1];
+    assert!(
+        third.read(&mut probe).is_err(),
+        "served beyond the connection limit"
+    );
+    // The served connections keep working; when one leaves, the waiting one is served.
+    first.write_all(request.as_bytes()).unwrap();
+    assert_eq!(read_response(&mut first), bytes[0..4]);
+    drop(first);
+    third
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut head = [0u8; 12];
+    third.read_exact(&mut head).unwrap();
+    assert_eq!(&head, b"HTTP/1.1 206");
+}
+
+#[test]
+fn misses_redirect_when_configured() {
+    let appliance = Appliance::start(
+        "redirect",
+        "miss_redirect_base = \"http://upstream.example/base/\"",
+    );
+    let (status, headers, _) = curl(&[&appliance.url("/not/here.mp4?token=1&x=2")]);
+    assert_eq!(status, 302);
+    assert!(
+        headers.contains("location: http://upstream.example/base/not/here.mp4?token=1&x=2"),
+        "{headers}"
+    );
+}
+
+#[test]
+fn signed_urls_are_enforced_when_a_key_is_set() {
+    let scratch = Scratch::new("serve-signed-key");
+    let key = scratch.path("key");
+    std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
+    let appliance = Appliance::start(
+        "signed",
+        &format!("url_signing_key_file = {:?}", key.display().to_string()),
+    );
+    let (path, _) = appliance.big_file();
+    let signer = appliance_serve::signed::UrlSigner::new(b"0123456789abcdef0123456789abcdef");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let good = signer.sign(&path, now + 600);
+    let expired = signer.sign(&path, now - 1);
+    let other = signer.sign("/another/path.mp4", now + 600);
+    let cases = [
+        (format!("{path}?{good}"), 206),
+        (path.clone(), 403),
+        (format!("{path}?{expired}"), 403),
+        (format!("{path}?{other}"), 403),
+        (format!("{path}?expires={}&signature=00", now + 600), 403),
+    ];
+    for (target, expected) in cases {
+        assert_eq!(
+            curl(&["-r", "0-0", &appliance.url(&target)]).0,
+            expected,
+            "{target}"
+        );
+    }
+}
+
+#[test]
+fn drain_tells_steering_and_reports_drained_when_idle() {
+    let appliance = Appliance::start("drain", "");
+    let (path, _) = appliance.big_file();
+    let (status, body) = appliance.admin("GET", "/health");
+    assert_eq!(status, 200);
+    assert!(body.contains("\"state\":\"serving\""), "{body}");
+    let mut held = appliance.connect();
+    held.write_all(
+        format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-0\r\n\r\n").as_bytes(),
+    )
+    .unwrap();
+    read_response(&mut held);
+    assert_eq!(appliance.admin("POST", "/drain").0, 200);
+    let (status, body) = appliance.admin("GET", "/health");
+    assert_eq!(status, 503);
+    assert!(body.contains("\"state\":\"draining\""), "{body}");
+    // New requests are still served while draining, and told to close.
+    let (status, headers, _) = curl(&["-r", "0-0", &appliance.url(&path)]);
+    assert_eq!(status, 206);
+    assert!(headers.contains("connection: close"));
+    drop(held);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, body) = appliance.admin("GET", "/health");
+        if body.contains("\"state\":\"drained\"") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "never drained: {body}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(appliance.admin("POST", "/undrain").0, 200);
+    assert!(appliance
+        .admin("GET", "/health")
+        .1
+        .contains("\"state\":\"serving\""));
+    let (status, metrics) = appliance.admin("GET", "/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("appliance_http_requests_total{status=\"206\"}"),
+        "{metrics}"
+    );
+}
