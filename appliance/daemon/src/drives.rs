@@ -20,6 +20,9 @@ pub fn format_one(
     files_max: Option<u64>,
     force: bool,
 ) -> Result<String> {
+    if segment_mib == 0 || segment_mib > 1 << 20 {
+        anyhow::bail!("--segment-mib {segment_mib} is outside 2..=1048576");
+    }
     let drive = open_waiting(path)?;
     let options = FormatOptions {
         segment_bytes: segment_mib << 20,

@@ -137,10 +137,21 @@ fn geometry(size_bytes: u64, options: &FormatOptions) -> Result<Superblock, Form
         .max(1);
     let estimate = u32::try_from(size_bytes / segment_bytes)
         .map_err(|_| FormatError::BadOptions("too many segments".into()))?;
-    let region = checkpoint_region_bytes(estimate, files_max);
-    let reserved = 2 * SUPERBLOCK_BYTES + 2 * region;
-    let segments_offset_bytes = reserved.div_ceil(SEGMENTS_ALIGN_BYTES) * SEGMENTS_ALIGN_BYTES;
-    let needed_bytes = segments_offset_bytes + 4 * segment_bytes;
+    let region = checkpoint_region_bytes(estimate, files_max)
+        .ok_or_else(|| FormatError::BadOptions(format!("files_max {files_max} is too large")))?;
+    let too_large = || FormatError::BadOptions(format!("files_max {files_max} is too large"));
+    let reserved = region
+        .checked_mul(2)
+        .and_then(|regions| regions.checked_add(2 * SUPERBLOCK_BYTES))
+        .ok_or_else(too_large)?;
+    let segments_offset_bytes = reserved
+        .div_ceil(SEGMENTS_ALIGN_BYTES)
+        .checked_mul(SEGMENTS_ALIGN_BYTES)
+        .ok_or_else(too_large)?;
+    let needed_bytes = segment_bytes
+        .checked_mul(4)
+        .and_then(|segments| segments.checked_add(segments_offset_bytes))
+        .ok_or_else(too_large)?;
     if size_bytes < needed_bytes {
         return Err(FormatError::TooSmall {
             size_bytes,

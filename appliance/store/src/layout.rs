@@ -169,13 +169,19 @@ impl Superblock {
         if self.segment_count == 0 {
             return Err(DecodeError::BadField("segment_count"));
         }
-        let checkpoint_needed = checkpoint_region_bytes(self.segment_count, self.files_max);
+        let checkpoint_needed = checkpoint_region_bytes(self.segment_count, self.files_max)
+            .ok_or(DecodeError::BadField("files_max"))?;
         if self.checkpoint_region_bytes < checkpoint_needed
             || !self.checkpoint_region_bytes.is_multiple_of(block)
         {
             return Err(DecodeError::BadField("checkpoint_region_bytes"));
         }
-        if self.segments_offset_bytes < 2 * SUPERBLOCK_BYTES + 2 * self.checkpoint_region_bytes
+        let reserved = self
+            .checkpoint_region_bytes
+            .checked_mul(2)
+            .and_then(|regions| regions.checked_add(2 * SUPERBLOCK_BYTES))
+            .ok_or(DecodeError::BadField("checkpoint_region_bytes"))?;
+        if self.segments_offset_bytes < reserved
             || !self.segments_offset_bytes.is_multiple_of(block)
         {
             return Err(DecodeError::BadField("segments_offset_bytes"));
@@ -196,10 +202,13 @@ pub fn record_salt(drive_uuid: &[u8; 16]) -> u32 {
 }
 
 /// Bytes a checkpoint region needs for a drive of `segment_count` segments and `files_max`
-/// files, rounded up to whole blocks.
-pub fn checkpoint_region_bytes(segment_count: u32, files_max: u64) -> u64 {
-    let body = u64::from(segment_count) * SEGMENT_ROW_BYTES + files_max * ENTRY_ROW_BYTES;
-    (CHECKPOINT_HEADER_BYTES + body).div_ceil(4096) * 4096
+/// files, rounded up to whole blocks; `None` when that does not fit in 64 bits.
+pub fn checkpoint_region_bytes(segment_count: u32, files_max: u64) -> Option<u64> {
+    let body = files_max
+        .checked_mul(ENTRY_ROW_BYTES)?
+        .checked_add(u64::from(segment_count) * SEGMENT_ROW_BYTES)?;
+    let bytes = CHECKPOINT_HEADER_BYTES.checked_add(body)?;
+    bytes.div_ceil(4096).checked_mul(4096)
 }
 
 /// What a log record says.
@@ -532,9 +541,10 @@ impl CheckpointHeader {
             u32::try_from(reader.u64()?).map_err(|_| DecodeError::BadField("segment_count"))?;
         let entry_count = reader.u64()?;
         let body_bytes = reader.u64()?;
-        let expected_body = u64::from(segment_count) * SEGMENT_ROW_BYTES
-            + entry_count.saturating_mul(ENTRY_ROW_BYTES);
-        if body_bytes != expected_body {
+        let expected_body = entry_count
+            .checked_mul(ENTRY_ROW_BYTES)
+            .and_then(|entries| entries.checked_add(u64::from(segment_count) * SEGMENT_ROW_BYTES));
+        if Some(body_bytes) != expected_body {
             return Err(DecodeError::BadField("body_bytes"));
         }
         Ok(CheckpointHeader {
@@ -734,7 +744,7 @@ mod tests {
             segment_bytes: 4 << 20,
             segment_count: 10,
             segments_offset_bytes: 1 << 20,
-            checkpoint_region_bytes: checkpoint_region_bytes(10, 100),
+            checkpoint_region_bytes: checkpoint_region_bytes(10, 100).unwrap(),
             files_max: 100,
             created_unix_s: 1_700_000_000,
             drive_size_bytes: 64 << 20,

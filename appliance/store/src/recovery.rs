@@ -132,7 +132,8 @@ fn load_checkpoint(
         if header.drive_uuid != superblock.drive_uuid
             || header.segment_count != superblock.segment_count
             || header.entry_count > superblock.files_max
-            || CHECKPOINT_HEADER_BYTES + header.body_bytes > superblock.checkpoint_region_bytes
+            || CHECKPOINT_HEADER_BYTES.saturating_add(header.body_bytes)
+                > superblock.checkpoint_region_bytes
         {
             problems.push(format!("slot {slot}: does not match the superblock"));
             continue;
