@@ -132,10 +132,22 @@ fn fetch_ranges(source: &[u8]) -> Result<()> {
         output("curl", &["-s", "http://127.0.0.1:18081/health"])?.trim()
     );
     let url = "http://127.0.0.1:18080/title-03.mp4";
-    println!("$ curl -sI -r 1000000-1999999 {url}");
+    println!("$ curl -s -D - -o /dev/null -r 1000000-1999999 {url}");
     print!(
         "{}",
-        output("curl", &["-sI", "-r", "1000000-1999999", url])?
+        output(
+            "curl",
+            &[
+                "-s",
+                "-D",
+                "-",
+                "-o",
+                "/dev/null",
+                "-r",
+                "1000000-1999999",
+                url
+            ]
+        )?
     );
     let body = Command::new("curl")
         .args(["-s", "-r", "1000000-1999999", url])
