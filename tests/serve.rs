@@ -11,107 +11,40 @@ mod util;
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
-use util::{applianced, Catalog, Scratch};
+use util::{formatted_drives, Catalog, Daemon, Scratch};
 
-/// A running appliance on loopback ports, stopped (SIGTERM) when dropped.
+/// A running appliance over an imported catalog.
 struct Appliance {
-    child: Child,
-    port: u16,
-    admin_port: u16,
+    daemon: Daemon,
     catalog: Catalog,
     _scratch: Scratch,
 }
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+impl std::ops::Deref for Appliance {
+    type Target = Daemon;
+    fn deref(&self) -> &Daemon {
+        &self.daemon
+    }
 }
 
 impl Appliance {
-    /// Formats two drives, imports a catalog, writes a config with `serve_extra` lines in
-    /// `[serve]`, starts the daemon and waits for /health.
+    /// Formats two drives, imports a catalog, and starts the daemon with `serve_extra` lines
+    /// in `[serve]`.
     fn start(name: &str, serve_extra: &str) -> Appliance {
         let scratch = Scratch::new(&format!("serve-{name}"));
-        let drives: Vec<PathBuf> = (0..2)
-            .map(|number| scratch.drive(&format!("d{number}"), 128 << 20))
-            .collect();
-        for drive in &drives {
-            let out = applianced(&["format", "--segment-mib", "8", drive.to_str().unwrap()]);
-            assert!(out.status.success(), "{}", out.stderr);
-        }
+        let drives = formatted_drives(&scratch, 2, 128 << 20, 8);
         let catalog = Catalog::generate(&scratch, "src", 12, 3_000_000);
         let refs: Vec<&std::path::Path> = drives.iter().map(PathBuf::as_path).collect();
         let out = scratch.store(&refs, &["import", catalog.root.to_str().unwrap()]);
         assert!(out.status.success(), "{}", out.stderr);
-        let port = free_port();
-        let admin_port = free_port();
-        let config = scratch.path("appliance.toml");
-        let drive_list: Vec<String> = drives
-            .iter()
-            .map(|d| format!("{:?}", d.display().to_string()))
-            .collect();
-        std::fs::write(
-            &config,
-            format!(
-                "drives = [{}]\nstate_dir = {:?}\n[serve]\nlisten = \"127.0.0.1:{port}\"\n\
-                 admin_listen = \"127.0.0.1:{admin_port}\"\naccess_log = {:?}\n{serve_extra}\n",
-                drive_list.join(", "),
-                scratch.path("state").display().to_string(),
-                scratch.path("access.log").display().to_string(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_applianced"))
-            .args(["run", "--config", config.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start applianced");
-        let appliance = Appliance {
-            child,
-            port,
-            admin_port,
+        let daemon = Daemon::start(&scratch, &drives, serve_extra);
+        Appliance {
+            daemon,
             catalog,
             _scratch: scratch,
-        };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Instant::now() < deadline {
-            if appliance.admin("GET", "/health").0 == 200 {
-                return appliance;
-            }
-            std::thread::sleep(Duration::from_millis(50));
         }
-        panic!("the appliance did not become healthy");
-    }
-
-    /// A request on the admin listener: (status, body).
-    fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        let Ok(mut stream) = TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return (0, String::new());
-        };
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text
-            .get(9..12)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
     }
 
     fn connect(&self) -> TcpStream {
@@ -130,22 +63,6 @@ impl Appliance {
             .max_by_key(|(_, bytes)| bytes.len())
             .cloned()
             .unwrap()
-    }
-}
-
-impl Drop for Appliance {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
     }
 }
 

@@ -277,3 +277,144 @@ impl Drop for DmDevice {
             .status();
     }
 }
+
+/// A free loopback port.
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// Formats `count` drive files of `size_bytes` in `scratch` with `segment_mib` segments.
+pub fn formatted_drives(
+    scratch: &Scratch,
+    count: usize,
+    size_bytes: u64,
+    segment_mib: u64,
+) -> Vec<PathBuf> {
+    (0..count)
+        .map(|number| {
+            let drive = scratch.drive(&format!("d{number}"), size_bytes);
+            let out = applianced(&[
+                "format",
+                "--segment-mib",
+                &segment_mib.to_string(),
+                drive.to_str().unwrap(),
+            ]);
+            assert!(out.status.success(), "{}", out.stderr);
+            drive
+        })
+        .collect()
+}
+
+/// A running `applianced run`, stopped with SIGTERM when dropped.
+pub struct Daemon {
+    child: std::process::Child,
+    pub port: u16,
+    pub admin_port: u16,
+    pub config: PathBuf,
+}
+
+impl Daemon {
+    /// Writes a config (drives, state dir, loopback listeners, access log, then `extra` TOML
+    /// lines inside `[serve]` and any further sections) and starts the daemon; waits for
+    /// /health.
+    pub fn start(scratch: &Scratch, drives: &[PathBuf], extra: &str) -> Daemon {
+        let port = free_port();
+        let admin_port = free_port();
+        let config = scratch.path("appliance.toml");
+        let list: Vec<String> = drives
+            .iter()
+            .map(|drive| format!("{:?}", drive.display().to_string()))
+            .collect();
+        std::fs::write(
+            &config,
+            format!(
+                "drives = [{}]\nstate_dir = {:?}\n[serve]\nlisten = \"127.0.0.1:{port}\"\n\
+                 admin_listen = \"127.0.0.1:{admin_port}\"\naccess_log = {:?}\n{extra}\n",
+                list.join(", "),
+                scratch.path("state").display().to_string(),
+                scratch.path("access.log").display().to_string(),
+            ),
+        )
+        .unwrap();
+        let child = Command::new(env!("CARGO_BIN_EXE_applianced"))
+            .args(["run", "--config", config.to_str().unwrap()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("start applianced");
+        let daemon = Daemon {
+            child,
+            port,
+            admin_port,
+            config,
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while std::time::Instant::now() < deadline {
+            if daemon.admin("GET", "/health").0 == 200 {
+                return daemon;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        panic!("the appliance did not become healthy");
+    }
+
+    /// A request on the admin listener: (status, body).
+    pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return (0, String::new());
+        };
+        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response);
+        let text = String::from_utf8_lossy(&response).into_owned();
+        let status = text
+            .get(9..12)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = text
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// GETs `path` from the serving port with curl; returns the body when the status is 200.
+    pub fn get(&self, path: &str) -> Option<Vec<u8>> {
+        let out = Command::new("curl")
+            .args(["-sf", "--max-time", "30", &self.url(path)])
+            .output()
+            .ok()?;
+        out.status.success().then_some(out.stdout)
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}

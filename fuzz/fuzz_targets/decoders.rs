@@ -111,7 +111,10 @@ fn superblock(bytes: &[u8]) {
         "superblock round trip"
     );
     // Every field byte was read: only the reserved word and the padding may differ.
-    assert_eq!(encoded[..SUPERBLOCK_RESERVED.start], bytes[..SUPERBLOCK_RESERVED.start]);
+    assert_eq!(
+        encoded[..SUPERBLOCK_RESERVED.start],
+        bytes[..SUPERBLOCK_RESERVED.start]
+    );
     assert_eq!(
         encoded[SUPERBLOCK_RESERVED.end..BLOCK_FIELD_BYTES],
         bytes[SUPERBLOCK_RESERVED.end..BLOCK_FIELD_BYTES]
@@ -182,7 +185,11 @@ fn file_meta(bytes: &[u8]) {
     };
     let encoded = decoded.encode();
     assert_eq!(encoded, bytes, "file meta re-encodes to its bytes");
-    assert_eq!(FileMeta::decode(&encoded), Ok(decoded), "file meta round trip");
+    assert_eq!(
+        FileMeta::decode(&encoded),
+        Ok(decoded),
+        "file meta round trip"
+    );
 }
 
 fn deletion(bytes: &[u8]) {
@@ -191,7 +198,11 @@ fn deletion(bytes: &[u8]) {
     };
     let encoded = decoded.encode();
     assert_eq!(encoded, bytes, "deletion re-encodes to its bytes");
-    assert_eq!(Deletion::decode(&encoded), Ok(decoded), "deletion round trip");
+    assert_eq!(
+        Deletion::decode(&encoded),
+        Ok(decoded),
+        "deletion round trip"
+    );
 }
 
 fn link(bytes: &[u8]) {
@@ -208,5 +219,9 @@ fn segment_row(bytes: &[u8]) {
     let mut encoded = Vec::new();
     row.encode(&mut encoded);
     assert_eq!(encoded, bytes[..16], "segment row re-encodes to its bytes");
-    assert_eq!(SegmentRow::decode(&encoded), Ok(row), "segment row round trip");
+    assert_eq!(
+        SegmentRow::decode(&encoded),
+        Ok(row),
+        "segment row round trip"
+    );
 }

@@ -19,6 +19,63 @@ pub struct Config {
     pub state_dir: PathBuf,
     #[serde(default)]
     pub serve: Serve,
+    #[serde(default)]
+    pub fill: Fill,
+}
+
+/// `[fill]`: where the manifest and the files come from, when, and how fast.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Fill {
+    /// The manifest: an http(s) URL or a file path. Default: none (fills need one given).
+    pub manifest: Option<String>,
+    /// Base URLs in order: sibling appliances first, then the origin. Default: none.
+    pub sources: Vec<String>,
+    /// Downloads at once. Default 4.
+    pub concurrency: usize,
+    /// Cap on the fill's download rate in bits per second; 0 means none. Default 0.
+    pub bandwidth_bits_per_s: u64,
+    /// Daily fill window in local time, e.g. "02:00-14:00"; empty: only operator fills.
+    pub window: String,
+    /// IANA time zone of the window. Default "UTC".
+    pub time_zone: String,
+    /// Upper bound of the random delay after the window opens. Default 600.
+    pub start_delay_max_s: u64,
+    /// Within the window, how often the manifest is fetched again. Default 3600.
+    pub refetch_interval_s: u64,
+    /// How long a file dropped from the manifest is kept before deletion. Default 86400.
+    pub delete_grace_s: u64,
+    /// Attempts at one source before the next. Default 3.
+    pub attempts_per_source: u32,
+    /// First retry delay (doubling, with jitter). Default 200.
+    pub backoff_initial_ms: u64,
+    /// Longest retry delay. Default 30000.
+    pub backoff_max_ms: u64,
+    /// A source that sends nothing for this long is abandoned and resumed. Default 30000.
+    pub stall_timeout_ms: u64,
+    /// Time to connect and get the response head. Default 30000.
+    pub response_timeout_ms: u64,
+}
+
+impl Default for Fill {
+    fn default() -> Fill {
+        Fill {
+            manifest: None,
+            sources: Vec::new(),
+            concurrency: 4,
+            bandwidth_bits_per_s: 0,
+            window: String::new(),
+            time_zone: "UTC".to_string(),
+            start_delay_max_s: 600,
+            refetch_interval_s: 3600,
+            delete_grace_s: 86_400,
+            attempts_per_source: 3,
+            backoff_initial_ms: 200,
+            backoff_max_ms: 30_000,
+            stall_timeout_ms: 30_000,
+            response_timeout_ms: 30_000,
+        }
+    }
 }
 
 /// `[serve]`: the subscriber listener, its limits, and the admin listener.
@@ -126,12 +183,69 @@ impl Config {
         if serve.header_bytes_max < serve.request_line_bytes_max {
             bail!("serve.header_bytes_max: must be at least serve.request_line_bytes_max");
         }
+        let fill = &self.fill;
+        for source in &fill.sources {
+            if !(source.starts_with("http://") || source.starts_with("https://")) {
+                bail!("fill.sources: {source:?} is not an http(s) URL");
+            }
+        }
+        if fill.concurrency == 0 {
+            bail!("fill.concurrency: must be greater than 0");
+        }
+        if fill.attempts_per_source == 0 {
+            bail!("fill.attempts_per_source: must be greater than 0");
+        }
+        for (key, value) in [
+            ("fill.stall_timeout_ms", fill.stall_timeout_ms),
+            ("fill.response_timeout_ms", fill.response_timeout_ms),
+            ("fill.refetch_interval_s", fill.refetch_interval_s),
+        ] {
+            if value == 0 {
+                bail!("{key}: must be greater than 0");
+            }
+        }
+        self.fill_window()?;
         if let Some(base) = &serve.miss_redirect_base {
             if !(base.starts_with("http://") || base.starts_with("https://")) {
                 bail!("serve.miss_redirect_base: {base:?} is not an http(s) URL");
             }
         }
         Ok(())
+    }
+
+    fn fill_window(&self) -> Result<Option<appliance_fill::schedule::FillWindow>> {
+        if self.fill.window.is_empty() {
+            return Ok(None);
+        }
+        appliance_fill::schedule::parse_window(&self.fill.window, &self.fill.time_zone)
+            .map(Some)
+            .map_err(|error| anyhow::anyhow!("fill.window / fill.time_zone: {error}"))
+    }
+
+    /// The fill settings.
+    pub fn fill_config(&self) -> Result<appliance_fill::FillConfig> {
+        let fill = &self.fill;
+        Ok(appliance_fill::FillConfig {
+            manifest: fill
+                .manifest
+                .as_deref()
+                .map(appliance_fill::ManifestLocation::parse),
+            sources: fill.sources.clone(),
+            concurrency: fill.concurrency,
+            bandwidth_bits_per_s: fill.bandwidth_bits_per_s,
+            fetch: appliance_fill::fetch::FetchConfig {
+                attempts_per_source: fill.attempts_per_source,
+                backoff_initial: Duration::from_millis(fill.backoff_initial_ms),
+                backoff_max: Duration::from_millis(fill.backoff_max_ms),
+                stall_timeout: Duration::from_millis(fill.stall_timeout_ms),
+                response_timeout: Duration::from_millis(fill.response_timeout_ms),
+            },
+            delete_grace_s: fill.delete_grace_s,
+            window: self.fill_window()?,
+            start_delay_max_s: fill.start_delay_max_s,
+            refetch_interval_s: fill.refetch_interval_s,
+            state_path: self.state_dir.join("fill-state.json"),
+        })
     }
 
     /// The serving settings, with the signing key read from its file.
@@ -223,6 +337,27 @@ mod tests {
         check(
             "drives = [\"/a\"]\n[serve]\nheader_bytes_max = 100\nrequest_line_bytes_max = 200",
             Some("serve.header_bytes_max"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nsources = [\"http://o/\"]\nwindow = \"02:00-14:00\"\n\
+             time_zone = \"Europe/Paris\"\nbandwidth_bits_per_s = 1200000000",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nsources = [\"ftp://o\"]",
+            Some("fill.sources"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nwindow = \"25:00-14:00\"",
+            Some("fill.window"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nwindow = \"02:00-04:00\"\ntime_zone = \"Mars/Base\"",
+            Some("fill.window"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nconcurrency = 0",
+            Some("fill.concurrency"),
         );
     }
 }

@@ -4,6 +4,7 @@
 
 mod config;
 mod drives;
+mod fill_admin;
 mod run;
 mod store_commands;
 
@@ -30,6 +31,15 @@ enum Command {
         /// The configuration file.
         #[arg(long, default_value = "/etc/appliance/appliance.toml")]
         config: PathBuf,
+    },
+    /// Runs one fill now, without serving, and prints its report.
+    Fill {
+        /// The configuration file.
+        #[arg(long, default_value = "/etc/appliance/appliance.toml")]
+        config: PathBuf,
+        /// The manifest (URL or file) instead of the configured one.
+        #[arg(long)]
+        manifest: Option<String>,
     },
     /// Checks a configuration file without starting.
     CheckConfig {
@@ -69,6 +79,7 @@ fn main() {
         Command::Format(args) => format(&args),
         Command::Store(args) => store_commands::run(args),
         Command::Run { config } => run::run(&config),
+        Command::Fill { config, manifest } => run::fill_once(&config, manifest.as_deref()),
         Command::CheckConfig { config } => config::Config::load(&config).map(|_| {
             println!("{}: ok", config.display());
         }),

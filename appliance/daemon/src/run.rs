@@ -42,7 +42,11 @@ pub fn run(config_path: &Path) -> Result<()> {
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    let served = runtime.block_on(serve(store.clone(), serve_config));
+    let filler = Arc::new(
+        appliance_fill::Filler::new(store.clone(), config.fill_config()?)
+            .map_err(|error| anyhow::anyhow!(error))?,
+    );
+    let served = runtime.block_on(serve(store.clone(), serve_config, filler));
     stopping.store(true, Ordering::SeqCst);
     let _ = upkeep.join();
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -53,8 +57,16 @@ pub fn run(config_path: &Path) -> Result<()> {
     served
 }
 
-async fn serve(store: Store, serve_config: appliance_serve::ServeConfig) -> Result<()> {
-    let server = Server::bind(store, serve_config).await?;
+async fn serve(
+    store: Store,
+    serve_config: appliance_serve::ServeConfig,
+    filler: Arc<appliance_fill::Filler>,
+) -> Result<()> {
+    let seed = drive_seed(&store);
+    let extension = Arc::new(crate::fill_admin::FillAdmin {
+        filler: Arc::clone(&filler),
+    });
+    let server = Server::bind_with(store, serve_config, Some(extension)).await?;
     tracing::info!(
         listen = %server.local_addr()?,
         admin = %server.admin_addr()?,
@@ -66,7 +78,8 @@ async fn serve(store: Store, serve_config: appliance_serve::ServeConfig) -> Resu
     let mut interrupt = signal(SignalKind::interrupt())?;
     let mut hangup = signal(SignalKind::hangup())?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
-    let serving = tokio::spawn(server.run(stopped));
+    let serving = tokio::spawn(server.run(stopped.clone()));
+    let schedule = tokio::spawn(Arc::clone(&filler).schedule(seed, stopped));
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -80,7 +93,67 @@ async fn serve(store: Store, serve_config: appliance_serve::ServeConfig) -> Resu
     tracing::info!("stopping: no new connections, finishing responses in flight");
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = stop.send(true);
+    filler.cancel();
     serving.await.context("the serving task failed")?;
+    let _ = schedule.await;
+    Ok(())
+}
+
+/// A per-box seed for the fill's start delay: the drives' UUIDs.
+fn drive_seed(store: &Store) -> u64 {
+    store
+        .stats()
+        .drives
+        .iter()
+        .filter_map(|drive| drive.uuid)
+        .fold(0xcbf2_9ce4_8422_2325u64, |hash, uuid| {
+            uuid.iter().fold(hash, |hash, byte| {
+                (hash ^ u64::from(*byte)).wrapping_mul(0x0100_0000_01b3)
+            })
+        })
+}
+
+/// `applianced fill`: one fill now, without serving; exits non-zero unless it succeeded.
+pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
+    let config = Config::load(config_path)?;
+    let store = Store::open(
+        drives::open_all(&config.drives),
+        drives::store_config(&config.state_dir)?,
+    );
+    let stopping = Arc::new(AtomicBool::new(false));
+    let upkeep = spawn_upkeep(store.clone(), Arc::clone(&stopping));
+    let filler = Arc::new(
+        appliance_fill::Filler::new(store.clone(), config.fill_config()?)
+            .map_err(|error| anyhow::anyhow!(error))?,
+    );
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    let location = manifest.map(appliance_fill::ManifestLocation::parse);
+    let report: Result<appliance_fill::FillReport> = runtime.block_on(async {
+        let run = Arc::clone(&filler);
+        let mut task = tokio::spawn(async move { run.run_once(location).await });
+        let mut interrupt = signal(SignalKind::interrupt())?;
+        let mut terminate = signal(SignalKind::terminate())?;
+        loop {
+            tokio::select! {
+                done = &mut task => return done.context("the fill task failed"),
+                _ = interrupt.recv() => filler.cancel(),
+                _ = terminate.recv() => filler.cancel(),
+            }
+        }
+    });
+    stopping.store(true, Ordering::SeqCst);
+    let _ = upkeep.join();
+    store
+        .checkpoint()
+        .context("writing the shutdown checkpoint")?;
+    let report = report?;
+    println!("{}", serde_json::to_string_pretty(&report)?);
+    if !report.succeeded() {
+        anyhow::bail!("the fill did not complete");
+    }
     Ok(())
 }
 

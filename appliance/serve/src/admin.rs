@@ -13,6 +13,18 @@ use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
+/// More admin routes, provided by the daemon (the fill's, for one).
+pub trait AdminExtension: Send + Sync {
+    /// Answers `method path?query` with a status and a JSON body; `None` when the route is
+    /// not the extension's.
+    fn handle(
+        &self,
+        method: &str,
+        path: &str,
+        query: Option<&str>,
+    ) -> Option<(u16, serde_json::Value)>;
+}
+
 /// How long an admin client may take to send its request.
 const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -97,6 +109,28 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
         }
     };
     let raw_method = first_word(&buf);
+    if let Some(extension) = shared.admin_extension() {
+        if let Some((status, body)) =
+            extension.handle(raw_method, &head.path, head.query.as_deref())
+        {
+            let body = body.to_string() + "\n";
+            let extra = [("Content-Type", "application/json".to_string())];
+            write_response_head(
+                &ResponseHead {
+                    status,
+                    keep_alive: false,
+                    version_minor: head.version_minor,
+                    date: &date,
+                    content_length: body.len() as u64,
+                    extra: &extra,
+                },
+                &mut out,
+            );
+            out.extend_from_slice(body.as_bytes());
+            stream.write_all(&out).await?;
+            return stream.shutdown().await;
+        }
+    }
     let (status, content_type, body) = match (raw_method, head.path.as_str()) {
         ("GET", "/health") => {
             let status = if state_name(shared) == "serving" {

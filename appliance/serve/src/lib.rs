@@ -12,4 +12,5 @@ pub mod server;
 pub mod signed;
 
 pub use access_log::AccessLogTarget;
+pub use admin::AdminExtension;
 pub use server::{ServeConfig, Server, Shared};

@@ -80,6 +80,7 @@ pub struct Shared {
     draining: AtomicBool,
     access_log: AccessLog,
     signer: Option<UrlSigner>,
+    admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
 }
 
 impl Shared {
@@ -93,6 +94,11 @@ impl Shared {
 
     pub fn connections_active(&self) -> i64 {
         self.metrics.connections_active.get()
+    }
+
+    /// The daemon's extra admin routes, if any.
+    pub fn admin_extension(&self) -> Option<&Arc<dyn crate::admin::AdminExtension>> {
+        self.admin_extension.as_ref()
     }
 
     /// Asks the access-log writer to reopen its file (after rotation).
@@ -111,6 +117,15 @@ pub struct Server {
 impl Server {
     /// Binds both listeners; must run inside a tokio runtime.
     pub async fn bind(store: Store, config: ServeConfig) -> io::Result<Server> {
+        Server::bind_with(store, config, None).await
+    }
+
+    /// `bind`, with extra admin routes.
+    pub async fn bind_with(
+        store: Store,
+        config: ServeConfig,
+        admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
+    ) -> io::Result<Server> {
         let listener = TcpListener::bind(config.listen).await.map_err(|error| {
             io::Error::new(
                 error.kind(),
@@ -133,6 +148,7 @@ impl Server {
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
             signer,
+            admin_extension,
         });
         Ok(Server {
             shared,

@@ -24,7 +24,7 @@ pub use drive::DriveStatus;
 pub use error::StoreError;
 pub use format::{format_drive, inspect_drive, FormatError, FormatOptions};
 pub use reader::{DeviceRange, FileHandle};
-pub use store::{DriveSource, Store, StoreConfig, StoreStats};
+pub use store::{DriveSource, Store, StoreConfig, StoreStats, StoredFile};
 pub use writer::FileWriter;
 
 /// Told once when a drive is taken out of service: its UUID and the reason.

@@ -104,6 +104,15 @@ pub struct Store {
     pub(crate) inner: Arc<Inner>,
 }
 
+/// A published file as listings show it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StoredFile {
+    pub path: String,
+    pub size_bytes: u64,
+    pub sha256: [u8; 32],
+    pub published_unix_s: u64,
+}
+
 /// Figures for status displays and benchmarks.
 #[derive(Clone, Debug)]
 pub struct StoreStats {
@@ -345,8 +354,37 @@ impl Store {
         self.inner.index.len()
     }
 
+    /// Every published file with its size, checksum and publish time (reads each record).
+    pub fn list_files(&self) -> Result<Vec<StoredFile>, StoreError> {
+        let mut files = Vec::new();
+        self.for_each_meta(|meta| {
+            files.push(StoredFile {
+                path: meta.path.clone(),
+                size_bytes: meta.size_bytes,
+                sha256: meta.sha256,
+                published_unix_s: meta.published_unix_s,
+            })
+        })?;
+        Ok(files)
+    }
+
+    /// Bytes new files can still take, over every healthy drive.
+    pub fn free_bytes(&self) -> u64 {
+        self.inner
+            .ready_drives()
+            .map(|rt| rt.free_bytes(NEW_FILE_RESERVE_SEGMENTS))
+            .sum()
+    }
+
     /// Calls `visit` with the path and size of every published file (reads each record).
     pub fn for_each_file(&self, mut visit: impl FnMut(&str, u64)) -> Result<(), StoreError> {
+        self.for_each_meta(|meta| visit(&meta.path, meta.size_bytes))
+    }
+
+    fn for_each_meta(
+        &self,
+        mut visit: impl FnMut(&crate::layout::FileMeta),
+    ) -> Result<(), StoreError> {
         let mut locations = Vec::new();
         self.inner
             .index
@@ -359,7 +397,7 @@ impl Store {
                 continue;
             }
             match rt.read_meta(location & OFFSET_MASK) {
-                Ok(meta) => visit(&meta.path, meta.size_bytes),
+                Ok(meta) => visit(&meta),
                 Err(error @ StoreError::Io { .. }) => {
                     return Err(fail_drive(&self.inner.index, rt, error))
                 }

@@ -3,6 +3,7 @@
 //! the peer measured in the same run, written to target/bench/<name>.json).
 
 mod bench;
+mod bench_serve;
 mod demo;
 mod util;
 
@@ -38,6 +39,8 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("fallocate", "util-linux"),
     ("dmsetup", "dmsetup"),
     ("fio", "fio"),
+    ("nginx", "nginx"),
+    ("curl", "curl"),
 ];
 
 /// Installs missing test tools with apt-get when running as root (a fresh machine).

@@ -1,0 +1,940 @@
+//! `cargo xtask bench serve`: the appliance's serving throughput, server CPU per GB and
+//! latency against nginx (sendfile on) on the same catalog in the same run, loaded by wrk with
+//! random byte ranges over the whole catalog, page cache hot and cold.
+//!
+//! wrk runs on core 0 and the server under test on core 1; the two servers alternate, round
+//! after round, and the figures are the medians of the rounds. Everything started here is
+//! stopped by a guard, on errors too.
+
+use crate::util::{self, output, workspace_root};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const FILE_BYTES: u64 = 16 * MIB;
+const GB: f64 = 1e9;
+
+/// One load shape: the range length (0: whole files) and the connections wrk keeps open.
+struct Case {
+    name: &'static str,
+    range_bytes: u64,
+    connections: u64,
+}
+
+const CASES: [Case; 3] = [
+    Case {
+        name: "range_1m",
+        range_bytes: MIB,
+        connections: 64,
+    },
+    Case {
+        name: "range_64k",
+        range_bytes: 64 << 10,
+        connections: 1000,
+    },
+    Case {
+        name: "whole_16m",
+        range_bytes: 0,
+        connections: 16,
+    },
+];
+
+/// What one wrk run measured.
+#[derive(Clone, Debug, Default)]
+struct Run {
+    gbps: f64,
+    rps: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+    errors: f64,
+    timeouts: f64,
+    cpu_s_per_gb: f64,
+    /// Bytes received per completed response (heads included), to catch wrong lengths.
+    bytes_per_response: f64,
+}
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(default)
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(|a, b| a.total_cmp(b));
+    values[values.len() / 2]
+}
+
+fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
+}
+
+pub fn serve() -> Result<Map<String, Value>> {
+    let files = env_u64("BENCH_SERVE_FILES", 64).max(1);
+    let rounds = env_u64("BENCH_ROUNDS", 3).max(1);
+    let seconds = env_u64("BENCH_SECONDS", 8).max(1);
+    ensure_tools()?;
+    let cold = util::is_root();
+    if !cold {
+        println!("  not root: the cold cases (drop_caches) are skipped");
+    }
+    let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
+    if !pin {
+        println!("  fewer than 2 cores: wrk and the servers are not pinned");
+    }
+    let applianced = match std::env::var("BENCH_APPLIANCED") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => util::applianced()?,
+    };
+    let dir = workspace_root().join("target/bench/serve");
+    std::fs::create_dir_all(&dir)?;
+    let catalog = dir.join("catalog");
+    generate_catalog(&catalog, files)?;
+    let ticks_per_s: f64 = output("getconf", &["CLK_TCK"])?
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")?;
+
+    let appliance = start_appliance(&applianced, &dir, &catalog, files, pin)?;
+    let nginx = start_nginx(&dir, &catalog, pin)?;
+    let servers = [&appliance, &nginx];
+    for server in servers {
+        verify_ranges(server, &catalog, files)?;
+    }
+    println!("  both servers return byte-exact ranges and whole files");
+
+    let temperatures: &[&str] = if cold { &["hot", "cold"] } else { &["hot"] };
+    let mut runs: BTreeMap<(String, &str), Vec<Run>> = BTreeMap::new();
+    let mut notes: Vec<String> = Vec::new();
+    let mut seed = 1u64;
+    for round in 0..rounds {
+        for case in &CASES {
+            let script = write_script(&dir, case, files, seed)?;
+            seed += 1;
+            for temperature in temperatures {
+                let key = format!("{}_{temperature}", case.name);
+                // Alternate which server goes first from round to round.
+                let order = if round % 2 == 0 {
+                    [servers[0], servers[1]]
+                } else {
+                    [servers[1], servers[0]]
+                };
+                for server in order {
+                    if *temperature == "hot" {
+                        warm(server, files)?;
+                    } else {
+                        drop_caches()?;
+                    }
+                    let before = server.metrics()?;
+                    let run = wrk(server, case, seconds, &script, pin, ticks_per_s)?;
+                    let after = server.metrics()?;
+                    println!(
+                        "  round {round} {key:<15} {:<9} {:6.2} GB/s {:8.0} req/s p50 {:7.2} ms \
+                         p99 {:7.2} ms cpu {:5.3} s/GB errors {}",
+                        server.name,
+                        run.gbps,
+                        run.rps,
+                        run.p50_ms,
+                        run.p99_ms,
+                        run.cpu_s_per_gb,
+                        run.errors
+                    );
+                    check_run(server, case, &key, &run, &before, &after, &mut notes);
+                    runs.entry((key.clone(), server.name))
+                        .or_default()
+                        .push(run);
+                }
+            }
+        }
+    }
+    // The appliance's own counters, for a look at what it saw.
+    if let Some(port) = appliance.admin_port {
+        let response = http_get(port, "/metrics", None)?;
+        std::fs::write(dir.join("appliance-metrics.txt"), &response.body)?;
+    }
+    drop(nginx);
+    drop(appliance);
+
+    let mut figures = Map::new();
+    let mut table = String::new();
+    let _ = writeln!(
+        table,
+        "  {:<15} {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>7} {:>8}",
+        "case", "server", "GB/s", "req/s", "p50 ms", "p99 ms", "CPU s/GB", "errors", "timeouts"
+    );
+    for case in &CASES {
+        for temperature in temperatures {
+            let key = format!("{}_{temperature}", case.name);
+            let mut medians = BTreeMap::new();
+            for server in ["appliance", "nginx"] {
+                let list = runs
+                    .get(&(key.clone(), server))
+                    .cloned()
+                    .unwrap_or_default();
+                let pick = |field: fn(&Run) -> f64| {
+                    let mut values: Vec<f64> = list.iter().map(field).collect();
+                    median(&mut values)
+                };
+                let run = Run {
+                    gbps: pick(|run| run.gbps),
+                    rps: pick(|run| run.rps),
+                    p50_ms: pick(|run| run.p50_ms),
+                    p99_ms: pick(|run| run.p99_ms),
+                    errors: pick(|run| run.errors),
+                    timeouts: pick(|run| run.timeouts),
+                    cpu_s_per_gb: pick(|run| run.cpu_s_per_gb),
+                    bytes_per_response: pick(|run| run.bytes_per_response),
+                };
+                let _ = writeln!(
+                    table,
+                    "  {key:<15} {server:<9} {:>7.3} {:>9.0} {:>8.2} {:>8.2} {:>8.3} {:>7} {:>8}",
+                    run.gbps,
+                    run.rps,
+                    run.p50_ms,
+                    run.p99_ms,
+                    run.cpu_s_per_gb,
+                    run.errors,
+                    run.timeouts
+                );
+                let prefix = format!("{key}_{server}");
+                figures.insert(format!("{prefix}_gbps"), json!(round_to(run.gbps, 3)));
+                figures.insert(format!("{prefix}_rps"), json!(run.rps.round()));
+                figures.insert(format!("{prefix}_p50_ms"), json!(round_to(run.p50_ms, 2)));
+                figures.insert(format!("{prefix}_p99_ms"), json!(round_to(run.p99_ms, 2)));
+                figures.insert(
+                    format!("{prefix}_cpu_s_per_gb"),
+                    json!(round_to(run.cpu_s_per_gb, 3)),
+                );
+                figures.insert(format!("{prefix}_errors"), json!(run.errors));
+                figures.insert(format!("{prefix}_timeouts"), json!(run.timeouts));
+                medians.insert(server, run);
+            }
+            let ours = &medians["appliance"];
+            let peer = &medians["nginx"];
+            let ratio = ours.gbps / peer.gbps;
+            let cpu_ratio = peer.cpu_s_per_gb / ours.cpu_s_per_gb;
+            figures.insert(format!("{key}_ratio"), json!(round_to(ratio, 3)));
+            figures.insert(format!("{key}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
+            let _ = writeln!(
+                table,
+                "  {key:<15} {:<9} throughput x{ratio:.3}, CPU per GB x{cpu_ratio:.3} \
+                 (>1: the appliance is better)",
+                "ratio"
+            );
+        }
+    }
+    figures.insert("files".into(), json!(files));
+    figures.insert("file_bytes".into(), json!(FILE_BYTES));
+    figures.insert("rounds".into(), json!(rounds));
+    figures.insert("seconds_per_run".into(), json!(seconds));
+    println!(
+        "== serve: medians of {rounds} rounds of {seconds} s, {files} files of 16 MiB, \
+         wrk on core 0, server on core 1 =="
+    );
+    print!("{table}");
+    if notes.is_empty() {
+        println!("  no errors, timeouts or unexpected statuses");
+    } else {
+        println!("  problems seen:");
+        for note in &notes {
+            println!("    {note}");
+        }
+    }
+    Ok(figures)
+}
+
+/// Installs nginx and wrk with apt-get when they are missing and this is root.
+fn ensure_tools() -> Result<()> {
+    let mut missing = Vec::new();
+    if !util::have("wrk") {
+        missing.push("wrk");
+    }
+    let need_nginx = !util::have("nginx");
+    if missing.is_empty() && !need_nginx {
+        return Ok(());
+    }
+    if !util::is_root() {
+        bail!("bench serve needs nginx and wrk (apt-get install nginx-light wrk, as root)");
+    }
+    let root = workspace_root();
+    util::run_in(&root, "apt-get", &["update", "-qq"])?;
+    if need_nginx {
+        // nginx-light is the smallest build with sendfile; newer Debian has only nginx.
+        let policy = output("apt-cache", &["policy", "nginx-light"]).unwrap_or_default();
+        let light = policy.contains("Candidate:") && !policy.contains("Candidate: (none)");
+        missing.push(if light { "nginx-light" } else { "nginx" });
+    }
+    let mut args = vec!["install", "-y", "-qq"];
+    args.extend(missing);
+    println!("$ apt-get {}", args.join(" "));
+    let status = Command::new("apt-get")
+        .args(&args)
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .status()
+        .context("starting apt-get")?;
+    if !status.success() {
+        bail!("apt-get {} failed: {status}", args.join(" "));
+    }
+    Ok(())
+}
+
+fn file_name(number: u64) -> String {
+    format!("file-{number:04}.mp4")
+}
+
+fn url_path(number: u64) -> String {
+    format!("/bench/{}", file_name(number))
+}
+
+/// `files` files of 16 MiB of pseudo-random bytes under CATALOG/bench (kept between runs).
+fn generate_catalog(catalog: &Path, files: u64) -> Result<()> {
+    let bench = catalog.join("bench");
+    let wanted: Vec<String> = (0..files).map(file_name).collect();
+    let mut present: Vec<String> = match std::fs::read_dir(&bench) {
+        Ok(entries) => entries
+            .filter_map(|entry| entry.ok())
+            .map(|entry| entry.file_name().to_string_lossy().into_owned())
+            .collect(),
+        Err(_) => Vec::new(),
+    };
+    present.sort();
+    let sizes_right = wanted
+        .iter()
+        .all(|name| std::fs::metadata(bench.join(name)).is_ok_and(|meta| meta.len() == FILE_BYTES));
+    let others = std::fs::read_dir(catalog)
+        .map(|entries| entries.count())
+        .unwrap_or(0);
+    if present == wanted && sizes_right && others == 1 {
+        return Ok(());
+    }
+    println!(
+        "  generating {files} files of 16 MiB in {}",
+        catalog.display()
+    );
+    let _ = std::fs::remove_dir_all(catalog);
+    std::fs::create_dir_all(&bench)?;
+    let mut chunk = vec![0u8; usize::try_from(MIB)?];
+    for number in 0..files {
+        let mut state = (number + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let mut file = std::fs::File::create(bench.join(file_name(number)))?;
+        for _ in 0..FILE_BYTES / MIB {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            file.write_all(&chunk)?;
+        }
+    }
+    Ok(())
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// `command` under `taskset -c 1` when pinning.
+fn pinned(program: &Path, pin: bool) -> Command {
+    if pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "1"]).arg(program);
+        command
+    } else {
+        Command::new(program)
+    }
+}
+
+/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
+struct Guard {
+    name: &'static str,
+    child: Child,
+    /// Further processes to kill if the child had to be killed (nginx's worker).
+    helpers: Vec<u32>,
+}
+
+impl Guard {
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        if !self.alive() {
+            return;
+        }
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while Instant::now() < deadline {
+            if !self.alive() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "  {} did not stop on SIGTERM within 15 s; killing it",
+            self.name
+        );
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        for helper in &self.helpers {
+            let _ = Command::new("kill")
+                .args(["-KILL", &helper.to_string()])
+                .status();
+        }
+    }
+}
+
+/// A server under test.
+struct Server {
+    name: &'static str,
+    port: u16,
+    /// The process whose CPU time is counted (the appliance, nginx's worker).
+    cpu_pid: u32,
+    /// The appliance's admin port, for /metrics.
+    admin_port: Option<u16>,
+    /// Stops the server when the bench is done (or fails).
+    _process: Guard,
+}
+
+impl Server {
+    /// The appliance's counters by name (empty for nginx).
+    fn metrics(&self) -> Result<BTreeMap<String, f64>> {
+        let Some(port) = self.admin_port else {
+            return Ok(BTreeMap::new());
+        };
+        let response = http_get(port, "/metrics", None)?;
+        let text = String::from_utf8_lossy(&response.body);
+        Ok(text
+            .lines()
+            .filter(|line| !line.starts_with('#'))
+            .filter_map(|line| {
+                let (name, value) = line.rsplit_once(' ')?;
+                Some((name.to_string(), value.parse().ok()?))
+            })
+            .collect())
+    }
+}
+
+fn start_appliance(
+    binary: &Path,
+    dir: &Path,
+    catalog: &Path,
+    files: u64,
+    pin: bool,
+) -> Result<Server> {
+    let drive = dir.join("drive0.img");
+    let state = dir.join("state");
+    let _ = std::fs::remove_file(&drive);
+    let _ = std::fs::remove_dir_all(&state);
+    std::fs::create_dir_all(&state)?;
+    std::fs::File::create(&drive)?.set_len(files * FILE_BYTES + (2 << 30))?;
+    let binary_text = binary.to_str().context("binary path")?;
+    let drive_text = drive.to_str().context("drive path")?;
+    let state_text = state.to_str().context("state path")?;
+    output(binary_text, &["format", "--segment-mib", "256", drive_text])?;
+    println!("  importing the catalog into the appliance ({drive_text})");
+    let started = Instant::now();
+    output(
+        binary_text,
+        &[
+            "store",
+            "--drive",
+            drive_text,
+            "--state-dir",
+            state_text,
+            "import",
+            catalog.to_str().context("catalog path")?,
+        ],
+    )?;
+    println!("  imported in {:.1} s", started.elapsed().as_secs_f64());
+    let port = free_port()?;
+    let admin_port = free_port()?;
+    let config = dir.join("appliance.toml");
+    std::fs::write(
+        &config,
+        format!(
+            "drives = [{drive_text:?}]\nstate_dir = {state_text:?}\n[serve]\n\
+             listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+             worker_threads = 1\naccess_log = \"off\"\nconnections_max = 20000\n"
+        ),
+    )?;
+    let log = std::fs::File::create(dir.join("applianced.log"))?;
+    let child = pinned(binary, pin)
+        .args(["run", "--config", config.to_str().context("config path")?])
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting applianced run")?;
+    let mut process = Guard {
+        name: "applianced",
+        child,
+        helpers: Vec::new(),
+    };
+    let started = Instant::now();
+    loop {
+        if http_get(admin_port, "/health", None).is_ok_and(|response| response.status == 200) {
+            break;
+        }
+        if !process.alive() || started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the appliance did not become healthy; see {}",
+                dir.join("applianced.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    println!("  appliance serving on 127.0.0.1:{port} (admin {admin_port})");
+    Ok(Server {
+        name: "appliance",
+        port,
+        cpu_pid: process.child.id(),
+        admin_port: Some(admin_port),
+        _process: process,
+    })
+}
+
+fn nginx_binary() -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join("nginx"))
+        .find(|candidate| candidate.is_file());
+    found.context("nginx not found")
+}
+
+fn start_nginx(dir: &Path, catalog: &Path, pin: bool) -> Result<Server> {
+    let prefix = dir.join("nginx");
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    std::fs::create_dir_all(prefix.join("body"))?;
+    let port = free_port()?;
+    let user = if util::is_root() { "user root;\n" } else { "" };
+    let conf = prefix.join("nginx.conf");
+    let error_log = prefix.join("logs/error.log");
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}worker_processes 1;\nworker_rlimit_nofile 65536;\npid {pid};\n\
+             error_log {error_log} warn;\n\
+             events {{ worker_connections 20000; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+             \x20 keepalive_requests 100000;\n  keepalive_timeout 65;\n\
+             \x20 open_file_cache max=1000;\n  client_body_temp_path {body};\n\
+             \x20 types {{ video/mp4 mp4; }}\n  default_type application/octet-stream;\n\
+             \x20 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n  }}\n}}\n",
+            pid = prefix.join("nginx.pid").display(),
+            error_log = error_log.display(),
+            body = prefix.join("body").display(),
+            root = catalog.display(),
+        ),
+    )?;
+    let binary = nginx_binary()?;
+    let conf_text = conf.to_str().context("nginx.conf path")?;
+    let prefix_text = format!("{}/", prefix.display());
+    let error_text = error_log.to_str().context("error log path")?;
+    output(
+        binary.to_str().context("nginx path")?,
+        &[
+            "-t",
+            "-q",
+            "-e",
+            error_text,
+            "-p",
+            &prefix_text,
+            "-c",
+            conf_text,
+        ],
+    )
+    .context("nginx -t on the generated configuration")?;
+    let child = pinned(&binary, pin)
+        .args([
+            "-e",
+            error_text,
+            "-p",
+            &prefix_text,
+            "-c",
+            conf_text,
+            "-g",
+            "daemon off;",
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    let mut process = Guard {
+        name: "nginx",
+        child,
+        helpers: Vec::new(),
+    };
+    let master = process.child.id();
+    let started = Instant::now();
+    let worker = loop {
+        let children = output("pgrep", &["-P", &master.to_string()]).unwrap_or_default();
+        let worker = children
+            .lines()
+            .find_map(|line| line.trim().parse::<u32>().ok());
+        if let Some(worker) = worker {
+            if http_get(port, &url_path(0), Some((0, 0))).is_ok() {
+                break worker;
+            }
+        }
+        if !process.alive() || started.elapsed() > Duration::from_secs(20) {
+            bail!(
+                "nginx did not start; see {}",
+                prefix.join("logs/error.log").display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    process.helpers.push(worker);
+    println!("  nginx serving on 127.0.0.1:{port} (worker pid {worker})");
+    Ok(Server {
+        name: "nginx",
+        port,
+        cpu_pid: worker,
+        admin_port: None,
+        _process: process,
+    })
+}
+
+struct Response {
+    status: u16,
+    head: String,
+    body: Vec<u8>,
+}
+
+/// One GET on a fresh connection (Connection: close), read to the end.
+fn http_get(port: u16, path: &str, range: Option<(u64, u64)>) -> Result<Response> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    if let Some((first, last)) = range {
+        let _ = write!(request, "Range: bytes={first}-{last}\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all)?;
+    let end = all
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .context("no complete response head")?;
+    let head = String::from_utf8_lossy(&all[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|word| word.parse().ok())
+        .context("no status in the response")?;
+    let body = all.split_off(end + 4);
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("content-length")
+            .then(|| value.trim().parse::<usize>().ok())?
+    });
+    if let Some(length) = length {
+        if length != body.len() {
+            bail!(
+                "GET {path}: Content-Length {length} but {} body bytes",
+                body.len()
+            );
+        }
+    }
+    Ok(Response { status, head, body })
+}
+
+/// Random ranges and one whole file from `server` must equal the source files.
+fn verify_ranges(server: &Server, catalog: &Path, files: u64) -> Result<()> {
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut next = |bound: u64| {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        state % bound
+    };
+    let mut checks: Vec<(u64, Option<(u64, u64)>)> = Vec::new();
+    for length in [1, 4096, 65536, MIB, 3 * MIB + 17] {
+        for _ in 0..2 {
+            let first = next(FILE_BYTES - length + 1);
+            checks.push((next(files), Some((first, first + length - 1))));
+        }
+    }
+    checks.push((0, Some((FILE_BYTES - 4096, FILE_BYTES - 1))));
+    checks.push((next(files), None));
+    for (number, range) in checks {
+        let source = std::fs::read(catalog.join("bench").join(file_name(number)))?;
+        let path = url_path(number);
+        let response = http_get(server.port, &path, range)?;
+        let (want_status, want) = match range {
+            Some((first, last)) => (
+                206,
+                &source[usize::try_from(first)?..=usize::try_from(last)?],
+            ),
+            None => (200, &source[..]),
+        };
+        if response.status != want_status {
+            bail!(
+                "{}: GET {path} {range:?} answered {} (wanted {want_status}):\n{}",
+                server.name,
+                response.status,
+                response.head
+            );
+        }
+        if response.body != want {
+            bail!(
+                "{}: GET {path} {range:?}: the body differs from the source file ({} bytes, \
+                 wanted {})",
+                server.name,
+                response.body.len(),
+                want.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Reads every file once through the server, so its page cache holds the catalog.
+fn warm(server: &Server, files: u64) -> Result<()> {
+    for number in 0..files {
+        let response = http_get(server.port, &url_path(number), None)?;
+        if response.status != 200 || response.body.len() as u64 != FILE_BYTES {
+            bail!(
+                "{}: warm-up GET {} answered {} with {} bytes",
+                server.name,
+                url_path(number),
+                response.status,
+                response.body.len()
+            );
+        }
+    }
+    Ok(())
+}
+
+fn drop_caches() -> Result<()> {
+    output("sync", &[])?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
+}
+
+/// The wrk script: a random file and a random 4 KiB-aligned range for every request.
+fn write_script(dir: &Path, case: &Case, files: u64, seed: u64) -> Result<PathBuf> {
+    let path = dir.join(format!("{}.lua", case.name));
+    let text = format!(
+        r#"-- Generated by cargo xtask bench serve: {name}
+local files = {files}
+local size = {size}
+local range = {range}
+local slots = math.floor((size - range) / 4096)
+math.randomseed({seed})
+
+request = function()
+  local path = string.format("/bench/file-%04d.mp4", math.random(0, files - 1))
+  if range == 0 then
+    return wrk.format("GET", path)
+  end
+  local first = math.random(0, slots) * 4096
+  return wrk.format("GET", path, {{ ["Range"] = "bytes=" .. first .. "-" .. (first + range - 1) }})
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%.0f bytes=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f " ..
+    "status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f\n",
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"#,
+        name = case.name,
+        size = FILE_BYTES,
+        range = case.range_bytes,
+    );
+    std::fs::write(&path, text)?;
+    Ok(path)
+}
+
+/// utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
+fn cpu_ticks(pid: u32) -> Result<f64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .with_context(|| format!("reading /proc/{pid}/stat"))?;
+    let after_name = &text[text.rfind(')').context("/proc stat format")? + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    // Field 3 (state) is the first after the name: fields 14 and 15 are at 11 and 12.
+    let utime: f64 = fields.get(11).context("utime")?.parse()?;
+    let stime: f64 = fields.get(12).context("stime")?.parse()?;
+    Ok(utime + stime)
+}
+
+/// One wrk run against `server`, bounded in time.
+fn wrk(
+    server: &Server,
+    case: &Case,
+    seconds: u64,
+    script: &Path,
+    pin: bool,
+    ticks_per_s: f64,
+) -> Result<Run> {
+    let mut command = if pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "0", "wrk"]);
+        command
+    } else {
+        Command::new("wrk")
+    };
+    let out_path = script.with_extension("out");
+    let out = std::fs::File::create(&out_path)?;
+    command
+        .args([
+            "--latency",
+            "--timeout",
+            "10s",
+            "-t1",
+            "-c",
+            &case.connections.to_string(),
+            "-d",
+            &format!("{seconds}s"),
+            "-s",
+            script.to_str().context("script path")?,
+            &format!("http://127.0.0.1:{}/", server.port),
+        ])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let ticks_before = cpu_ticks(server.cpu_pid)?;
+    let mut child = Guard {
+        name: "wrk",
+        child: command.spawn().context("starting wrk")?,
+        helpers: Vec::new(),
+    };
+    let deadline = Instant::now() + Duration::from_secs(seconds + 60);
+    let status = loop {
+        if let Some(status) = child.child.try_wait()? {
+            break status;
+        }
+        if Instant::now() > deadline {
+            bail!("wrk against {} ran past its deadline", server.name);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    let ticks_after = cpu_ticks(server.cpu_pid)?;
+    let text = std::fs::read_to_string(&out_path)?;
+    if !status.success() {
+        bail!("wrk against {} failed ({status}):\n{text}", server.name);
+    }
+    let line = text
+        .lines()
+        .find(|line| line.starts_with("BENCH "))
+        .with_context(|| format!("wrk printed no summary:\n{text}"))?;
+    let fields: BTreeMap<&str, f64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|pair| {
+            let (name, value) = pair.split_once('=')?;
+            Some((name, value.parse().ok()?))
+        })
+        .collect();
+    let field = |name: &str| -> Result<f64> {
+        fields
+            .get(name)
+            .copied()
+            .with_context(|| format!("wrk summary without {name}: {line}"))
+    };
+    let duration_s = field("duration_us")? / 1e6;
+    let bytes = field("bytes")?;
+    let requests = field("requests")?;
+    let cpu_s = (ticks_after - ticks_before) / ticks_per_s;
+    Ok(Run {
+        gbps: bytes / duration_s / GB,
+        rps: requests / duration_s,
+        p50_ms: field("p50_us")? / 1000.0,
+        p99_ms: field("p99_us")? / 1000.0,
+        errors: field("connect")?
+            + field("read")?
+            + field("write")?
+            + field("status")?
+            + field("timeout")?,
+        timeouts: field("timeout")?,
+        cpu_s_per_gb: if bytes > 0.0 {
+            cpu_s / (bytes / GB)
+        } else {
+            0.0
+        },
+        bytes_per_response: if requests > 0.0 {
+            bytes / requests
+        } else {
+            0.0
+        },
+    })
+}
+
+/// Notes what looks wrong in a run: errors, wrong response lengths, the appliance's own
+/// counters of statuses other than 200/206, errors and timeouts.
+fn check_run(
+    server: &Server,
+    case: &Case,
+    key: &str,
+    run: &Run,
+    before: &BTreeMap<String, f64>,
+    after: &BTreeMap<String, f64>,
+    notes: &mut Vec<String>,
+) {
+    let who = format!("{key} {}", server.name);
+    if run.errors > 0.0 {
+        notes.push(format!(
+            "{who}: wrk counted {} errors ({} timeouts)",
+            run.errors, run.timeouts
+        ));
+    }
+    let body = if case.range_bytes == 0 {
+        FILE_BYTES
+    } else {
+        case.range_bytes
+    } as f64;
+    // Heads are a few hundred bytes; bytes of responses cut off at the end add a little.
+    let spread = (run.bytes_per_response - body) / body;
+    if !(-0.02..=0.10).contains(&spread) {
+        notes.push(format!(
+            "{who}: {:.0} bytes per response, wanted about {body:.0}",
+            run.bytes_per_response
+        ));
+    }
+    for (name, value) in after {
+        let delta = value - before.get(name).copied().unwrap_or(0.0);
+        if delta <= 0.0 {
+            continue;
+        }
+        let expected = name.contains("status=\"200\"")
+            || name.contains("status=\"206\"")
+            || !(name.contains("status=")
+                || name.contains("errors")
+                || name.contains("timeouts")
+                || name.contains("refused")
+                || name.contains("misses"));
+        if expected {
+            continue;
+        }
+        // wrk stops with responses in flight: a send cut short on each connection at most.
+        let cut_at_end = name.contains("errors") && delta <= case.connections as f64;
+        if cut_at_end {
+            println!(
+                "    ({who}: {name} +{delta}: sends cut short when wrk closed its \
+                 connections at the end of the run)"
+            );
+        } else {
+            notes.push(format!("{who}: the appliance counted {name} +{delta}"));
+        }
+    }
+}
