@@ -1,26 +1,44 @@
-//! `cargo xtask demo`: the appliance's main job so far, end to end on file-backed drives:
-//! format, import a generated catalog, crash in the middle of a second import, recover,
-//! read ranges back and verify everything.
+//! `cargo xtask demo`: the appliance's main job end to end on an embedded default: two
+//! file-backed drives, a generated catalog and manifest served by a local origin (nginx on
+//! loopback), the daemon, a fill, ranges fetched with curl and compared with the origin's
+//! bytes, a SIGKILL and a restart that serves the same bytes after recovery.
 
-use crate::util::{applianced, output, workspace_root};
-use anyhow::{bail, Result};
+use crate::util::{applianced, have, is_root, output, run_in, workspace_root};
+use anyhow::{bail, Context, Result};
 use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const ORIGIN_PORT: u16 = 18090;
+const SERVE_PORT: u16 = 18080;
+const ADMIN_PORT: u16 = 18081;
+const FILES: u64 = 24;
+
+/// A child process killed (and reaped) when dropped.
+struct Guard(Child);
+
+impl Drop for Guard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 pub fn run() -> Result<()> {
+    ensure_nginx()?;
     let binary = applianced()?;
-    let binary = binary.to_str().unwrap();
+    let binary = binary.to_str().context("binary path")?;
     let dir = workspace_root().join("demo");
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(dir.join("catalog"))?;
+    std::fs::create_dir_all(dir.join("origin"))?;
+    step("format two file-backed data drives (1 GiB each, 32 MiB segments)");
     let drives: Vec<String> = (0..2)
         .map(|number| dir.join(format!("nvme{number}.img")).display().to_string())
         .collect();
     for drive in &drives {
         std::fs::File::create(drive)?.set_len(1 << 30)?;
     }
-    step("format two file-backed data drives (1 GiB each, 32 MiB segments)");
     print!(
         "{}",
         output(
@@ -28,110 +46,221 @@ pub fn run() -> Result<()> {
             &["format", "--segment-mib", "32", &drives[0], &drives[1]]
         )?
     );
-    step("generate a catalog of 24 video files (1 to 20 MiB)");
-    let catalog = dir.join("catalog");
-    generate(&catalog)?;
-    let mut store = vec!["store".to_string()];
-    for drive in &drives {
-        store.extend(["--drive".to_string(), drive.clone()]);
-    }
-    store.extend([
-        "--state-dir".to_string(),
-        dir.join("state").display().to_string(),
-    ]);
-    let with = |args: &[&str]| -> Vec<String> {
-        let mut all = store.clone();
-        all.extend(args.iter().map(|arg| arg.to_string()));
-        all
-    };
-    step("import the first half, then SIGKILL an import of the rest half-way");
-    let half = dir.join("half");
-    std::fs::create_dir_all(&half)?;
-    for entry in std::fs::read_dir(&catalog)?.take(12) {
-        let entry = entry?;
-        std::fs::copy(entry.path(), half.join(entry.file_name()))?;
-    }
-    print!(
-        "{}",
-        run_args(binary, &with(&["import", half.to_str().unwrap()]))?
+    step("generate a catalog of 24 video files (1 to 20 MiB) and its manifest");
+    let catalog = generate(&dir.join("origin"))?;
+    println!(
+        "{} files, {} MiB",
+        catalog.len(),
+        catalog.iter().map(|(_, b)| b.len()).sum::<usize>() >> 20
     );
-    let mut child = Command::new(binary)
-        .args(with(&["import", "--jobs", "2", catalog.to_str().unwrap()]))
-        .stdout(Stdio::null())
-        .spawn()?;
-    std::thread::sleep(std::time::Duration::from_millis(150));
-    child.kill()?;
-    child.wait()?;
+    step("start the origin: nginx on 127.0.0.1:18090");
+    let _origin = Guard(start_nginx(&dir)?);
+    wait_for(&format!("http://127.0.0.1:{ORIGIN_PORT}/manifest.json"))?;
+    let config = write_config(&dir, &drives)?;
+    print!("{}", std::fs::read_to_string(&config)?);
+    step("start the appliance and fill it from the origin");
+    let mut daemon = Guard(start_daemon(binary, &config)?);
+    wait_for(&format!("http://127.0.0.1:{ADMIN_PORT}/health"))?;
+    fill(&catalog)?;
+    step("fetch byte ranges as a player would, and compare with the origin's bytes");
+    fetch_ranges(&catalog)?;
+    step("SIGKILL the appliance, restart it: recovery, then the same bytes");
+    daemon.0.kill()?;
+    daemon.0.wait()?;
     println!("(killed)");
-    step("restart: recovery replays the log since the last checkpoint");
-    print!("{}", run_args(binary, &with(&["stats"]))?);
-    step("finish the import and list the catalog");
-    run_args(binary, &with(&["import", catalog.to_str().unwrap()]))?;
-    print!("{}", run_args(binary, &with(&["ls"]))?);
-    step("read a byte range back and compare with the source file");
-    let range = run_bytes(
-        binary,
-        &with(&["cat", "/title-03.mp4", "--range", "1000000-1000015"]),
-    )?;
-    let source = std::fs::read(catalog.join("title-03.mp4"))?;
-    if range != source[1_000_000..1_000_016] {
-        bail!("range read back differs from the source");
-    }
+    let started = Instant::now();
+    let _daemon = Guard(start_daemon(binary, &config)?);
+    wait_for(&format!("http://127.0.0.1:{ADMIN_PORT}/health"))?;
     println!(
-        "bytes 1000000-1000015 of /title-03.mp4: {:02x?} (match)",
-        range
+        "healthy again {} ms after the restart",
+        started.elapsed().as_millis()
     );
-    step("verify every stored file against its checksums");
-    print!("{}", run_args(binary, &with(&["verify"]))?);
-    serve(binary, &dir, &drives, &source)?;
+    fetch_ranges(&catalog)?;
     println!(
-        "\ndemo finished; drives and catalog are in {}",
+        "\ndemo finished; drives, catalog and logs are in {}",
         dir.display()
     );
     Ok(())
 }
 
-/// Starts `applianced run`, fetches ranges with curl and compares them, then stops it.
-fn serve(binary: &str, dir: &Path, drives: &[String], source: &[u8]) -> Result<()> {
-    step("serve: applianced run on 127.0.0.1:18080 (admin on 127.0.0.1:18081)");
+fn step(text: &str) {
+    println!("\n== {text}");
+    let _ = std::io::stdout().flush();
+}
+
+fn ensure_nginx() -> Result<()> {
+    if have("nginx") {
+        return Ok(());
+    }
+    if !is_root() {
+        bail!("the demo's origin is nginx: install it (apt-get install nginx) and run again");
+    }
+    let root = workspace_root();
+    run_in(&root, "apt-get", &["update", "-qq"])?;
+    run_in(&root, "apt-get", &["install", "-y", "-qq", "nginx"])
+}
+
+fn generate(dir: &Path) -> Result<Vec<(String, Vec<u8>)>> {
+    use std::fmt::Write as _;
+    let mut state = 0x0005_DEEC_E66D_u64;
+    let mut files = Vec::new();
+    let mut rows = Vec::new();
+    for number in 0..FILES {
+        state = state
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        let size = (1 << 20) + (state >> 20) % (19 << 20);
+        let bytes: Vec<u8> = (0..size)
+            .map(|at| (at.wrapping_mul(2654435761).wrapping_add(number) >> 11).to_le_bytes()[0])
+            .collect();
+        let path = format!("/title-{number:02}/main.mp4");
+        std::fs::create_dir_all(dir.join(format!("title-{number:02}")))?;
+        std::fs::write(dir.join(&path[1..]), &bytes)?;
+        let digest = output(
+            "sha256sum",
+            &[dir.join(&path[1..]).to_str().context("path")?],
+        )?;
+        let sha = digest
+            .split_whitespace()
+            .next()
+            .context("sha256sum output")?
+            .to_string();
+        let mut row = String::new();
+        write!(
+            row,
+            "{{\"path\":\"{path}\",\"size_bytes\":{},\"sha256\":\"{sha}\",\"rank\":{}}}",
+            bytes.len(),
+            number + 1
+        )?;
+        rows.push(row);
+        files.push((path, bytes));
+    }
+    std::fs::write(
+        dir.join("manifest.json"),
+        format!(
+            "{{\"version\":1,\"generated_at\":\"2026-11-23T02:00:00Z\",\"files\":[\n{}\n]}}\n",
+            rows.join(",\n")
+        ),
+    )?;
+    Ok(files)
+}
+
+fn start_nginx(dir: &Path) -> Result<Child> {
+    let work = dir.join("nginx");
+    std::fs::create_dir_all(work.join("logs"))?;
+    let config = work.join("nginx.conf");
+    let tmp = work.join("logs");
+    std::fs::write(
+        &config,
+        format!(
+            "daemon off;\nworker_processes 1;\npid {};\nerror_log {} warn;\n\
+             events {{ worker_connections 256; }}\nhttp {{\n  access_log off;\n  sendfile on;\n\
+               client_body_temp_path {t};\n  proxy_temp_path {t};\n  fastcgi_temp_path {t};\n\
+               uwsgi_temp_path {t};\n  scgi_temp_path {t};\n\
+               server {{ listen 127.0.0.1:{ORIGIN_PORT}; root {}; }}\n}}\n",
+            work.join("nginx.pid").display(),
+            work.join("logs/error.log").display(),
+            dir.join("origin").display(),
+            t = tmp.display(),
+        ),
+    )?;
+    let nginx = if Path::new("/usr/sbin/nginx").exists() {
+        "/usr/sbin/nginx"
+    } else {
+        "nginx"
+    };
+    Ok(Command::new(nginx)
+        .args([
+            "-c",
+            config.to_str().context("path")?,
+            "-p",
+            work.to_str().context("path")?,
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()?)
+}
+
+fn write_config(dir: &Path, drives: &[String]) -> Result<PathBuf> {
     let config = dir.join("appliance.toml");
     let quoted: Vec<String> = drives.iter().map(|drive| format!("{drive:?}")).collect();
     std::fs::write(
         &config,
         format!(
-            "drives = [{}]\nstate_dir = {:?}\n[serve]\nlisten = \"127.0.0.1:18080\"\n\
-             admin_listen = \"127.0.0.1:18081\"\naccess_log = {:?}\n",
+            "drives = [{}]\nstate_dir = {:?}\n\n[serve]\nlisten = \"127.0.0.1:{SERVE_PORT}\"\n\
+             admin_listen = \"127.0.0.1:{ADMIN_PORT}\"\naccess_log = {:?}\n\n[fill]\n\
+             manifest = \"http://127.0.0.1:{ORIGIN_PORT}/manifest.json\"\n\
+             sources = [\"http://127.0.0.1:{ORIGIN_PORT}\"]\nconcurrency = 4\n",
             quoted.join(", "),
             dir.join("state").display().to_string(),
             dir.join("access.log").display().to_string()
         ),
     )?;
-    print!("{}", std::fs::read_to_string(&config)?);
-    let mut daemon = Command::new(binary)
-        .args(["run", "--config", config.to_str().unwrap()])
-        .spawn()?;
-    let result = fetch_ranges(source);
-    let _ = Command::new("kill")
-        .args(["-TERM", &daemon.id().to_string()])
-        .status();
-    daemon.wait()?;
-    result
+    Ok(config)
 }
 
-fn fetch_ranges(source: &[u8]) -> Result<()> {
-    let started = std::time::Instant::now();
-    while output("curl", &["-sf", "http://127.0.0.1:18081/health"]).is_err() {
-        if started.elapsed() > std::time::Duration::from_secs(20) {
-            bail!("the appliance did not become healthy");
+fn start_daemon(binary: &str, config: &Path) -> Result<Child> {
+    Ok(Command::new(binary)
+        .args(["run", "--config", config.to_str().context("path")?])
+        .spawn()?)
+}
+
+fn wait_for(url: &str) -> Result<()> {
+    let started = Instant::now();
+    while output("curl", &["-sf", "-o", "/dev/null", url]).is_err() {
+        if started.elapsed() > Duration::from_secs(30) {
+            bail!("{url} did not answer");
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(100));
     }
-    println!("$ curl -s http://127.0.0.1:18081/health");
+    Ok(())
+}
+
+fn fill(catalog: &[(String, Vec<u8>)]) -> Result<()> {
+    let admin = format!("http://127.0.0.1:{ADMIN_PORT}");
+    println!("$ curl -X POST {admin}/fill");
     println!(
         "{}",
-        output("curl", &["-s", "http://127.0.0.1:18081/health"])?.trim()
+        output("curl", &["-s", "-X", "POST", &format!("{admin}/fill")])?.trim()
     );
-    let url = "http://127.0.0.1:18080/title-03.mp4";
+    let started = Instant::now();
+    loop {
+        let status: serde_json::Value =
+            serde_json::from_str(&output("curl", &["-s", &format!("{admin}/fill")])?)?;
+        if status["running"] == false && !status["last"].is_null() {
+            let last = &status["last"];
+            println!(
+                "fill done in {:.1} s: {} files fetched ({} MiB), {} failed, sources: {}",
+                started.elapsed().as_secs_f64(),
+                last["files_fetched"],
+                last["bytes_fetched"].as_u64().unwrap_or(0) >> 20,
+                last["files_failed"],
+                status["sources"]
+            );
+            if last["files_fetched"].as_u64() != Some(catalog.len() as u64) {
+                bail!("the fill did not fetch the whole catalog: {status}");
+            }
+            return Ok(());
+        }
+        if started.elapsed() > Duration::from_secs(300) {
+            bail!("the fill did not finish: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+fn fetch_ranges(catalog: &[(String, Vec<u8>)]) -> Result<()> {
+    println!("$ curl -s http://127.0.0.1:{ADMIN_PORT}/health");
+    println!(
+        "{}",
+        output(
+            "curl",
+            &["-s", &format!("http://127.0.0.1:{ADMIN_PORT}/health")]
+        )?
+        .trim()
+    );
+    let (path, source) = &catalog[3];
+    let url = format!("http://127.0.0.1:{SERVE_PORT}{path}");
     println!("$ curl -s -D - -o /dev/null -r 1000000-1999999 {url}");
     print!(
         "{}",
@@ -145,18 +274,28 @@ fn fetch_ranges(source: &[u8]) -> Result<()> {
                 "/dev/null",
                 "-r",
                 "1000000-1999999",
-                url
+                &url
             ]
         )?
     );
-    let body = Command::new("curl")
-        .args(["-s", "-r", "1000000-1999999", url])
-        .output()?
-        .stdout;
-    if body != source[1_000_000..2_000_000] {
-        bail!("the served range differs from the source file");
+    let mut checked = 0;
+    for (path, source) in catalog
+        .iter()
+        .chain(std::iter::once(&(path.clone(), source.clone())))
+    {
+        let start = source.len() / 3;
+        let end = (start + 999_999).min(source.len() - 1);
+        let url = format!("http://127.0.0.1:{SERVE_PORT}{path}");
+        let body = Command::new("curl")
+            .args(["-s", "-r", &format!("{start}-{end}"), &url])
+            .output()?
+            .stdout;
+        if body != source[start..=end] {
+            bail!("{path}: the served range differs from the origin's bytes");
+        }
+        checked += 1;
     }
-    println!("the 1 MB range served with sendfile matches the source file");
+    println!("{checked} ranges served with sendfile match the origin's bytes");
     let status = output(
         "curl",
         &[
@@ -165,42 +304,9 @@ fn fetch_ranges(source: &[u8]) -> Result<()> {
             "/dev/null",
             "-w",
             "%{http_code}",
-            "http://127.0.0.1:18080/not/here.mp4",
+            &format!("http://127.0.0.1:{SERVE_PORT}/not/here.mp4"),
         ],
     )?;
     println!("a path the box does not hold: HTTP {status}");
-    Ok(())
-}
-
-fn step(text: &str) {
-    println!("\n== {text}");
-    let _ = std::io::stdout().flush();
-}
-
-fn run_args(binary: &str, args: &[String]) -> Result<String> {
-    let refs: Vec<&str> = args.iter().map(String::as_str).collect();
-    output(binary, &refs)
-}
-
-fn run_bytes(binary: &str, args: &[String]) -> Result<Vec<u8>> {
-    let out = Command::new(binary).args(args).output()?;
-    if !out.status.success() {
-        bail!("{}", String::from_utf8_lossy(&out.stderr));
-    }
-    Ok(out.stdout)
-}
-
-fn generate(dir: &Path) -> Result<()> {
-    let mut state = 0x0005_DEEC_E66D_u64;
-    for number in 0..24u64 {
-        state = state
-            .wrapping_mul(6364136223846793005)
-            .wrapping_add(1442695040888963407);
-        let size = (1 << 20) + (state >> 20) % (19 << 20);
-        let bytes: Vec<u8> = (0..size)
-            .map(|at| (at.wrapping_mul(2654435761).wrapping_add(number) >> 11).to_le_bytes()[0])
-            .collect();
-        std::fs::write(dir.join(format!("title-{number:02}.mp4")), bytes)?;
-    }
     Ok(())
 }
