@@ -322,6 +322,17 @@ impl Daemon {
     /// lines inside `[serve]` and any further sections) and starts the daemon; waits for
     /// /health.
     pub fn start(scratch: &Scratch, drives: &[PathBuf], extra: &str) -> Daemon {
+        Daemon::start_with(scratch, drives, extra, "", "")
+    }
+
+    /// `start`, with `top` lines before `[serve]` and `after` sections after it.
+    pub fn start_with(
+        scratch: &Scratch,
+        drives: &[PathBuf],
+        extra: &str,
+        top: &str,
+        after: &str,
+    ) -> Daemon {
         let port = free_port();
         let admin_port = free_port();
         let config = scratch.path("appliance.toml");
@@ -332,10 +343,12 @@ impl Daemon {
         std::fs::write(
             &config,
             format!(
-                "drives = [{}]\nstate_dir = {:?}\n[serve]\nlisten = \"127.0.0.1:{port}\"\n\
-                 admin_listen = \"127.0.0.1:{admin_port}\"\naccess_log = {:?}\n{extra}\n",
+                "drives = [{}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n{top}\n[serve]\n\
+                 listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
+                 access_log = {:?}\n{extra}\n{after}\n",
                 list.join(", "),
                 scratch.path("state").display().to_string(),
+                scratch.path("control.sock").display().to_string(),
                 scratch.path("access.log").display().to_string(),
             ),
         )

@@ -17,6 +17,9 @@ pub struct Config {
     /// State kept on the OS disk (the failed-drive list). Default `/var/lib/appliance`.
     #[serde(default = "default_state_dir")]
     pub state_dir: PathBuf,
+    /// The control socket `appliance-ctl` talks to. Default `/run/appliance/control.sock`.
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
     #[serde(default)]
     pub serve: Serve,
     #[serde(default)]
@@ -136,6 +139,10 @@ impl Default for Serve {
 
 fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn default_control_socket() -> PathBuf {
+    PathBuf::from(appliance_proto::DEFAULT_SOCKET)
 }
 
 fn default_state_dir() -> PathBuf {

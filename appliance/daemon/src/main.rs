@@ -3,6 +3,7 @@
 //! work on a stopped appliance.
 
 mod config;
+mod control;
 mod drives;
 mod fill_admin;
 mod run;

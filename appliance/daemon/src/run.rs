@@ -46,7 +46,13 @@ pub fn run(config_path: &Path) -> Result<()> {
         appliance_fill::Filler::new(store.clone(), config.fill_config()?)
             .map_err(|error| anyhow::anyhow!(error))?,
     );
-    let served = runtime.block_on(serve(store.clone(), serve_config, filler));
+    let served = runtime.block_on(serve(
+        store.clone(),
+        serve_config,
+        filler,
+        &config.control_socket,
+        config_path,
+    ));
     stopping.store(true, Ordering::SeqCst);
     let _ = upkeep.join();
     runtime.shutdown_timeout(Duration::from_secs(1));
@@ -61,18 +67,28 @@ async fn serve(
     store: Store,
     serve_config: appliance_serve::ServeConfig,
     filler: Arc<appliance_fill::Filler>,
+    control_socket: &Path,
+    config_path: &Path,
 ) -> Result<()> {
     let seed = drive_seed(&store);
+    let control_listener = crate::control::bind(control_socket)?;
     let extension = Arc::new(crate::fill_admin::FillAdmin {
         filler: Arc::clone(&filler),
     });
-    let server = Server::bind_with(store, serve_config, Some(extension)).await?;
+    let server = Server::bind_with(store.clone(), serve_config, Some(extension)).await?;
     tracing::info!(
         listen = %server.local_addr()?,
         admin = %server.admin_addr()?,
         "serving"
     );
     let shared = server.shared();
+    let control = crate::control::Control::new(store, Arc::clone(&shared), Arc::clone(&filler));
+    let control_task = tokio::spawn(crate::control::serve(
+        control_listener,
+        Arc::clone(&control),
+    ));
+    let sampler = tokio::spawn(Arc::clone(&control).sample());
+    let watchdog = tokio::spawn(keep_watchdog_alive(control.store.clone()));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -84,10 +100,7 @@ async fn serve(
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => {
-                tracing::info!("SIGHUP: reopening the access log");
-                shared.reopen_access_log();
-            }
+            _ = hangup.recv() => reload(config_path, &shared, &filler),
         }
     }
     tracing::info!("stopping: no new connections, finishing responses in flight");
@@ -96,7 +109,54 @@ async fn serve(
     filler.cancel();
     serving.await.context("the serving task failed")?;
     let _ = schedule.await;
+    for task in [control_task, sampler, watchdog] {
+        task.abort();
+    }
+    let _ = std::fs::remove_file(control_socket);
     Ok(())
+}
+
+/// SIGHUP: reads the configuration again, applies what can change at run time (bandwidth cap,
+/// access-log file reopened) and logs what changed and what needs a restart.
+fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &appliance_fill::Filler) {
+    shared.reopen_access_log();
+    let config = match Config::load(config_path) {
+        Ok(config) => config,
+        Err(error) => {
+            tracing::error!(error = %format!("{error:#}"), "SIGHUP: configuration refused; nothing changed");
+            return;
+        }
+    };
+    filler.set_bandwidth(config.fill.bandwidth_bits_per_s);
+    tracing::info!(
+        bandwidth_bits_per_s = config.fill.bandwidth_bits_per_s,
+        "SIGHUP: access log reopened, fill bandwidth cap applied; other changes (listeners, \
+         limits, drives, fill window and sources) take effect at the next restart"
+    );
+}
+
+/// Sends WATCHDOG=1 while the event loop runs and the store's drives answer: a stuck loop or
+/// a wedged drive thread stops the keep-alives and systemd restarts the daemon.
+async fn keep_watchdog_alive(store: Store) {
+    let mut interval_us = 0u64;
+    if !sd_notify::watchdog_enabled(false, &mut interval_us) {
+        return;
+    }
+    let period = Duration::from_micros(interval_us / 3).max(Duration::from_millis(100));
+    loop {
+        let probe = store.clone();
+        let alive = tokio::time::timeout(
+            period,
+            tokio::task::spawn_blocking(move || probe.drives_alive()),
+        )
+        .await;
+        if matches!(alive, Ok(Ok(true))) {
+            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+        } else {
+            tracing::error!("a drive thread does not answer: withholding the watchdog keep-alive");
+        }
+        tokio::time::sleep(period).await;
+    }
 }
 
 /// A per-box seed for the fill's start delay: the drives' UUIDs.

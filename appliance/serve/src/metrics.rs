@@ -20,6 +20,8 @@ type StatusFamily = Family<Vec<(String, String)>, Counter>;
 pub struct Metrics {
     registry: Registry,
     by_status: Vec<Counter>,
+    /// Responses of any status (for rates).
+    pub responses: Counter,
     pub bytes_sent: Counter,
     pub hits: Counter,
     pub misses: Counter,
@@ -51,6 +53,7 @@ impl Metrics {
         registry.register("http_requests", "HTTP responses by status", family);
         let metrics = Metrics {
             by_status,
+            responses: Counter::default(),
             bytes_sent: Counter::default(),
             hits: Counter::default(),
             misses: Counter::default(),
@@ -119,6 +122,7 @@ impl Metrics {
             .position(|known| *known == status)
             .unwrap_or(STATUSES.len() - 1);
         self.by_status[at].inc();
+        self.responses.inc();
     }
 
     /// The Prometheus text exposition of every metric.

@@ -125,6 +125,8 @@ pub struct StoreStats {
 #[derive(Clone, Debug)]
 pub struct DriveStats {
     pub path: PathBuf,
+    pub model: Option<String>,
+    pub serial: Option<String>,
     pub uuid: Option<[u8; 16]>,
     pub status: DriveStatus,
     pub size_bytes: u64,
@@ -368,6 +370,15 @@ impl Store {
         Ok(files)
     }
 
+    /// True when every drive in service answers a small read through its ring (the watchdog's
+    /// liveness probe: a wedged ring thread never answers).
+    pub fn drives_alive(&self) -> bool {
+        self.inner.ready_drives().all(|rt| {
+            let probe = appliance_device::AlignedBuf::new(4096);
+            appliance_device::read_exact_at(&*rt.drive, 0, probe).is_ok() || rt.is_failed()
+        })
+    }
+
     /// Bytes new files can still take, over every healthy drive.
     pub fn free_bytes(&self) -> u64 {
         self.inner
@@ -458,6 +469,8 @@ impl Store {
                         .sum();
                     DriveStats {
                         path: rt.path(),
+                        model: rt.drive.info().model.clone(),
+                        serial: rt.drive.info().serial.clone(),
                         uuid: Some(superblock.drive_uuid),
                         status: rt.status(),
                         size_bytes: rt.drive.info().size_bytes,
@@ -471,6 +484,8 @@ impl Store {
                 }
                 DriveSlot::Failed { path, uuid, reason } => DriveStats {
                     path: path.clone(),
+                    model: None,
+                    serial: None,
                     uuid: *uuid,
                     status: DriveStatus::Failed(reason.clone()),
                     size_bytes: 0,

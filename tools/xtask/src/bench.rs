@@ -22,6 +22,7 @@ pub fn run(name: &str) -> Result<()> {
         "store-write" => report("store-write", store_write()?),
         "index" => report("index", index()?),
         "recovery" => report("recovery", recovery()?),
+        "fill" => report("fill", crate::bench_fill::fill()?),
         "serve" => report("serve", crate::bench_serve::serve()?),
         "all" => {
             report("store-write", store_write()?)?;

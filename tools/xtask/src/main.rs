@@ -3,6 +3,7 @@
 //! the peer measured in the same run, written to target/bench/<name>.json).
 
 mod bench;
+mod bench_fill;
 mod bench_serve;
 mod demo;
 mod util;

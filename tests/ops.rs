@@ -1,0 +1,313 @@
+//! Black-box tests of operations: `appliance-ctl` against the real daemon through the control
+//! socket (status, drives, fill --wait, drain, undrain, verify finding a damaged file), the
+//! CLI's errors with no daemon, malformed control requests, SIGHUP reload, SIGTERM with a
+//! response in flight, and /metrics in the Prometheus text format.
+
+mod origin;
+mod util;
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+use util::{formatted_drives, Daemon, Scratch};
+
+/// The `appliance-ctl` binary next to `applianced` (built if this test runs alone).
+fn ctl_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "appliance-ctl"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    path
+}
+
+fn ctl(socket: &Path, args: &[&str]) -> Output {
+    Command::new(ctl_binary())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .expect("run appliance-ctl")
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// A daemon with a control socket, filled from a fault-free origin with `files`.
+struct Ops {
+    daemon: Daemon,
+    socket: PathBuf,
+    drives: Vec<PathBuf>,
+    files: Vec<(String, Vec<u8>)>,
+    _origin: origin::FaultOrigin,
+    scratch: Scratch,
+}
+
+fn start(name: &str) -> Ops {
+    let scratch = Scratch::new(&format!("ops-{name}"));
+    let files: Vec<(String, Vec<u8>)> = (0..6u64)
+        .map(|number| {
+            let bytes = (0..300_000u64 + number * 1000)
+                .map(|at| (at.wrapping_mul(31).wrapping_add(number)).to_le_bytes()[0])
+                .collect();
+            (format!("/ops/title-{number}.mp4"), bytes)
+        })
+        .collect();
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    served.insert(
+        "/manifest.json".into(),
+        origin::manifest_json(&files).into_bytes(),
+    );
+    let origin = origin::FaultOrigin::start(served, HashMap::new());
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let socket = scratch.path("control.sock");
+    let extra = format!(
+        "[fill]\nmanifest = \"{}/manifest.json\"\nsources = [\"{}\"]\n",
+        origin.url(),
+        origin.url()
+    );
+    let daemon = Daemon::start_with(&scratch, &drives, "", "", &extra);
+    Ops {
+        daemon,
+        socket,
+        drives,
+        files,
+        _origin: origin,
+        scratch,
+    }
+}
+
+#[test]
+fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
+    let out = ctl(Path::new("/nonexistent/control.sock"), &["status"]);
+    assert!(!out.status.success());
+    let stderr = text(&out.stderr);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("not running"), "{stderr}");
+}
+
+#[test]
+fn status_fill_drain_and_verify_through_the_control_socket() {
+    let ops = start("main");
+    let out = ctl(&ops.socket, &["fill", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("6 fetched"),
+        "{}",
+        text(&out.stdout)
+    );
+    let out = ctl(&ops.socket, &["status"]);
+    let table = text(&out.stdout);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    for expected in [
+        "state: serving",
+        "catalog: 6 files",
+        "fill: idle",
+        "traffic:",
+        "host:",
+    ] {
+        assert!(
+            table.contains(expected),
+            "{expected} missing from:\n{table}"
+        );
+    }
+    println!("{table}");
+    let out = ctl(&ops.socket, &["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    assert_eq!(status["catalog"]["files"], 6);
+    assert_eq!(status["drives"][0]["state"], "ok");
+    assert_eq!(status["fill"]["last"]["files_fetched"], 6);
+    let out = ctl(&ops.socket, &["drives", "--json"]);
+    let drives: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drives JSON");
+    assert_eq!(drives["drives"][0]["files"], 6);
+    // Drain and undrain.
+    assert!(ctl(&ops.socket, &["drain"]).status.success());
+    let status: serde_json::Value =
+        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+    assert!(
+        ["draining", "drained"].contains(&status["state"].as_str().unwrap()),
+        "{status}"
+    );
+    assert!(ctl(&ops.socket, &["undrain"]).status.success());
+    // Verify: clean, then with a damaged file.
+    let out = ctl(&ops.socket, &["verify"]);
+    assert!(out.status.success(), "{}", text(&out.stdout));
+    assert!(text(&out.stdout).contains("verified 6 files, 0 damaged"));
+    // The first data segment starts at 1 MiB (segment area) + 4 MiB (segment 0 is the log).
+    util::write_at(&ops.drives[0], (5 << 20) + 8192, b"bit rot bit rot bit rot");
+    let out = ctl(&ops.socket, &["verify"]);
+    assert!(!out.status.success());
+    let report = text(&out.stdout);
+    assert!(
+        report.contains("damaged /ops/") && report.contains("1 damaged"),
+        "{report}"
+    );
+    let _ = &ops.files;
+}
+
+#[test]
+fn malformed_control_requests_get_an_error_line() {
+    let ops = start("protocol");
+    let mut stream = UnixStream::connect(&ops.socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut reader = BufReader::new(stream.try_clone().unwrap());
+    let cases = [
+        ("not json\n", "malformed"),
+        (
+            "{\"version\":99,\"command\":\"status\"}\n",
+            "unsupported protocol version 99",
+        ),
+        ("{\"version\":1,\"command\":\"rm_rf\"}\n", "malformed"),
+        ("{\"command\":\"status\"}\n", "no protocol version"),
+    ];
+    for (request, expected) in cases {
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut line = String::new();
+        reader.read_line(&mut line).unwrap();
+        let response: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert!(
+            response["error"].as_str().unwrap().contains(expected),
+            "{request} -> {line}"
+        );
+    }
+    // The same connection still works.
+    stream
+        .write_all(b"{\"version\":1,\"command\":\"drives\"}\n")
+        .unwrap();
+    let mut line = String::new();
+    reader.read_line(&mut line).unwrap();
+    assert!(line.contains("\"drives\""), "{line}");
+}
+
+#[test]
+fn sighup_reloads_and_a_bad_config_changes_nothing() {
+    let ops = start("reload");
+    let config = std::fs::read_to_string(&ops.daemon.config).unwrap();
+    std::fs::write(
+        &ops.daemon.config,
+        config.replace("[fill]\n", "[fill]\nbandwidth_bits_per_s = 8000000\n"),
+    )
+    .unwrap();
+    let kill = |signal: &str| {
+        Command::new("kill")
+            .args([signal, &ops.daemon.pid().to_string()])
+            .status()
+            .unwrap()
+    };
+    assert!(kill("-HUP").success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
+    std::fs::write(&ops.daemon.config, "this is = not [valid").unwrap();
+    assert!(kill("-HUP").success());
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(
+        ops.daemon.admin("GET", "/health").0,
+        200,
+        "a bad reload must not stop serving"
+    );
+    let _ = &ops.scratch;
+}
+
+#[test]
+fn sigterm_lets_a_response_in_flight_finish() {
+    let ops = start("sigterm");
+    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    let (path, bytes) = ops
+        .files
+        .iter()
+        .max_by_key(|(_, bytes)| bytes.len())
+        .unwrap()
+        .clone();
+    // A slow client: 100 KB/s for a 300 KB file.
+    let download = Command::new("curl")
+        .args(["-s", "--limit-rate", "100k", &ops.daemon.url(&path)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(700));
+    let pid = ops.daemon.pid();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap()
+        .success());
+    let out = download.wait_with_output().unwrap();
+    assert!(
+        out.stdout == bytes,
+        "the response in flight was cut: {} bytes",
+        out.stdout.len()
+    );
+    let started = Instant::now();
+    while Path::new(&format!("/proc/{pid}")).exists() && started.elapsed() < Duration::from_secs(10)
+    {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        !ops.socket.exists(),
+        "the control socket is removed at a clean stop"
+    );
+}
+
+#[test]
+fn metrics_are_in_the_prometheus_text_format() {
+    let ops = start("metrics");
+    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    let _ = ops.daemon.get(&ops.files[0].0);
+    let _ = ops.daemon.get("/missing.mp4");
+    let (status, metrics) = ops.daemon.admin("GET", "/metrics");
+    assert_eq!(status, 200);
+    let mut samples = HashMap::new();
+    for line in metrics.lines() {
+        if line.starts_with('#') || line.is_empty() {
+            assert!(
+                line.is_empty()
+                    || line.starts_with("# HELP ")
+                    || line.starts_with("# TYPE ")
+                    || line.starts_with("# UNIT ")
+                    || line == "# EOF",
+                "bad comment line {line:?}"
+            );
+            continue;
+        }
+        let (name, value) = line
+            .rsplit_once(' ')
+            .unwrap_or_else(|| panic!("no value: {line:?}"));
+        let value: f64 = value
+            .parse()
+            .unwrap_or_else(|_| panic!("bad value: {line:?}"));
+        let bare = name.split('{').next().unwrap();
+        assert!(
+            bare.chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == ':'),
+            "bad metric name {line:?}"
+        );
+        if let Some(labels) = name.strip_prefix(bare) {
+            if !labels.is_empty() {
+                assert!(labels.starts_with('{') && labels.ends_with('}'), "{line:?}");
+            }
+        }
+        samples.insert(name.to_string(), value);
+    }
+    assert!(metrics.trim_end().ends_with("# EOF"));
+    assert!(
+        samples["appliance_http_requests_total{status=\"200\"}"] >= 1.0,
+        "{metrics}"
+    );
+    assert!(samples["appliance_http_misses_total"] >= 1.0);
+    assert!(samples["appliance_http_sent_bytes_total"] > 0.0);
+}

@@ -1,0 +1,1802 @@
+//! `cargo xtask bench fill`: the drive is the limit. The fill's download-to-drive rate beside
+//! what the drive takes (fio: sequential direct writes on the same disk) and what a plain HTTP
+//! client gets from the same origin (curl to files, then sync), measured in the same run; the
+//! accuracy of the bandwidth cap; and serving latency (p99) while a fill runs.
+//!
+//! The origin is nginx on loopback serving a generated catalog (kept in
+//! target/bench/fill/origin and reused) from its page cache, so the origin is not the limit.
+//! Nothing is measured while another benchmark (wrk, fio, another `xtask bench`) runs.
+//! Everything started here is stopped by a guard, on errors too, and the drive files, fio's
+//! file and curl's downloads are removed at the end.
+
+use crate::util::{self, output, workspace_root};
+use anyhow::{bail, Context, Result};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+const MIB: u64 = 1 << 20;
+const MIB_F: f64 = 1_048_576.0;
+/// Spare room on the drives beyond what they are filled with.
+const SPARE_BYTES: u64 = 2 << 30;
+/// The cap the cap run asks for: 800 Mbit/s.
+const CAP_BITS_PER_S: u64 = 800_000_000;
+/// Downloads at once: the fill's `concurrency` and the number of parallel curls.
+const PARALLEL: u64 = 4;
+/// The range every wrk request asks for.
+const RANGE_BYTES: u64 = MIB;
+/// Longest wait for other benchmarks to finish before measuring anyway.
+const QUIET_WAIT_MAX: Duration = Duration::from_secs(1800);
+/// Longest a single fill may take.
+const FILL_DEADLINE: Duration = Duration::from_secs(900);
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|text| text.parse().ok())
+        .unwrap_or(default)
+}
+
+fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
+}
+
+fn text(path: &Path) -> Result<&str> {
+    path.to_str()
+        .with_context(|| format!("{} is not UTF-8", path.display()))
+}
+
+/// What this run measures, from the environment.
+struct Settings {
+    files: u64,
+    file_bytes: u64,
+    cap_files: u64,
+    new_files: u64,
+    seconds: u64,
+    quiet_s: u64,
+}
+
+impl Settings {
+    fn from_env() -> Result<Settings> {
+        let files = env_u64("BENCH_FILL_FILES", 64).max(1);
+        let file_mib = env_u64("BENCH_FILL_FILE_MIB", 32).max(2);
+        Ok(Settings {
+            files,
+            file_bytes: file_mib * MIB,
+            cap_files: env_u64("BENCH_FILL_CAP_FILES", 16).clamp(1, files),
+            new_files: env_u64("BENCH_FILL_NEW_FILES", 32).max(1),
+            seconds: env_u64("BENCH_FILL_SECONDS", 8).max(1),
+            quiet_s: env_u64("BENCH_FILL_QUIET_S", 15),
+        })
+    }
+
+    fn catalog_bytes(&self) -> u64 {
+        self.files * self.file_bytes
+    }
+}
+
+pub fn fill() -> Result<Map<String, Value>> {
+    let settings = Settings::from_env()?;
+    ensure_tools()?;
+    let applianced = match std::env::var("BENCH_APPLIANCED") {
+        Ok(path) => PathBuf::from(path),
+        Err(_) => util::applianced()?,
+    };
+    let dir = workspace_root().join("target/bench/fill");
+    std::fs::create_dir_all(&dir)?;
+    let _cleanup = Cleanup::new(&dir);
+    let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
+    let ticks_per_s: f64 = output("getconf", &["CLK_TCK"])?
+        .trim()
+        .parse()
+        .context("getconf CLK_TCK")?;
+    let mut notes: Vec<String> = Vec::new();
+
+    // The origin: the catalog, a manifest for the cap run, new files for the fill during serving.
+    let origin_root = dir.join("origin");
+    let catalog = ensure_set(
+        &origin_root,
+        "title",
+        1,
+        settings.files,
+        settings.file_bytes,
+    )?;
+    let cap_set: Vec<CatalogFile> = catalog
+        .iter()
+        .take(usize::try_from(settings.cap_files)?)
+        .cloned()
+        .collect();
+    std::fs::write(
+        origin_root.join("manifest-cap.json"),
+        manifest_json(&cap_set),
+    )?;
+    let new_set = ensure_set(
+        &origin_root,
+        "new",
+        2,
+        settings.new_files,
+        settings.file_bytes,
+    )?;
+    let origin = start_origin(&dir, &origin_root)?;
+    let warmed = warm_files(&origin_root, catalog.iter().chain(&new_set))?;
+    println!(
+        "  origin: nginx on 127.0.0.1:{} (worker pid {}), {:.1} GiB of files read once so \
+         they are served from the page cache",
+        origin.port,
+        origin.worker,
+        warmed as f64 / f64::from(1u32 << 30)
+    );
+    let mut quiet = Quiet::new(settings.quiet_s);
+
+    // 1. Our fill of the whole catalog into a fresh, preallocated drive.
+    let drive = dir.join("drive0.img");
+    let state = dir.join("state0");
+    let fill_config = dir.join("fill.toml");
+    let main_manifest = origin.url("/manifest.json");
+    let (ours, fill_watch) = quiet.measure("fill", true, &mut notes, || {
+        fresh_drive(&applianced, &drive, settings.catalog_bytes() + SPARE_BYTES)?;
+        fresh_dir(&state)?;
+        write_config(
+            &fill_config,
+            &drive,
+            &state,
+            &fill_section(&main_manifest, &origin.url(""), 0),
+            None,
+        )?;
+        timed_fill(
+            &applianced,
+            &fill_config,
+            &dir,
+            "fill",
+            origin.worker,
+            ticks_per_s,
+        )
+    })?;
+    check_fill_report(
+        "fill",
+        &ours.report,
+        settings.files,
+        settings.catalog_bytes(),
+    )?;
+    let fill_mib_per_s = settings.catalog_bytes() as f64 / ours.seconds / MIB_F;
+    println!(
+        "  fill: {} files, {:.0} MiB in {:.2} s: {fill_mib_per_s:.0} MiB/s",
+        settings.files,
+        settings.catalog_bytes() as f64 / MIB_F,
+        ours.seconds
+    );
+
+    // Correctness once: every extent's CRC on the filled drive (the daemon is not running).
+    let started = Instant::now();
+    let verified = output(
+        text(&applianced)?,
+        &[
+            "store",
+            "--drive",
+            text(&drive)?,
+            "--state-dir",
+            text(&state)?,
+            "verify",
+        ],
+    )
+    .context("applianced store verify after the fill")?;
+    println!(
+        "  store verify: {} ({:.1} s)",
+        verified.lines().last().unwrap_or("").trim(),
+        started.elapsed().as_secs_f64()
+    );
+
+    // 2. fio: sequential direct writes of the same amount on the same disk.
+    let fio_file = dir.join("fio.img");
+    let (fio_mib_per_s, _) = quiet.measure("fio", true, &mut notes, || {
+        fio_write(&fio_file, settings.catalog_bytes())
+    })?;
+    let _ = std::fs::remove_file(&fio_file);
+    println!("  fio: {fio_mib_per_s:.0} MiB/s");
+
+    // 3. curl: the same files from the same origin into plain files, then sync.
+    let curl_dir = dir.join("curl");
+    let (curl_seconds, _) = quiet.measure("curl", true, &mut notes, || {
+        curl_all(&curl_dir, &origin, &catalog)
+    })?;
+    let _ = std::fs::remove_dir_all(&curl_dir);
+    let curl_mib_per_s = settings.catalog_bytes() as f64 / curl_seconds / MIB_F;
+    println!(
+        "  curl ({PARALLEL} in parallel, then sync): {curl_seconds:.2} s: \
+         {curl_mib_per_s:.0} MiB/s"
+    );
+
+    // 4. The cap: the first files into a fresh drive at 800 Mbit/s.
+    let cap_bytes = settings.cap_files * settings.file_bytes;
+    let cap_drive = dir.join("drive-cap.img");
+    let cap_state = dir.join("state-cap");
+    let cap_config = dir.join("fill-cap.toml");
+    let cap_manifest = origin.url("/manifest-cap.json");
+    let (capped, _) = quiet.measure("capped fill", true, &mut notes, || {
+        fresh_drive(&applianced, &cap_drive, cap_bytes + SPARE_BYTES)?;
+        fresh_dir(&cap_state)?;
+        write_config(
+            &cap_config,
+            &cap_drive,
+            &cap_state,
+            &fill_section(&cap_manifest, &origin.url(""), CAP_BITS_PER_S),
+            None,
+        )?;
+        timed_fill(
+            &applianced,
+            &cap_config,
+            &dir,
+            "fill-cap",
+            origin.worker,
+            ticks_per_s,
+        )
+    })?;
+    check_fill_report("capped fill", &capped.report, settings.cap_files, cap_bytes)?;
+    let _ = std::fs::remove_file(&cap_drive);
+    let capped_bits_per_s = cap_bytes as f64 * 8.0 / capped.seconds;
+    let cap_accuracy = capped_bits_per_s / CAP_BITS_PER_S as f64;
+    println!(
+        "  capped fill: {:.0} MiB in {:.2} s: {:.1} Mbit/s of {:.0} (x{cap_accuracy:.3})",
+        cap_bytes as f64 / MIB_F,
+        capped.seconds,
+        capped_bits_per_s / 1e6,
+        CAP_BITS_PER_S as f64 / 1e6
+    );
+
+    // 5. Serving latency on the filled drive, idle and while a fill of new files runs.
+    let serve_config = dir.join("serve.toml");
+    let new_manifest = origin.url("/manifest-new.json");
+    let ((idle, during, progress), _) = quiet.measure("serving", false, &mut notes, || {
+        serve_phase(&ServePhase {
+            applianced: &applianced,
+            dir: &dir,
+            drive: &drive,
+            state: &state,
+            config: &serve_config,
+            origin: &origin,
+            main_manifest: &main_manifest,
+            new_manifest: &new_manifest,
+            settings: &settings,
+            catalog: &catalog,
+            pin,
+        })
+    })?;
+    notes.extend(progress.notes.iter().cloned());
+    drop(origin);
+
+    let mut figures = Map::new();
+    let ratio = fill_mib_per_s / fio_mib_per_s;
+    let curl_ratio = fill_mib_per_s / curl_mib_per_s;
+    figures.insert("fill_mib_per_s".into(), json!(fill_mib_per_s.round()));
+    figures.insert("fio_mib_per_s".into(), json!(fio_mib_per_s.round()));
+    figures.insert("curl_mib_per_s".into(), json!(curl_mib_per_s.round()));
+    figures.insert("ratio".into(), json!(round_to(ratio, 3)));
+    figures.insert("curl_ratio".into(), json!(round_to(curl_ratio, 3)));
+    figures.insert("fill_seconds".into(), json!(round_to(ours.seconds, 3)));
+    figures.insert(
+        "fill_cpu_cores".into(),
+        json!(round_to(ours.cpu_s / ours.seconds, 2)),
+    );
+    figures.insert(
+        "origin_cpu_cores".into(),
+        json!(round_to(ours.origin_cpu_s / ours.seconds, 2)),
+    );
+    figures.insert("cap_bits_per_s".into(), json!(CAP_BITS_PER_S));
+    figures.insert("capped_bits_per_s".into(), json!(capped_bits_per_s.round()));
+    figures.insert("cap_accuracy".into(), json!(round_to(cap_accuracy, 3)));
+    figures.insert("serve_p99_ms_idle".into(), json!(round_to(idle.p99_ms, 2)));
+    figures.insert(
+        "serve_p99_ms_during_fill".into(),
+        json!(round_to(during.p99_ms, 2)),
+    );
+    figures.insert(
+        "serve_p99_ratio".into(),
+        json!(round_to(idle.p99_ms / during.p99_ms, 3)),
+    );
+    figures.insert("serve_p50_ms_idle".into(), json!(round_to(idle.p50_ms, 2)));
+    figures.insert(
+        "serve_p50_ms_during_fill".into(),
+        json!(round_to(during.p50_ms, 2)),
+    );
+    figures.insert("serve_rps_idle".into(), json!(idle.rps.round()));
+    figures.insert("serve_rps_during_fill".into(), json!(during.rps.round()));
+    figures.insert(
+        "fill_mib_per_s_while_serving".into(),
+        json!(progress.mib_per_s.round()),
+    );
+    figures.insert(
+        "fill_share_of_serve_run".into(),
+        json!(round_to(progress.covered_share, 3)),
+    );
+    figures.insert("files".into(), json!(settings.files));
+    figures.insert("file_bytes".into(), json!(settings.file_bytes));
+    figures.insert("catalog_bytes".into(), json!(settings.catalog_bytes()));
+    figures.insert("parallel_downloads".into(), json!(PARALLEL));
+    figures.insert("waited_for_others_s".into(), json!(quiet.waited.as_secs()));
+
+    print_summary(&Summary {
+        settings: &settings,
+        fill_mib_per_s,
+        fio_mib_per_s,
+        curl_mib_per_s,
+        capped_bits_per_s,
+        cap_accuracy,
+        idle: &idle,
+        during: &during,
+        progress: &progress,
+        ours: &ours,
+        fill_watch: &fill_watch,
+        quiet: &quiet,
+        notes: &notes,
+        pin,
+    });
+    Ok(figures)
+}
+
+/// Fails with an apt-get hint when a tool is missing.
+fn ensure_tools() -> Result<()> {
+    let tools = [
+        ("nginx", "nginx"),
+        ("fio", "fio"),
+        ("wrk", "wrk"),
+        ("curl", "curl"),
+        ("taskset", "util-linux"),
+        ("fallocate", "util-linux"),
+        ("sha256sum", "coreutils"),
+        ("top", "procps"),
+    ];
+    let missing: BTreeSet<&str> = tools
+        .iter()
+        .filter(|(tool, _)| !util::have(tool))
+        .map(|(_, package)| *package)
+        .collect();
+    if !missing.is_empty() {
+        let list: Vec<&str> = missing.into_iter().collect();
+        bail!(
+            "bench fill needs: apt-get install {} (as root)",
+            list.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Removes the big files of the run when dropped (the catalog under origin/ stays).
+struct Cleanup {
+    paths: Vec<PathBuf>,
+}
+
+impl Cleanup {
+    fn new(dir: &Path) -> Cleanup {
+        let cleanup = Cleanup {
+            paths: [
+                "drive0.img",
+                "drive-cap.img",
+                "fio.img",
+                "curl",
+                "state0",
+                "state-cap",
+            ]
+            .iter()
+            .map(|name| dir.join(name))
+            .collect(),
+        };
+        // Leftovers of an interrupted run go first.
+        cleanup.remove_all();
+        cleanup
+    }
+
+    fn remove_all(&self) {
+        for path in &self.paths {
+            if path.is_dir() {
+                let _ = std::fs::remove_dir_all(path);
+            } else {
+                let _ = std::fs::remove_file(path);
+            }
+        }
+    }
+}
+
+impl Drop for Cleanup {
+    fn drop(&mut self) {
+        self.remove_all();
+    }
+}
+
+/// One file of a generated set, as its manifest row says.
+#[derive(Clone, Debug)]
+struct CatalogFile {
+    /// The URL path, `/fill/title-0000.mp4`.
+    path: String,
+    size_bytes: u64,
+    sha256: String,
+}
+
+impl CatalogFile {
+    fn local(&self, root: &Path) -> PathBuf {
+        root.join(self.path.trim_start_matches('/'))
+    }
+}
+
+fn manifest_json(files: &[CatalogFile]) -> String {
+    let rows: Vec<Value> = files
+        .iter()
+        .zip(1u64..)
+        .map(|(file, rank)| {
+            json!({
+                "path": file.path,
+                "size_bytes": file.size_bytes,
+                "sha256": file.sha256,
+                "rank": rank,
+            })
+        })
+        .collect();
+    let document = json!({
+        "version": 1,
+        "generated_at": "2026-11-23T02:00:00Z",
+        "files": rows,
+    });
+    document.to_string()
+}
+
+/// `count` files of `file_bytes` pseudo-random bytes named `/fill/PREFIX-NNNN.mp4` under
+/// `root`, with `root/manifest[-PREFIX].json`; reused when the manifest and the sizes match.
+fn ensure_set(
+    root: &Path,
+    prefix: &str,
+    salt: u64,
+    count: u64,
+    file_bytes: u64,
+) -> Result<Vec<CatalogFile>> {
+    let manifest = if prefix == "title" {
+        root.join("manifest.json")
+    } else {
+        root.join(format!("manifest-{prefix}.json"))
+    };
+    let wanted: Vec<String> = (0..count)
+        .map(|number| format!("/fill/{prefix}-{number:04}.mp4"))
+        .collect();
+    if let Some(files) = reusable(root, &manifest, &wanted, file_bytes) {
+        return Ok(files);
+    }
+    println!(
+        "  generating {count} files of {} MiB under {} (once; kept for later runs)",
+        file_bytes / MIB,
+        root.join("fill").display()
+    );
+    std::fs::create_dir_all(root.join("fill"))?;
+    let mut chunk = vec![0u8; usize::try_from(MIB)?];
+    let mut locals = Vec::new();
+    for (number, path) in (0u64..).zip(&wanted) {
+        let mut state = (salt << 32 | (number + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        let local = root.join(path.trim_start_matches('/'));
+        let mut file = std::io::BufWriter::new(std::fs::File::create(&local)?);
+        for _ in 0..file_bytes / MIB {
+            for word in chunk.chunks_exact_mut(8) {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                word.copy_from_slice(&state.to_le_bytes());
+            }
+            file.write_all(&chunk)?;
+        }
+        file.flush()?;
+        locals.push(local);
+    }
+    let args: Vec<&str> = locals
+        .iter()
+        .map(|local| text(local))
+        .collect::<Result<_>>()?;
+    let sums = output("sha256sum", &args)?;
+    let by_local: BTreeMap<&str, &str> = sums
+        .lines()
+        .filter_map(|line| {
+            let (sum, local) = line.split_once("  ")?;
+            Some((local, sum))
+        })
+        .collect();
+    let mut files = Vec::new();
+    for (path, local) in wanted.iter().zip(&locals) {
+        let sum = by_local
+            .get(text(local)?)
+            .with_context(|| format!("sha256sum printed nothing for {}", local.display()))?;
+        files.push(CatalogFile {
+            path: path.clone(),
+            size_bytes: file_bytes,
+            sha256: (*sum).to_string(),
+        });
+    }
+    std::fs::write(&manifest, manifest_json(&files))?;
+    Ok(files)
+}
+
+/// The files of an earlier run's manifest, when they are exactly the wanted ones.
+fn reusable(
+    root: &Path,
+    manifest: &Path,
+    wanted: &[String],
+    file_bytes: u64,
+) -> Option<Vec<CatalogFile>> {
+    let document: Value = serde_json::from_slice(&std::fs::read(manifest).ok()?).ok()?;
+    let rows = document["files"].as_array()?;
+    if rows.len() != wanted.len() {
+        return None;
+    }
+    let mut files = Vec::new();
+    for (row, path) in rows.iter().zip(wanted) {
+        let file = CatalogFile {
+            path: row["path"].as_str()?.to_string(),
+            size_bytes: row["size_bytes"].as_u64()?,
+            sha256: row["sha256"].as_str()?.to_string(),
+        };
+        let on_disk = std::fs::metadata(file.local(root)).ok()?.len();
+        if file.path != *path || file.size_bytes != file_bytes || on_disk != file_bytes {
+            return None;
+        }
+        files.push(file);
+    }
+    Some(files)
+}
+
+/// Reads every file once so that the origin serves them from the page cache; returns bytes.
+fn warm_files<'a>(root: &Path, files: impl Iterator<Item = &'a CatalogFile>) -> Result<u64> {
+    let mut buffer = vec![0u8; usize::try_from(4 * MIB)?];
+    let mut total = 0u64;
+    for file in files {
+        let mut handle = std::fs::File::open(file.local(root))?;
+        loop {
+            let read = handle.read(&mut buffer)?;
+            if read == 0 {
+                break;
+            }
+            total += read as u64;
+        }
+    }
+    Ok(total)
+}
+
+/// Reads a whole file once (the page cache then holds it).
+fn warm_path(path: &Path) -> Result<()> {
+    let mut buffer = vec![0u8; usize::try_from(4 * MIB)?];
+    let mut handle = std::fs::File::open(path)?;
+    while handle.read(&mut buffer)? > 0 {}
+    Ok(())
+}
+
+/// A child process stopped when dropped: SIGTERM, then SIGKILL after 15 s (and its helpers).
+struct Process {
+    name: String,
+    child: Child,
+    /// Further processes to kill if the child had to be killed (nginx's worker).
+    helpers: Vec<u32>,
+}
+
+impl Process {
+    fn new(name: &str, child: Child) -> Process {
+        Process {
+            name: name.to_string(),
+            child,
+            helpers: Vec::new(),
+        }
+    }
+
+    fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits up to `grace`; SIGKILL after that. Returns how it ended.
+    fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+        if let Some(status) = self.child.try_wait()? {
+            return Ok(status);
+        }
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.pid().to_string()])
+            .status();
+        let deadline = Instant::now() + grace;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait()? {
+                return Ok(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        eprintln!(
+            "  {} did not stop on SIGTERM within {} s; killing it",
+            self.name,
+            grace.as_secs()
+        );
+        let _ = self.child.kill();
+        let status = self.child.wait()?;
+        for helper in &self.helpers {
+            let _ = Command::new("kill")
+                .args(["-KILL", &helper.to_string()])
+                .status();
+        }
+        Ok(status)
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.stop(Duration::from_secs(15));
+    }
+}
+
+/// A loopback port nobody listens on right now.
+fn free_port() -> Result<u16> {
+    let listener = TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// nginx serving the catalog folder on loopback, in the foreground.
+struct Origin {
+    port: u16,
+    worker: u32,
+    _process: Process,
+}
+
+impl Origin {
+    fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+fn nginx_binary() -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join("nginx"))
+        .find(|candidate| candidate.is_file());
+    found.context("nginx not found")
+}
+
+fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
+    let prefix = dir.join("nginx");
+    let _ = std::fs::remove_dir_all(&prefix);
+    std::fs::create_dir_all(prefix.join("logs"))?;
+    let port = free_port()?;
+    // As root, nginx's worker would otherwise run as nobody and may not read target/.
+    let user = if util::is_root() { "user root;\n" } else { "" };
+    let conf = prefix.join("nginx.conf");
+    let error_log = prefix.join("logs/error.log");
+    std::fs::write(
+        &conf,
+        format!(
+            "{user}daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
+             events {{ worker_connections 256; }}\n\
+             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
+             \x20 default_type application/octet-stream;\n\
+             \x20 client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
+             \x20 fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
+             \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+            pid = prefix.join("nginx.pid").display(),
+            err = error_log.display(),
+            tmp = prefix.join("logs").display(),
+            root = root.display(),
+        ),
+    )?;
+    let binary = nginx_binary()?;
+    let prefix_text = format!("{}/", prefix.display());
+    let child = Command::new(&binary)
+        .args([
+            "-e",
+            text(&error_log)?,
+            "-p",
+            &prefix_text,
+            "-c",
+            text(&conf)?,
+        ])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting nginx")?;
+    let mut process = Process::new("nginx", child);
+    let master = process.pid();
+    let started = Instant::now();
+    let worker = loop {
+        let children = output("pgrep", &["-P", &master.to_string()]).unwrap_or_default();
+        let worker = children
+            .lines()
+            .find_map(|line| line.trim().parse::<u32>().ok());
+        if let Some(worker) = worker {
+            if http(port, "GET", "/manifest.json", None).is_ok_and(|(status, _)| status == 200) {
+                break worker;
+            }
+        }
+        if !process.alive() || started.elapsed() > Duration::from_secs(20) {
+            bail!("nginx did not start; see {}", error_log.display());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    process.helpers.push(worker);
+    Ok(Origin {
+        port,
+        worker,
+        _process: process,
+    })
+}
+
+/// One request on a fresh connection (Connection: close), read to the end: status and body.
+fn http(port: u16, method: &str, path: &str, range: Option<(u64, u64)>) -> Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+    let mut request =
+        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
+    if method == "POST" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    if let Some((first, last)) = range {
+        let _ = write!(request, "Range: bytes={first}-{last}\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut all = Vec::new();
+    stream.read_to_end(&mut all)?;
+    let end = all
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .context("no complete response head")?;
+    let head = String::from_utf8_lossy(&all[..end]).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|word| word.parse().ok())
+        .context("no status in the response")?;
+    Ok((status, all.split_off(end + 4)))
+}
+
+fn fresh_dir(path: &Path) -> Result<()> {
+    let _ = std::fs::remove_dir_all(path);
+    std::fs::create_dir_all(path)?;
+    Ok(())
+}
+
+/// A sparse drive file, formatted with 256 MiB segments, then preallocated as fio does.
+fn fresh_drive(applianced: &Path, path: &Path, size_bytes: u64) -> Result<()> {
+    let _ = std::fs::remove_file(path);
+    std::fs::File::create(path)?.set_len(size_bytes)?;
+    output(
+        text(applianced)?,
+        &["format", "--segment-mib", "256", text(path)?],
+    )?;
+    // Format punched the segment area; preallocate it again.
+    output("fallocate", &["-l", &size_bytes.to_string(), text(path)?])?;
+    Ok(())
+}
+
+fn fill_section(manifest: &str, source: &str, bandwidth_bits_per_s: u64) -> String {
+    let mut section = format!(
+        "[fill]\nmanifest = {manifest:?}\nsources = [{source:?}]\nconcurrency = {PARALLEL}\n"
+    );
+    if bandwidth_bits_per_s > 0 {
+        let _ = writeln!(section, "bandwidth_bits_per_s = {bandwidth_bits_per_s}");
+    }
+    section
+}
+
+/// A config with one drive; `serve` = (listen port, admin port) adds a `[serve]` section.
+fn write_config(
+    path: &Path,
+    drive: &Path,
+    state: &Path,
+    fill: &str,
+    serve: Option<(u16, u16)>,
+) -> Result<()> {
+    let mut config = format!(
+        "drives = [{:?}]\nstate_dir = {:?}\n",
+        text(drive)?,
+        text(state)?
+    );
+    if let Some((port, admin)) = serve {
+        let _ = write!(
+            config,
+            "[serve]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
+             worker_threads = 1\naccess_log = \"off\"\n"
+        );
+    }
+    config.push_str(fill);
+    std::fs::write(path, config)?;
+    Ok(())
+}
+
+/// utime + stime in clock ticks from a /proc/.../stat line, and the name in parentheses.
+fn stat_ticks(path: &Path) -> Option<(String, f64)> {
+    let line = std::fs::read_to_string(path).ok()?;
+    let open = line.find('(')?;
+    let close = line.rfind(')')?;
+    let name = line.get(open + 1..close)?.to_string();
+    let fields: Vec<&str> = line.get(close + 1..)?.split_whitespace().collect();
+    // After the name, field 3 (state) comes first: utime and stime are at 11 and 12.
+    let utime: f64 = fields.get(11)?.parse().ok()?;
+    let stime: f64 = fields.get(12)?.parse().ok()?;
+    Some((name, utime + stime))
+}
+
+fn process_ticks(pid: u32) -> f64 {
+    stat_ticks(Path::new(&format!("/proc/{pid}/stat"))).map_or(0.0, |(_, ticks)| ticks)
+}
+
+/// Ticks of every thread of `pid`, by thread id (name, ticks).
+fn thread_ticks(pid: u32) -> BTreeMap<u64, (String, f64)> {
+    let Ok(entries) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return BTreeMap::new();
+    };
+    entries
+        .filter_map(|entry| entry.ok())
+        .filter_map(|entry| {
+            let tid: u64 = entry.file_name().to_str()?.parse().ok()?;
+            let sample = stat_ticks(&entry.path().join("stat"))?;
+            Some((tid, sample))
+        })
+        .collect()
+}
+
+/// Bytes the process has written to storage so far (/proc/PID/io write_bytes).
+fn written_bytes(pid: u32) -> Option<u64> {
+    std::fs::read_to_string(format!("/proc/{pid}/io"))
+        .ok()?
+        .lines()
+        .find_map(|line| line.strip_prefix("write_bytes:"))?
+        .trim()
+        .parse()
+        .ok()
+}
+
+/// One second of a fill as seen from outside: CPU cores busy and MiB/s written to storage.
+struct Tick {
+    at_s: f64,
+    cpu_cores: f64,
+    write_mib_per_s: f64,
+}
+
+/// One timed `applianced fill`.
+struct FillRun {
+    seconds: f64,
+    report: Value,
+    cpu_s: f64,
+    origin_cpu_s: f64,
+    /// CPU seconds by thread name, busiest first.
+    threads: Vec<(String, f64)>,
+    timeline: Vec<Tick>,
+    /// `top -H` of the fill's threads, taken once while it ran.
+    top: String,
+}
+
+fn timed_fill(
+    applianced: &Path,
+    config: &Path,
+    dir: &Path,
+    label: &str,
+    origin_worker: u32,
+    ticks_per_s: f64,
+) -> Result<FillRun> {
+    let stdout_path = dir.join(format!("{label}.out"));
+    let log_path = dir.join(format!("{label}.log"));
+    let origin_before = process_ticks(origin_worker);
+    let started = Instant::now();
+    let child = Command::new(applianced)
+        .args(["fill", "--config", text(config)?])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path)?)
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()
+        .context("starting applianced fill")?;
+    let mut process = Process::new("applianced fill", child);
+    let pid = process.pid();
+    let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
+    let mut timeline = Vec::new();
+    let mut top = String::new();
+    let mut last = (0.0f64, 0.0f64, written_bytes(pid).unwrap_or(0));
+    let status = loop {
+        if let Some(status) = process.child.try_wait()? {
+            break status;
+        }
+        let now_s = started.elapsed().as_secs_f64();
+        if started.elapsed() > FILL_DEADLINE {
+            process.stop(Duration::from_secs(15))?;
+            bail!(
+                "{label}: applianced fill ran past {} s; see {}",
+                FILL_DEADLINE.as_secs(),
+                log_path.display()
+            );
+        }
+        let sample = thread_ticks(pid);
+        if !sample.is_empty() {
+            threads.extend(sample);
+            let ticks: f64 = threads.values().map(|(_, ticks)| ticks).sum();
+            if now_s - last.0 >= 1.0 {
+                let written = written_bytes(pid).unwrap_or(last.2);
+                let span = now_s - last.0;
+                timeline.push(Tick {
+                    at_s: now_s,
+                    cpu_cores: (ticks - last.1) / ticks_per_s / span,
+                    write_mib_per_s: written.saturating_sub(last.2) as f64 / MIB_F / span,
+                });
+                last = (now_s, ticks, written);
+            }
+        }
+        if top.is_empty() && now_s >= 1.5 {
+            top = output("top", &["-b", "-n1", "-H", "-p", &pid.to_string()]).unwrap_or_default();
+            let whole = output("top", &["-b", "-n1"]).unwrap_or_default();
+            std::fs::write(
+                dir.join(format!("{label}-top.txt")),
+                format!("{top}\n{whole}"),
+            )?;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    let seconds = started.elapsed().as_secs_f64();
+    let origin_cpu_s = (process_ticks(origin_worker) - origin_before) / ticks_per_s;
+    let stdout = std::fs::read_to_string(&stdout_path)?;
+    let report: Value = serde_json::from_str(&stdout).unwrap_or(Value::Null);
+    if !status.success() {
+        bail!(
+            "{label}: applianced fill failed ({status}); report: {report}; see {}",
+            log_path.display()
+        );
+    }
+    let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+    for (name, ticks) in threads.values() {
+        *by_name.entry(name.clone()).or_default() += ticks / ticks_per_s;
+    }
+    let cpu_s = by_name.values().sum();
+    let mut threads: Vec<(String, f64)> = by_name.into_iter().collect();
+    threads.sort_by(|a, b| b.1.total_cmp(&a.1));
+    Ok(FillRun {
+        seconds,
+        report,
+        cpu_s,
+        origin_cpu_s,
+        threads,
+        timeline,
+        top,
+    })
+}
+
+/// The fill report must say: every file fetched, nothing failed, the right byte count.
+fn check_fill_report(label: &str, report: &Value, files: u64, bytes: u64) -> Result<()> {
+    let fetched = report["files_fetched"].as_u64();
+    let failed = report["files_failed"].as_u64();
+    let fetched_bytes = report["bytes_fetched"].as_u64();
+    if fetched != Some(files) || failed != Some(0) || fetched_bytes != Some(bytes) {
+        bail!(
+            "{label}: wanted {files} files and {bytes} bytes fetched, none failed; the report \
+             says {report}"
+        );
+    }
+    Ok(())
+}
+
+/// fio's sequential direct write rate (io_uring, 1 MiB, QD16) into a file on the same disk.
+fn fio_write(path: &Path, total_bytes: u64) -> Result<f64> {
+    let _ = std::fs::remove_file(path);
+    let text = output(
+        "fio",
+        &[
+            "--name=w",
+            &format!("--filename={}", path.display()),
+            "--ioengine=io_uring",
+            "--direct=1",
+            "--rw=write",
+            "--bs=1M",
+            "--iodepth=16",
+            &format!("--size={total_bytes}"),
+            "--output-format=json",
+        ],
+    )?;
+    let report: Value = serde_json::from_str(&text).context("fio JSON")?;
+    let bytes_per_s = report["jobs"][0]["write"]["bw_bytes"]
+        .as_f64()
+        .context("fio reported no write bandwidth")?;
+    Ok(bytes_per_s / MIB_F)
+}
+
+/// Downloads every file with `PARALLEL` curls at once into `into`, then syncs; returns seconds.
+fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile]) -> Result<f64> {
+    fresh_dir(into)?;
+    let next = AtomicU64::new(0);
+    let started = Instant::now();
+    std::thread::scope(|scope| -> Result<()> {
+        let mut workers = Vec::new();
+        for _ in 0..PARALLEL {
+            workers.push(scope.spawn(|| -> Result<()> {
+                loop {
+                    let number = usize::try_from(next.fetch_add(1, Ordering::SeqCst))?;
+                    let Some(file) = files.get(number) else {
+                        return Ok(());
+                    };
+                    let name = file.path.rsplit('/').next().unwrap_or("file");
+                    let target = into.join(name);
+                    output(
+                        "curl",
+                        &["-s", "-f", "-o", text(&target)?, &origin.url(&file.path)],
+                    )?;
+                    let got = std::fs::metadata(&target)?.len();
+                    if got != file.size_bytes {
+                        bail!(
+                            "curl {}: {got} bytes, wanted {}",
+                            file.path,
+                            file.size_bytes
+                        );
+                    }
+                }
+            }));
+        }
+        for worker in workers {
+            worker.join().expect("curl worker")?;
+        }
+        Ok(())
+    })?;
+    output("sync", &[])?;
+    Ok(started.elapsed().as_secs_f64())
+}
+
+/// Waits until no other benchmark runs, and watches for one while a phase measures.
+struct Quiet {
+    /// How long no other benchmark must be seen before measuring.
+    quiet_s: u64,
+    waited: Duration,
+    /// Phases during which another benchmark was seen, with what was seen.
+    disturbed: Vec<String>,
+    /// Phases that waited, and how long.
+    waits: Vec<String>,
+}
+
+impl Quiet {
+    fn new(quiet_s: u64) -> Quiet {
+        Quiet {
+            quiet_s,
+            waited: Duration::ZERO,
+            disturbed: Vec::new(),
+            waits: Vec::new(),
+        }
+    }
+
+    /// Waits until no other benchmark has been seen for `quiet_s` seconds.
+    fn wait(&mut self, phase: &str) {
+        let started = Instant::now();
+        let mut announced = false;
+        let mut quiet_since = Instant::now();
+        loop {
+            let others = other_benchmarks();
+            if others.is_empty() {
+                // Nothing seen at all: go at once; after a wait: only once quiet for a while.
+                if !announced || quiet_since.elapsed() >= Duration::from_secs(self.quiet_s) {
+                    break;
+                }
+            } else {
+                if !announced {
+                    println!(
+                        "  {phase}: waiting for other benchmarks to finish: {}",
+                        others.join(", ")
+                    );
+                    announced = true;
+                }
+                quiet_since = Instant::now();
+            }
+            if started.elapsed() > QUIET_WAIT_MAX {
+                println!(
+                    "  {phase}: still not quiet after {} s; measuring anyway",
+                    QUIET_WAIT_MAX.as_secs()
+                );
+                self.disturbed.push(format!(
+                    "{phase}: measured after waiting {} s without the others finishing",
+                    QUIET_WAIT_MAX.as_secs()
+                ));
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+        if announced {
+            let waited = started.elapsed();
+            self.waited += waited;
+            self.waits
+                .push(format!("{phase}: {:.0} s", waited.as_secs_f64()));
+        }
+    }
+
+    /// Runs `measure` once quiet, watching for other benchmarks meanwhile; a disturbed
+    /// measurement is done again (twice at most) and noted if it stays disturbed.
+    fn measure<T>(
+        &mut self,
+        phase: &str,
+        retry: bool,
+        notes: &mut Vec<String>,
+        mut measure: impl FnMut() -> Result<T>,
+    ) -> Result<(T, Vec<String>)> {
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            self.wait(phase);
+            let watch = Watch::start();
+            let result = measure();
+            let seen = watch.finish();
+            let value = result?;
+            if seen.is_empty() {
+                return Ok((value, seen));
+            }
+            let line = format!(
+                "{phase} (attempt {attempt}): other benchmarks ran meanwhile: {}",
+                seen.join(", ")
+            );
+            println!("  {line}");
+            if attempt >= 3 || !retry {
+                self.disturbed.push(line.clone());
+                notes.push(line);
+                return Ok((value, seen));
+            }
+        }
+    }
+}
+
+/// A thread that records other benchmarks seen running, once a second.
+struct Watch {
+    stop: Arc<AtomicBool>,
+    seen: Arc<Mutex<BTreeSet<String>>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Watch {
+    fn start() -> Watch {
+        let stop = Arc::new(AtomicBool::new(false));
+        let seen = Arc::new(Mutex::new(BTreeSet::new()));
+        let (flag, record) = (Arc::clone(&stop), Arc::clone(&seen));
+        let thread = std::thread::spawn(move || {
+            while !flag.load(Ordering::SeqCst) {
+                let others = other_benchmarks();
+                if !others.is_empty() {
+                    let mut record = record.lock().unwrap_or_else(|poison| poison.into_inner());
+                    record.extend(others);
+                }
+                for _ in 0..10 {
+                    if flag.load(Ordering::SeqCst) {
+                        break;
+                    }
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            }
+        });
+        Watch {
+            stop,
+            seen,
+            thread: Some(thread),
+        }
+    }
+
+    fn finish(mut self) -> Vec<String> {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+        let seen = self
+            .seen
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        seen.iter().cloned().collect()
+    }
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
+/// `wrk`, `fio` and `xtask bench` processes that are not this one or its descendants.
+fn other_benchmarks() -> Vec<String> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    let mut found = Vec::new();
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid == me {
+            continue;
+        }
+        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+        let comm = comm.trim();
+        let is_benchmark = match comm {
+            "wrk" | "fio" => true,
+            "xtask" => std::fs::read(entry.path().join("cmdline"))
+                .map(|line| {
+                    let words: Vec<&[u8]> = line.split(|byte| *byte == 0).collect();
+                    words.get(1) == Some(&&b"bench"[..])
+                })
+                .unwrap_or(false),
+            _ => false,
+        };
+        if is_benchmark && !descends_from(pid, me) {
+            found.push(format!("{comm} (pid {pid})"));
+        }
+    }
+    found
+}
+
+/// True when `me` is `pid`'s parent, grandparent, ...
+fn descends_from(pid: u32, me: u32) -> bool {
+    let mut current = pid;
+    for _ in 0..32 {
+        let Ok(line) = std::fs::read_to_string(format!("/proc/{current}/stat")) else {
+            return false;
+        };
+        let parent = line
+            .rfind(')')
+            .and_then(|close| line.get(close + 1..))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|word| word.parse::<u32>().ok());
+        match parent {
+            Some(parent) if parent == me => return true,
+            Some(parent) if parent > 1 => current = parent,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// What one wrk run measured.
+#[derive(Clone, Debug, Default)]
+struct WrkRun {
+    p50_ms: f64,
+    p99_ms: f64,
+    rps: f64,
+    requests: f64,
+    errors: f64,
+    bytes_per_response: f64,
+}
+
+/// The wrk script: a random stored file and a random 4 KiB-aligned 1 MiB range per request
+/// (LuaJIT: no `//`, so math.floor).
+fn write_script(dir: &Path, files: u64, file_bytes: u64) -> Result<PathBuf> {
+    let path = dir.join("ranges.lua");
+    let script = format!(
+        r#"-- Generated by cargo xtask bench fill
+local files = {files}
+local size = {file_bytes}
+local range = {RANGE_BYTES}
+local slots = math.floor((size - range) / 4096)
+math.randomseed(7)
+
+request = function()
+  local path = string.format("/fill/title-%04d.mp4", math.random(0, files - 1))
+  local first = math.random(0, slots) * 4096
+  local header = string.format("bytes=%d-%d", first, first + range - 1)
+  return wrk.format("GET", path, {{ ["Range"] = header }})
+end
+
+done = function(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format(
+    "BENCH requests=%.0f bytes=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f " ..
+    "status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f\n",
+    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
+    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
+end
+"#
+    );
+    std::fs::write(&path, script)?;
+    Ok(path)
+}
+
+/// wrk (16 connections, one thread) against `port`, pinned to core 0 when `pin`.
+struct WrkChild {
+    process: Process,
+    out_path: PathBuf,
+    deadline: Instant,
+}
+
+fn start_wrk(port: u16, seconds: u64, script: &Path, pin: bool, label: &str) -> Result<WrkChild> {
+    let mut command = if pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "0", "wrk"]);
+        command
+    } else {
+        Command::new("wrk")
+    };
+    let out_path = script.with_file_name(format!("wrk-{label}.out"));
+    let out = std::fs::File::create(&out_path)?;
+    command
+        .args([
+            "--latency",
+            "-t1",
+            "-c16",
+            "-d",
+            &format!("{seconds}s"),
+            "--timeout",
+            "10s",
+            "-s",
+            text(script)?,
+            &format!("http://127.0.0.1:{port}/"),
+        ])
+        .stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    let child = command.spawn().context("starting wrk")?;
+    Ok(WrkChild {
+        process: Process::new("wrk", child),
+        out_path,
+        deadline: Instant::now() + Duration::from_secs(seconds + 60),
+    })
+}
+
+impl WrkChild {
+    /// None while running; the result once wrk ended.
+    fn poll(&mut self) -> Result<Option<WrkRun>> {
+        let Some(status) = self.process.child.try_wait()? else {
+            if Instant::now() > self.deadline {
+                bail!("wrk ran past its deadline");
+            }
+            return Ok(None);
+        };
+        let text = std::fs::read_to_string(&self.out_path)?;
+        if !status.success() {
+            bail!("wrk failed ({status}):\n{text}");
+        }
+        let line = text
+            .lines()
+            .find(|line| line.starts_with("BENCH "))
+            .with_context(|| format!("wrk printed no summary:\n{text}"))?;
+        let fields: BTreeMap<&str, f64> = line
+            .split_whitespace()
+            .skip(1)
+            .filter_map(|pair| {
+                let (name, value) = pair.split_once('=')?;
+                Some((name, value.parse().ok()?))
+            })
+            .collect();
+        let field = |name: &str| -> Result<f64> {
+            fields
+                .get(name)
+                .copied()
+                .with_context(|| format!("wrk summary without {name}: {line}"))
+        };
+        let requests = field("requests")?;
+        Ok(Some(WrkRun {
+            p50_ms: field("p50_us")? / 1000.0,
+            p99_ms: field("p99_us")? / 1000.0,
+            rps: requests / (field("duration_us")? / 1e6),
+            requests,
+            errors: field("connect")?
+                + field("read")?
+                + field("write")?
+                + field("status")?
+                + field("timeout")?,
+            bytes_per_response: if requests > 0.0 {
+                field("bytes")? / requests
+            } else {
+                0.0
+            },
+        }))
+    }
+
+    fn wait(mut self) -> Result<WrkRun> {
+        loop {
+            if let Some(run) = self.poll()? {
+                return Ok(run);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// How the fill of new files went while wrk measured.
+#[derive(Default)]
+struct FillProgress {
+    /// The fill's download rate over the wrk run.
+    mib_per_s: f64,
+    /// Share of the wrk run during which the fill was running.
+    covered_share: f64,
+    /// Seconds from the start of the fill to its end.
+    total_s: f64,
+    notes: Vec<String>,
+}
+
+/// The fill's admin status.
+fn fill_status(admin: u16) -> Result<Value> {
+    let (status, body) = http(admin, "GET", "/fill", None)?;
+    if status != 200 {
+        bail!("GET /fill answered {status}");
+    }
+    serde_json::from_slice(&body).context("GET /fill JSON")
+}
+
+struct ServePhase<'a> {
+    applianced: &'a Path,
+    dir: &'a Path,
+    drive: &'a Path,
+    state: &'a Path,
+    config: &'a Path,
+    origin: &'a Origin,
+    main_manifest: &'a str,
+    new_manifest: &'a str,
+    settings: &'a Settings,
+    catalog: &'a [CatalogFile],
+    pin: bool,
+}
+
+fn percent_encode(text: &str) -> String {
+    text.bytes()
+        .map(|byte| {
+            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
+                char::from(byte).to_string()
+            } else {
+                format!("%{byte:02X}")
+            }
+        })
+        .collect()
+}
+
+/// `applianced run` on the filled drive: p99 of 1 MiB ranges idle, then while a fill of new
+/// files runs (started through the admin listener).
+fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
+    let port = free_port()?;
+    let admin = free_port()?;
+    write_config(
+        phase.config,
+        phase.drive,
+        phase.state,
+        &fill_section(phase.main_manifest, &phase.origin.url(""), 0),
+        Some((port, admin)),
+    )?;
+    let log_path = phase.dir.join("serve.log");
+    let log = std::fs::File::create(&log_path)?;
+    let mut command = if phase.pin {
+        let mut command = Command::new("taskset");
+        command.args(["-c", "1"]).arg(phase.applianced);
+        command
+    } else {
+        Command::new(phase.applianced)
+    };
+    let child = command
+        .args(["run", "--config", text(phase.config)?])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()
+        .context("starting applianced run")?;
+    let mut daemon = Process::new("applianced run", child);
+    let started = Instant::now();
+    loop {
+        if http(admin, "GET", "/health", None).is_ok_and(|(status, _)| status == 200) {
+            break;
+        }
+        if !daemon.alive() || started.elapsed() > Duration::from_secs(60) {
+            bail!(
+                "the appliance did not become healthy; see {}",
+                log_path.display()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    check_ranges(port, phase)?;
+    // Both runs with the stored catalog in the page cache: what differs is the fill.
+    warm_path(phase.drive)?;
+    let script = write_script(phase.dir, phase.settings.files, phase.settings.file_bytes)?;
+    let idle = start_wrk(port, phase.settings.seconds, &script, phase.pin, "idle")?.wait()?;
+    println!(
+        "  serving idle: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s",
+        idle.p50_ms, idle.p99_ms, idle.rps
+    );
+
+    let mut progress = FillProgress::default();
+    let url = format!(
+        "http://127.0.0.1:{admin}/fill?manifest={}",
+        percent_encode(phase.new_manifest)
+    );
+    let code = output(
+        "curl",
+        &[
+            "-s",
+            "-o",
+            "/dev/null",
+            "-w",
+            "%{http_code}",
+            "-X",
+            "POST",
+            &url,
+        ],
+    )?;
+    if code.trim() != "202" {
+        bail!("POST /fill answered {code}");
+    }
+    let fill_started = Instant::now();
+    // Wait until the fill is downloading before measuring.
+    loop {
+        let status = fill_status(admin)?;
+        if status["running"] == true && status["bytes_done"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        if status["running"] == false && !status["last"].is_null() {
+            bail!("the fill of new files ended before serving was measured: {status}");
+        }
+        if fill_started.elapsed() > Duration::from_secs(30) {
+            bail!("the fill of new files did not start downloading within 30 s: {status}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = fill_status(admin)?;
+    let bytes_before = before["bytes_done"].as_u64().unwrap_or(0);
+    let mut wrk = start_wrk(port, phase.settings.seconds, &script, phase.pin, "during")?;
+    let wrk_started = Instant::now();
+    let mut last_running = wrk_started;
+    let mut bytes_last = bytes_before;
+    let mut ended_at: Option<f64> = None;
+    let during = loop {
+        if let Some(run) = wrk.poll()? {
+            break run;
+        }
+        if ended_at.is_none() {
+            let status = fill_status(admin)?;
+            if status["running"] == true {
+                last_running = Instant::now();
+                bytes_last = status["bytes_done"].as_u64().unwrap_or(bytes_last);
+            } else {
+                ended_at = Some(wrk_started.elapsed().as_secs_f64());
+                bytes_last = status["last"]["bytes_fetched"]
+                    .as_u64()
+                    .unwrap_or(bytes_last);
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    let wrk_s = wrk_started.elapsed().as_secs_f64();
+    let running_s =
+        ended_at.unwrap_or_else(|| last_running.duration_since(wrk_started).as_secs_f64());
+    progress.covered_share = (running_s / wrk_s).min(1.0);
+    progress.mib_per_s =
+        bytes_last.saturating_sub(bytes_before) as f64 / MIB_F / running_s.max(0.001);
+    if let Some(at) = ended_at {
+        progress.notes.push(format!(
+            "the fill of new files ended {at:.1} s into the {wrk_s:.1} s serving run: \
+             the rest of the run was idle (more files: BENCH_FILL_NEW_FILES)"
+        ));
+    }
+    println!(
+        "  serving during the fill: p50 {:.2} ms, p99 {:.2} ms, {:.0} req/s; the fill ran \
+         {:.0}% of the run at {:.0} MiB/s",
+        during.p50_ms,
+        during.p99_ms,
+        during.rps,
+        progress.covered_share * 100.0,
+        progress.mib_per_s
+    );
+    for (name, run) in [("idle", &idle), ("during the fill", &during)] {
+        if run.errors > 0.0 {
+            progress
+                .notes
+                .push(format!("serving {name}: wrk counted {} errors", run.errors));
+        }
+        let spread = (run.bytes_per_response - RANGE_BYTES as f64) / RANGE_BYTES as f64;
+        if !(-0.02..=0.05).contains(&spread) {
+            progress.notes.push(format!(
+                "serving {name}: {:.0} bytes per response, wanted about {RANGE_BYTES}",
+                run.bytes_per_response
+            ));
+        }
+        if run.requests < 1.0 {
+            bail!("serving {name}: wrk completed no request");
+        }
+    }
+    // Let the fill finish and check its report.
+    let status = loop {
+        let status = fill_status(admin)?;
+        if status["running"] == false && !status["last"].is_null() {
+            break status;
+        }
+        if fill_started.elapsed() > FILL_DEADLINE {
+            let _ = http(admin, "POST", "/fill/cancel", None);
+            bail!(
+                "the fill of new files ran past {} s",
+                FILL_DEADLINE.as_secs()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    progress.total_s = fill_started.elapsed().as_secs_f64();
+    let new_bytes = phase.settings.new_files * phase.settings.file_bytes;
+    check_fill_report(
+        "fill during serving",
+        &status["last"],
+        phase.settings.new_files,
+        new_bytes,
+    )?;
+    let exit = daemon.stop(Duration::from_secs(30))?;
+    if !exit.success() {
+        progress.notes.push(format!(
+            "applianced run exited with {exit} on SIGTERM; see {}",
+            log_path.display()
+        ));
+    }
+    Ok((idle, during, progress))
+}
+
+/// A few ranges served from the filled drive must equal the origin's files.
+fn check_ranges(port: u16, phase: &ServePhase) -> Result<()> {
+    let root = phase.dir.join("origin");
+    let size = phase.settings.file_bytes;
+    let count = u64::try_from(phase.catalog.len())?;
+    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    for _ in 0..4 {
+        state ^= state << 13;
+        state ^= state >> 7;
+        state ^= state << 17;
+        let file = &phase.catalog[usize::try_from(state % count)?];
+        let first = (state >> 20) % (size - RANGE_BYTES) / 4096 * 4096;
+        let last = first + RANGE_BYTES - 1;
+        let (status, body) = http(port, "GET", &file.path, Some((first, last)))?;
+        let source = std::fs::read(file.local(&root))?;
+        let want = &source[usize::try_from(first)?..=usize::try_from(last)?];
+        if status != 206 || body != want {
+            bail!(
+                "GET {} bytes={first}-{last}: status {status}, {} bytes that {} the origin's",
+                file.path,
+                body.len(),
+                if body == want { "match" } else { "differ from" }
+            );
+        }
+    }
+    Ok(())
+}
+
+struct Summary<'a> {
+    settings: &'a Settings,
+    fill_mib_per_s: f64,
+    fio_mib_per_s: f64,
+    curl_mib_per_s: f64,
+    capped_bits_per_s: f64,
+    cap_accuracy: f64,
+    idle: &'a WrkRun,
+    during: &'a WrkRun,
+    progress: &'a FillProgress,
+    ours: &'a FillRun,
+    fill_watch: &'a [String],
+    quiet: &'a Quiet,
+    notes: &'a [String],
+    pin: bool,
+}
+
+fn print_summary(summary: &Summary) {
+    let settings = summary.settings;
+    println!(
+        "== fill: {} files of {} MiB ({:.2} GiB) from nginx on loopback (files hot in its page \
+         cache, so the origin is not the limit) into a preallocated drive file ==",
+        settings.files,
+        settings.file_bytes / MIB,
+        settings.catalog_bytes() as f64 / f64::from(1u32 << 30)
+    );
+    println!(
+        "  {:<34} {:>12}  {:<44} {:>8}",
+        "figure", "ours", "peer (same run)", "ratio"
+    );
+    println!(
+        "  {:<34} {:>8.0} MiB/s  {:<44} {:>8.3}",
+        "fill (applianced fill, 4 at once)",
+        summary.fill_mib_per_s,
+        format!(
+            "fio io_uring direct 1M QD16: {:.0} MiB/s",
+            summary.fio_mib_per_s
+        ),
+        summary.fill_mib_per_s / summary.fio_mib_per_s
+    );
+    println!(
+        "  {:<34} {:>8.0} MiB/s  {:<44} {:>8.3}",
+        "",
+        summary.fill_mib_per_s,
+        format!(
+            "curl x{PARALLEL} parallel + sync: {:.0} MiB/s",
+            summary.curl_mib_per_s
+        ),
+        summary.fill_mib_per_s / summary.curl_mib_per_s
+    );
+    println!(
+        "  {:<34} {:>7.1} Mbit/s  {:<44} {:>8.3}",
+        format!("capped fill ({} files)", settings.cap_files),
+        summary.capped_bits_per_s / 1e6,
+        format!("cap {:.0} Mbit/s", CAP_BITS_PER_S as f64 / 1e6),
+        summary.cap_accuracy
+    );
+    println!(
+        "  {:<34} {:>9.2} ms  {:<44} {:>8.3}",
+        "serve p99 during a fill",
+        summary.during.p99_ms,
+        format!("same, no fill: {:.2} ms", summary.idle.p99_ms),
+        summary.idle.p99_ms / summary.during.p99_ms
+    );
+    println!(
+        "  (ratios: fill/fio, fill/curl, achieved/cap, p99 idle/during; serving: wrk -t1 -c16 \
+         {} s, random 1 MiB ranges, catalog in the page cache, {})",
+        settings.seconds,
+        if summary.pin {
+            "wrk on core 0, appliance on core 1 (worker_threads = 1)"
+        } else {
+            "not pinned (one core)"
+        }
+    );
+    let ours = summary.ours;
+    println!(
+        "  the fill used {:.2} cores on average ({:.1} CPU s in {:.2} s); nginx's worker {:.2}",
+        ours.cpu_s / ours.seconds,
+        ours.cpu_s,
+        ours.seconds,
+        ours.origin_cpu_s / ours.seconds
+    );
+    let busiest: Vec<String> = ours
+        .threads
+        .iter()
+        .take(6)
+        .map(|(name, seconds)| format!("{name} {seconds:.1} s"))
+        .collect();
+    println!("  CPU by thread: {}", busiest.join(", "));
+    let timeline: Vec<String> = ours
+        .timeline
+        .iter()
+        .map(|tick| {
+            format!(
+                "{:.0}s {:.2}c {:.0}MiB/s",
+                tick.at_s, tick.cpu_cores, tick.write_mib_per_s
+            )
+        })
+        .collect();
+    println!("  per second (cores, written): {}", timeline.join(" | "));
+    let top_threads: Vec<&str> = ours
+        .top
+        .lines()
+        .skip_while(|line| !line.trim_start().starts_with("PID"))
+        .skip(1)
+        .take(5)
+        .collect();
+    if !top_threads.is_empty() {
+        println!("  top -H at 1.5 s:");
+        for line in top_threads {
+            println!("    {}", line.trim());
+        }
+    }
+    println!(
+        "  fill of {} new files while serving: {:.0} MiB/s over the wrk run, {:.1} s in all",
+        settings.new_files, summary.progress.mib_per_s, summary.progress.total_s
+    );
+    if summary.quiet.waits.is_empty() {
+        println!("  no other benchmark was running: no wait");
+    } else {
+        println!(
+            "  waited for other benchmarks (wrk, fio, xtask bench) to finish: {}",
+            summary.quiet.waits.join(", ")
+        );
+    }
+    if !summary.fill_watch.is_empty() {
+        println!(
+            "  other benchmarks ran during the fill: {}",
+            summary.fill_watch.join(", ")
+        );
+    }
+    if summary.notes.is_empty() {
+        println!("  no errors or problems seen");
+    } else {
+        println!("  problems seen:");
+        for note in summary.notes {
+            println!("    {note}");
+        }
+    }
+}
