@@ -310,4 +310,19 @@ fn metrics_are_in_the_prometheus_text_format() {
     );
     assert!(samples["appliance_http_misses_total"] >= 1.0);
     assert!(samples["appliance_http_sent_bytes_total"] > 0.0);
+    assert_eq!(samples["appliance_store_files"], 6.0, "{metrics}");
+    let drive = ops.drives[0].display().to_string();
+    assert_eq!(
+        samples[&format!("appliance_drive_up{{drive=\"{drive}\"}}")],
+        1.0
+    );
+    assert!(samples[&format!("appliance_drive_written_bytes_total{{drive=\"{drive}\"}}")] > 0.0);
+    let fill_ok = samples
+        .iter()
+        .find(|(name, _)| {
+            name.starts_with("appliance_fill_files_total") && name.contains("result=\"ok\"")
+        })
+        .map(|(_, value)| *value);
+    assert_eq!(fill_ok, Some(6.0), "{metrics}");
+    assert_eq!(metrics.matches("# EOF").count(), 1);
 }

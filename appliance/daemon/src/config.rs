@@ -20,6 +20,10 @@ pub struct Config {
     /// The control socket `appliance-ctl` talks to. Default `/run/appliance/control.sock`.
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// Log level or filter (`error`, `warn`, `info`, `debug`, or a tracing filter such as
+    /// `info,appliance_fill=debug`); RUST_LOG wins when set. Default `info`.
+    #[serde(default = "default_log_level")]
+    pub log_level: String,
     #[serde(default)]
     pub serve: Serve,
     #[serde(default)]
@@ -141,6 +145,10 @@ fn millis(duration: Duration) -> u64 {
     u64::try_from(duration.as_millis()).unwrap_or(u64::MAX)
 }
 
+fn default_log_level() -> String {
+    "info".to_string()
+}
+
 fn default_control_socket() -> PathBuf {
     PathBuf::from(appliance_proto::DEFAULT_SOCKET)
 }
@@ -165,6 +173,12 @@ impl Config {
     fn check(&self) -> Result<()> {
         if self.drives.is_empty() {
             bail!("drives: at least one data drive is needed");
+        }
+        if let Err(error) = tracing_subscriber::EnvFilter::try_new(&self.log_level) {
+            bail!(
+                "log_level: {:?} is not a level or filter: {error}",
+                self.log_level
+            );
         }
         let serve = &self.serve;
         let positive: [(&str, u64); 7] = [

@@ -6,6 +6,7 @@ mod config;
 mod control;
 mod drives;
 mod fill_admin;
+mod logging;
 mod run;
 mod store_commands;
 
@@ -68,13 +69,7 @@ struct FormatArgs {
 }
 
 fn main() {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    logging::init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {
         Command::Format(args) => format(&args),

@@ -19,6 +19,7 @@ const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
+    crate::logging::set_level(&config.log_level).map_err(|error| anyhow::anyhow!(error))?;
     let serve_config = config.serve_config()?;
     let started = Instant::now();
     let store = Store::open(
@@ -74,6 +75,7 @@ async fn serve(
     let control_listener = crate::control::bind(control_socket)?;
     let extension = Arc::new(crate::fill_admin::FillAdmin {
         filler: Arc::clone(&filler),
+        store: store.clone(),
     });
     let server = Server::bind_with(store.clone(), serve_config, Some(extension)).await?;
     tracing::info!(
@@ -128,10 +130,14 @@ fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &applian
         }
     };
     filler.set_bandwidth(config.fill.bandwidth_bits_per_s);
+    if let Err(error) = crate::logging::set_level(&config.log_level) {
+        tracing::error!(%error, "SIGHUP: log level not changed");
+    }
     tracing::info!(
         bandwidth_bits_per_s = config.fill.bandwidth_bits_per_s,
-        "SIGHUP: access log reopened, fill bandwidth cap applied; other changes (listeners, \
-         limits, drives, fill window and sources) take effect at the next restart"
+        log_level = %config.log_level,
+        "SIGHUP: access log reopened, fill bandwidth cap and log level applied; other changes \
+         (listeners, limits, drives, fill window and sources) take effect at the next restart"
     );
 }
 
@@ -151,7 +157,25 @@ async fn keep_watchdog_alive(store: Store) {
         )
         .await;
         if matches!(alive, Ok(Ok(true))) {
-            let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Watchdog]);
+            let stats = store.stats();
+            let failed = stats
+                .drives
+                .iter()
+                .filter(|drive| drive.status != appliance_store::DriveStatus::Ok)
+                .count();
+            let summary = format!(
+                "{} files on {} drives ({} failed)",
+                stats.files,
+                stats.drives.len(),
+                failed
+            );
+            let _ = sd_notify::notify(
+                false,
+                &[
+                    sd_notify::NotifyState::Watchdog,
+                    sd_notify::NotifyState::Status(&summary),
+                ],
+            );
         } else {
             tracing::error!("a drive thread does not answer: withholding the watchdog keep-alive");
         }

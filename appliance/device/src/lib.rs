@@ -93,6 +93,10 @@ pub trait Drive: Send + Sync + 'static {
     fn drop_cached(&self, offset_bytes: u64, length_bytes: u64) -> io::Result<()>;
     /// The buffered descriptor that the serving layer passes to sendfile(2), if any.
     fn serve_fd(&self) -> Option<BorrowedFd<'_>>;
+    /// Bytes read and written through this drive so far (for metrics; sendfile not included).
+    fn io_bytes(&self) -> (u64, u64) {
+        (0, 0)
+    }
 }
 
 /// Waits for a write and turns the buffer-carrying completion into a plain result.

@@ -57,6 +57,8 @@ pub struct UringDrive {
     commands: SyncSender<Command>,
     wake: Arc<File>,
     thread: Option<JoinHandle<()>>,
+    read_bytes: std::sync::atomic::AtomicU64,
+    written_bytes: std::sync::atomic::AtomicU64,
 }
 
 /// What callers ask of the ring thread.
@@ -145,6 +147,8 @@ impl UringDrive {
             commands,
             wake,
             thread: Some(thread),
+            read_bytes: std::sync::atomic::AtomicU64::new(0),
+            written_bytes: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -240,11 +244,23 @@ impl Drive for UringDrive {
     }
 
     fn write_at(&self, offset_bytes: u64, buf: AlignedBuf) -> Ticket {
+        self.written_bytes
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.submit(Direction::Write, offset_bytes, buf)
     }
 
     fn read_at(&self, offset_bytes: u64, buf: AlignedBuf) -> Ticket {
+        self.read_bytes
+            .fetch_add(buf.len() as u64, std::sync::atomic::Ordering::Relaxed);
         self.submit(Direction::Read, offset_bytes, buf)
+    }
+
+    fn io_bytes(&self) -> (u64, u64) {
+        (
+            self.read_bytes.load(std::sync::atomic::Ordering::Relaxed),
+            self.written_bytes
+                .load(std::sync::atomic::Ordering::Relaxed),
+        )
     }
 
     /// Submits a datasync fsync once every write sent before this call has completed.

@@ -23,6 +23,11 @@ pub trait AdminExtension: Send + Sync {
         path: &str,
         query: Option<&str>,
     ) -> Option<(u16, serde_json::Value)>;
+
+    /// More metrics in the OpenMetrics text format (without the closing `# EOF`).
+    fn metrics(&self) -> String {
+        String::new()
+    }
 }
 
 /// How long an admin client may take to send its request.
@@ -144,11 +149,19 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
                 health_json(shared).to_string() + "\n",
             )
         }
-        ("GET", "/metrics") => (
-            200,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-            shared.metrics.encode(),
-        ),
+        ("GET", "/metrics") => {
+            let mut text = shared.metrics.encode();
+            if let Some(extension) = shared.admin_extension() {
+                if let Some(stripped) = text.strip_suffix("# EOF\n") {
+                    text = format!("{stripped}{}# EOF\n", extension.metrics());
+                }
+            }
+            (
+                200,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                text,
+            )
+        }
         ("POST", "/drain") => {
             shared.set_draining(true);
             tracing::info!("draining: steering is told to send no new clients");

@@ -136,6 +136,9 @@ pub struct DriveStats {
     pub live_bytes: u64,
     pub files: u64,
     pub recovery_ms: u64,
+    /// Bytes read and written through the drive's ring since start.
+    pub bytes_read: u64,
+    pub bytes_written: u64,
 }
 
 impl Store {
@@ -480,6 +483,8 @@ impl Store {
                         live_bytes,
                         files: if rt.is_failed() { 0 } else { space.files },
                         recovery_ms: rt.recovery_ms,
+                        bytes_read: rt.drive.io_bytes().0,
+                        bytes_written: rt.drive.io_bytes().1,
                     }
                 }
                 DriveSlot::Failed { path, uuid, reason } => DriveStats {
@@ -495,6 +500,8 @@ impl Store {
                     live_bytes: 0,
                     files: 0,
                     recovery_ms: 0,
+                    bytes_read: 0,
+                    bytes_written: 0,
                 },
             })
             .collect();
