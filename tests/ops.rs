@@ -198,11 +198,21 @@ fn malformed_control_requests_get_an_error_line() {
 fn sighup_reloads_and_a_bad_config_changes_nothing() {
     let ops = start("reload");
     let config = std::fs::read_to_string(&ops.daemon.config).unwrap();
-    std::fs::write(
-        &ops.daemon.config,
-        config.replace("[fill]\n", "[fill]\nbandwidth_bits_per_s = 8000000\n"),
-    )
-    .unwrap();
+    let rotated = ops.scratch.path("access-rotated.log");
+    let changed = config
+        .replace(
+            "[fill]\n",
+            "[fill]\nbandwidth_bits_per_s = 8000000\nwindow = \"03:00-04:00\"\n",
+        )
+        .replace(
+            &format!(
+                "access_log = {:?}",
+                ops.scratch.path("access.log").display().to_string()
+            ),
+            &format!("access_log = {:?}", rotated.display().to_string()),
+        );
+    assert_ne!(changed, config);
+    std::fs::write(&ops.daemon.config, changed).unwrap();
     let kill = |signal: &str| {
         Command::new("kill")
             .args([signal, &ops.daemon.pid().to_string()])
@@ -212,6 +222,19 @@ fn sighup_reloads_and_a_bad_config_changes_nothing() {
     assert!(kill("-HUP").success());
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
+    let status: serde_json::Value =
+        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+    assert_eq!(
+        status["fill"]["window"], "03:00-04:00 UTC",
+        "the window follows SIGHUP"
+    );
+    let _ = ops.daemon.get("/not/here.mp4");
+    std::thread::sleep(Duration::from_millis(1500));
+    let log = std::fs::read_to_string(&rotated).unwrap_or_default();
+    assert!(
+        log.contains("/not/here.mp4"),
+        "the access log moved to its new file: {log:?}"
+    );
     std::fs::write(&ops.daemon.config, "this is = not [valid").unwrap();
     assert!(kill("-HUP").success());
     std::thread::sleep(Duration::from_millis(300));

@@ -121,23 +121,35 @@ async fn serve(
 /// SIGHUP: reads the configuration again, applies what can change at run time (bandwidth cap,
 /// access-log file reopened) and logs what changed and what needs a restart.
 fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &appliance_fill::Filler) {
-    shared.reopen_access_log();
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(error) => {
-            tracing::error!(error = %format!("{error:#}"), "SIGHUP: configuration refused; nothing changed");
+            shared.reopen_access_log();
+            tracing::error!(
+                error = %format!("{error:#}"),
+                "SIGHUP: configuration refused; access log reopened, nothing else changed"
+            );
             return;
         }
     };
     filler.set_bandwidth(config.fill.bandwidth_bits_per_s);
+    match config.fill_config() {
+        Ok(fill) => filler.set_window(fill.window),
+        Err(error) => tracing::error!(error = %format!("{error:#}"), "SIGHUP: fill window kept"),
+    }
     if let Err(error) = crate::logging::set_level(&config.log_level) {
         tracing::error!(%error, "SIGHUP: log level not changed");
     }
+    if let Ok(serve) = config.serve_config() {
+        shared.retarget_access_log(serve.access_log);
+    }
     tracing::info!(
         bandwidth_bits_per_s = config.fill.bandwidth_bits_per_s,
+        window = %config.fill.window,
         log_level = %config.log_level,
-        "SIGHUP: access log reopened, fill bandwidth cap and log level applied; other changes \
-         (listeners, limits, drives, fill window and sources) take effect at the next restart"
+        access_log = %config.serve.access_log,
+        "SIGHUP: reloaded the fill bandwidth cap and window, the log level and the access-log \
+         file; listeners, limits, drives and fill sources take effect at the next restart"
     );
 }
 

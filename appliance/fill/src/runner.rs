@@ -138,6 +138,7 @@ pub struct Filler {
     state: Mutex<FillState>,
     progress: Progress,
     cancel: watch::Sender<bool>,
+    window: Mutex<Option<FillWindow>>,
 }
 
 fn now_unix_s() -> u64 {
@@ -170,6 +171,7 @@ impl Filler {
             state: Mutex::new(state),
             progress: Progress::default(),
             cancel: watch::channel(false).0,
+            window: Mutex::new(config.window.clone()),
             config,
         })
     }
@@ -182,6 +184,22 @@ impl Filler {
 
     pub fn is_running(&self) -> bool {
         self.progress.running.load(Ordering::SeqCst)
+    }
+
+    /// The fill window in force (SIGHUP may change it).
+    pub fn window(&self) -> Option<FillWindow> {
+        self.window
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+            .clone()
+    }
+
+    /// Changes the fill window; the schedule follows it from its next look at the clock.
+    pub fn set_window(&self, window: Option<FillWindow>) {
+        *self
+            .window
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner()) = window;
     }
 
     /// Changes the bandwidth cap of running and later fills.
@@ -225,7 +243,7 @@ impl Filler {
             "files_failed": progress.files_failed.load(Ordering::Relaxed),
             "bytes_total": progress.bytes_total.load(Ordering::Relaxed),
             "bytes_done": bytes_done,
-            "window": self.config.window.as_ref().map(|window| format!(
+            "window": self.window().as_ref().map(|window| format!(
                 "{:02}:{:02}-{:02}:{:02} {}",
                 window.start_minute / 60, window.start_minute % 60,
                 window.end_minute / 60, window.end_minute % 60, window.time_zone)),
@@ -477,15 +495,13 @@ impl Filler {
     /// Fills inside the window: once when it opens (after the box's random delay), then again
     /// every `refetch_interval_s` while it lasts. Returns when `stop` turns true.
     pub async fn schedule(self: Arc<Self>, seed: u64, mut stop: watch::Receiver<bool>) {
-        let Some(window) = self.config.window.clone() else {
-            return;
-        };
         let delay = start_delay_s(seed, self.config.start_delay_max_s);
         let mut last_run: Option<u64> = None;
         loop {
             let now = now_unix_s();
             let now_signed = i64::try_from(now).unwrap_or(i64::MAX);
-            if window.contains(now_signed) {
+            let window = self.window();
+            if window.is_some_and(|window| window.contains(now_signed)) {
                 let due = match last_run {
                     None => true,
                     Some(last) => now >= last + self.config.refetch_interval_s,

@@ -20,6 +20,7 @@ pub enum AccessLogTarget {
 enum Message {
     Line(String),
     Reopen,
+    Retarget(AccessLogTarget),
 }
 
 /// The sending side, cloned into every connection.
@@ -56,6 +57,13 @@ impl AccessLog {
         }
     }
 
+    /// Switches to another file (or stderr); turning the log on or off needs a restart.
+    pub fn retarget(&self, target: AccessLogTarget) {
+        if let Some(sender) = &self.sender {
+            let _ = sender.try_send(Message::Retarget(target));
+        }
+    }
+
     pub fn enabled(&self) -> bool {
         self.sender.is_some()
     }
@@ -78,7 +86,7 @@ fn open(target: &AccessLogTarget) -> Box<dyn Write + Send> {
     }
 }
 
-async fn write_lines(target: AccessLogTarget, mut receiver: mpsc::Receiver<Message>) {
+async fn write_lines(mut target: AccessLogTarget, mut receiver: mpsc::Receiver<Message>) {
     let mut out = open(&target);
     let mut tick = tokio::time::interval(std::time::Duration::from_secs(1));
     loop {
@@ -89,6 +97,13 @@ async fn write_lines(target: AccessLogTarget, mut receiver: mpsc::Receiver<Messa
                 }
                 Some(Message::Reopen) => {
                     let _ = out.flush();
+                    out = open(&target);
+                }
+                Some(Message::Retarget(new_target)) => {
+                    let _ = out.flush();
+                    if new_target != AccessLogTarget::Off {
+                        target = new_target;
+                    }
                     out = open(&target);
                 }
                 None => break,

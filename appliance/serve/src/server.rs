@@ -101,6 +101,11 @@ impl Shared {
         self.admin_extension.as_ref()
     }
 
+    /// Points the access log at another destination (SIGHUP with a changed config).
+    pub fn retarget_access_log(&self, target: AccessLogTarget) {
+        self.access_log.retarget(target);
+    }
+
     /// Asks the access-log writer to reopen its file (after rotation).
     pub fn reopen_access_log(&self) {
         self.access_log.reopen();
