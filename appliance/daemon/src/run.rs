@@ -9,7 +9,6 @@ use anyhow::{Context, Result};
 use appliance_serve::Server;
 use appliance_store::Store;
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
@@ -33,8 +32,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store recovered"
     );
-    let stopping = Arc::new(AtomicBool::new(false));
-    let upkeep = spawn_upkeep(store.clone(), Arc::clone(&stopping));
+    let upkeep = spawn_upkeep(store.clone());
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.serve.worker_threads > 0 {
         runtime.worker_threads(config.serve.worker_threads);
@@ -54,9 +52,8 @@ pub fn run(config_path: &Path) -> Result<()> {
         &config.control_socket,
         config_path,
     ));
-    stopping.store(true, Ordering::SeqCst);
-    let _ = upkeep.join();
-    runtime.shutdown_timeout(Duration::from_secs(1));
+    upkeep.stop();
+    runtime.shutdown_timeout(Duration::from_millis(300));
     store
         .checkpoint()
         .context("writing the shutdown checkpoint")?;
@@ -216,8 +213,7 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         drives::open_all(&config.drives),
         drives::store_config(&config.state_dir)?,
     );
-    let stopping = Arc::new(AtomicBool::new(false));
-    let upkeep = spawn_upkeep(store.clone(), Arc::clone(&stopping));
+    let upkeep = spawn_upkeep(store.clone());
     let filler = Arc::new(
         appliance_fill::Filler::new(store.clone(), config.fill_config()?)
             .map_err(|error| anyhow::anyhow!(error))?,
@@ -240,8 +236,7 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
             }
         }
     });
-    stopping.store(true, Ordering::SeqCst);
-    let _ = upkeep.join();
+    upkeep.stop();
     store
         .checkpoint()
         .context("writing the shutdown checkpoint")?;
@@ -253,16 +248,34 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
     Ok(())
 }
 
-fn spawn_upkeep(store: Store, stopping: Arc<AtomicBool>) -> std::thread::JoinHandle<()> {
-    std::thread::Builder::new()
+/// The store's upkeep thread; it stops (within moments) once `stop` is called.
+struct Upkeep {
+    stop: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Upkeep {
+    fn stop(self) {
+        drop(self.stop);
+        let _ = self.thread.join();
+    }
+}
+
+fn spawn_upkeep(store: Store) -> Upkeep {
+    let (stop, stopped) = std::sync::mpsc::channel::<()>();
+    let thread = std::thread::Builder::new()
         .name("store-upkeep".into())
-        .spawn(move || {
-            while !stopping.load(Ordering::SeqCst) {
-                if let Err(error) = store.maintain() {
-                    tracing::warn!(%error, "store upkeep failed");
-                }
-                std::thread::sleep(UPKEEP_INTERVAL);
+        .spawn(move || loop {
+            if let Err(error) = store.maintain() {
+                tracing::warn!(%error, "store upkeep failed");
+            }
+            // Sleeps for the interval, or wakes at once when the sender is dropped.
+            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
+                stopped.recv_timeout(UPKEEP_INTERVAL)
+            {
+                return;
             }
         })
-        .expect("spawning the upkeep thread")
+        .expect("spawning the upkeep thread");
+    Upkeep { stop, thread }
 }

@@ -27,6 +27,26 @@ use tokio::sync::{watch, Semaphore};
 
 /// Largest sendfile(2) call; the kernel sends what the socket buffer takes anyway.
 const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
+/// Bodies at least this long get an explicit read-ahead hint first; shorter ones are left to
+/// the kernel's own read-ahead, which saves a system call on the small-range path.
+const PREFETCH_BYTES_MIN: u64 = 256 << 10;
+
+thread_local! {
+    /// The Date header value of the current second, formatted once per second per thread.
+    static DATE: std::cell::RefCell<(u64, String)> = const { std::cell::RefCell::new((u64::MAX, String::new())) };
+}
+
+/// The current IMF-fixdate, cached for the second.
+fn date_now() -> String {
+    let now = now_unix_s();
+    DATE.with(|cell| {
+        let mut cached = cell.borrow_mut();
+        if cached.0 != now {
+            *cached = (now, http_date(now));
+        }
+        cached.1.clone()
+    })
+}
 
 /// Every serving limit and option; each has a configured value.
 #[derive(Clone, Debug)]
@@ -374,7 +394,7 @@ async fn respond(
         last_modified_unix_s: handle.published_unix_s(),
     };
     let selection = crate::http::select(head, &representation);
-    let date = http_date(now_unix_s());
+    let date = date_now();
     let mut extra = vec![
         ("Content-Type", content_type(&head.path).to_string()),
         ("ETag", representation.etag.clone()),
@@ -451,7 +471,7 @@ async fn miss(
         location.push('?');
         location.push_str(query);
     }
-    let date = http_date(now_unix_s());
+    let date = date_now();
     let extra = [("Location", location)];
     let mut out = Vec::with_capacity(256);
     write_response_head(
@@ -490,7 +510,7 @@ async fn send_error(
     keep_alive: bool,
 ) -> io::Result<u64> {
     let mut out = Vec::with_capacity(256);
-    error_response(status, keep_alive, &http_date(now_unix_s()), &mut out);
+    error_response(status, keep_alive, &date_now(), &mut out);
     shared.metrics.count_status(status);
     let sent = send_all(stream, &out, false, shared).await?;
     Ok(sent as u64)
@@ -538,8 +558,10 @@ async fn send_file_range(
         return Err(io::Error::other("the drive has no descriptor to send from"));
     };
     let ranges = handle.ranges(start, length);
-    for range in &ranges {
-        let _ = zerocopy::prefetch(source, range.offset_bytes, range.length_bytes);
+    if length >= PREFETCH_BYTES_MIN {
+        for range in &ranges {
+            let _ = zerocopy::prefetch(source, range.offset_bytes, range.length_bytes);
+        }
     }
     let mut total = 0u64;
     for range in ranges {
@@ -590,7 +612,7 @@ fn log_access(
     };
     let line = format!(
         "{} {} {} {} {} {} {} {:.3} {}\n",
-        http_date(now_unix_s()),
+        date_now(),
         peer,
         method,
         head.path,

@@ -15,6 +15,9 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
+/// Bytes of a file's record read at once for a lookup.
+const META_READ_BYTES: usize = 1024;
+
 /// Bits of a location that hold the device offset; the top byte holds the drive number.
 pub(crate) const OFFSET_MASK: u64 = (1 << 56) - 1;
 
@@ -188,16 +191,34 @@ impl DriveRt {
 
     /// Reads and checks the Publish record at `offset_bytes` through the page cache.
     pub fn read_meta(&self, offset_bytes: u64) -> Result<FileMeta, StoreError> {
-        let mut header_bytes = [0u8; to_usize(RECORD_HEADER_BYTES)];
+        // One read usually covers header and payload (a file's record is a few hundred bytes);
+        // it never reaches past the record's segment.
+        let segment_end = self
+            .superblock
+            .segment_of(offset_bytes)
+            .map(|segment| {
+                self.superblock.segment_offset_bytes(segment) + self.superblock.segment_bytes
+            })
+            .ok_or_else(|| self.corrupt(format!("record offset {offset_bytes} outside segments")))?;
+        let first_bytes = (segment_end - offset_bytes).min(META_READ_BYTES as u64);
+        let mut first = [0u8; META_READ_BYTES];
+        let first = &mut first[..to_usize(first_bytes)];
         self.drive
-            .read_cached(offset_bytes, &mut header_bytes)
+            .read_cached(offset_bytes, first)
             .map_err(|error| self.io_error("metadata read", error))?;
-        let header = RecordHeader::decode(&header_bytes, self.salt)
+        let header = RecordHeader::decode(first, self.salt)
             .map_err(|error| self.meta_corrupt(offset_bytes, error))?;
-        let mut payload = vec![0u8; header.payload_bytes as usize];
-        self.drive
-            .read_cached(offset_bytes + RECORD_HEADER_BYTES, &mut payload)
-            .map_err(|error| self.io_error("metadata read", error))?;
+        let payload_bytes = header.payload_bytes as usize;
+        let have = first.len() - to_usize(RECORD_HEADER_BYTES);
+        let mut payload = Vec::with_capacity(payload_bytes);
+        payload.extend_from_slice(&first[to_usize(RECORD_HEADER_BYTES)..][..have.min(payload_bytes)]);
+        if payload_bytes > have {
+            let mut rest = vec![0u8; payload_bytes - have];
+            self.drive
+                .read_cached(offset_bytes + first_bytes, &mut rest)
+                .map_err(|error| self.io_error("metadata read", error))?;
+            payload.extend_from_slice(&rest);
+        }
         header
             .check_payload(&payload)
             .map_err(|error| self.meta_corrupt(offset_bytes, error))?;

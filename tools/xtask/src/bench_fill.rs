@@ -13,6 +13,7 @@ use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
@@ -28,8 +29,6 @@ const MIB_F: f64 = 1_048_576.0;
 const SPARE_BYTES: u64 = 2 << 30;
 /// The cap the cap run asks for: 800 Mbit/s.
 const CAP_BITS_PER_S: u64 = 800_000_000;
-/// Downloads at once: the fill's `concurrency` and the number of parallel curls.
-const PARALLEL: u64 = 4;
 /// The range every wrk request asks for.
 const RANGE_BYTES: u64 = MIB;
 /// Longest wait for other benchmarks to finish before measuring anyway.
@@ -60,6 +59,8 @@ struct Settings {
     file_bytes: u64,
     cap_files: u64,
     new_files: u64,
+    /// Downloads at once: the fill's `concurrency` and the number of parallel curls.
+    parallel: u64,
     seconds: u64,
     quiet_s: u64,
 }
@@ -72,7 +73,10 @@ impl Settings {
             files,
             file_bytes: file_mib * MIB,
             cap_files: env_u64("BENCH_FILL_CAP_FILES", 16).clamp(1, files),
-            new_files: env_u64("BENCH_FILL_NEW_FILES", 32).max(1),
+            // Enough that the fill of new files outlasts the serving run (about 400 MiB/s
+            // while serving on one core here).
+            new_files: env_u64("BENCH_FILL_NEW_FILES", 128).max(1),
+            parallel: env_u64("BENCH_FILL_CONCURRENCY", 4).max(1),
             seconds: env_u64("BENCH_FILL_SECONDS", 8).max(1),
             quiet_s: env_u64("BENCH_FILL_QUIET_S", 15),
         })
@@ -125,6 +129,13 @@ pub fn fill() -> Result<Map<String, Value>> {
         settings.new_files,
         settings.file_bytes,
     )?;
+    // The next night's manifest: the catalog and the new files. The catalog stays listed so
+    // that the fill deletes nothing that wrk is requesting; only the new files are fetched.
+    let next_set: Vec<CatalogFile> = catalog.iter().chain(&new_set).cloned().collect();
+    std::fs::write(
+        origin_root.join("manifest-next.json"),
+        manifest_json(&next_set),
+    )?;
     let origin = start_origin(&dir, &origin_root)?;
     let warmed = warm_files(&origin_root, catalog.iter().chain(&new_set))?;
     println!(
@@ -136,19 +147,25 @@ pub fn fill() -> Result<Map<String, Value>> {
     );
     let mut quiet = Quiet::new(settings.quiet_s);
 
-    // 1. Our fill of the whole catalog into a fresh, preallocated drive.
+    // 1. Our fill of the whole catalog into a fresh, preallocated drive, with room for the
+    // new files of the fill during serving too (beyond its spare 2 GiB).
+    let new_bytes = settings.new_files * settings.file_bytes;
     let drive = dir.join("drive0.img");
     let state = dir.join("state0");
     let fill_config = dir.join("fill.toml");
     let main_manifest = origin.url("/manifest.json");
     let (ours, fill_watch) = quiet.measure("fill", true, &mut notes, || {
-        fresh_drive(&applianced, &drive, settings.catalog_bytes() + SPARE_BYTES)?;
+        fresh_drive(
+            &applianced,
+            &drive,
+            settings.catalog_bytes() + new_bytes + SPARE_BYTES,
+        )?;
         fresh_dir(&state)?;
         write_config(
             &fill_config,
             &drive,
             &state,
-            &fill_section(&main_manifest, &origin.url(""), 0),
+            &fill_section(&main_manifest, &origin.url(""), settings.parallel, 0),
             None,
         )?;
         timed_fill(
@@ -205,13 +222,14 @@ pub fn fill() -> Result<Map<String, Value>> {
     // 3. curl: the same files from the same origin into plain files, then sync.
     let curl_dir = dir.join("curl");
     let (curl_seconds, _) = quiet.measure("curl", true, &mut notes, || {
-        curl_all(&curl_dir, &origin, &catalog)
+        curl_all(&curl_dir, &origin, &catalog, settings.parallel)
     })?;
     let _ = std::fs::remove_dir_all(&curl_dir);
     let curl_mib_per_s = settings.catalog_bytes() as f64 / curl_seconds / MIB_F;
     println!(
-        "  curl ({PARALLEL} in parallel, then sync): {curl_seconds:.2} s: \
-         {curl_mib_per_s:.0} MiB/s"
+        "  curl ({} in parallel, then sync): {curl_seconds:.2} s: \
+         {curl_mib_per_s:.0} MiB/s",
+        settings.parallel
     );
 
     // 4. The cap: the first files into a fresh drive at 800 Mbit/s.
@@ -227,7 +245,12 @@ pub fn fill() -> Result<Map<String, Value>> {
             &cap_config,
             &cap_drive,
             &cap_state,
-            &fill_section(&cap_manifest, &origin.url(""), CAP_BITS_PER_S),
+            &fill_section(
+                &cap_manifest,
+                &origin.url(""),
+                settings.parallel,
+                CAP_BITS_PER_S,
+            ),
             None,
         )?;
         timed_fill(
@@ -240,21 +263,65 @@ pub fn fill() -> Result<Map<String, Value>> {
         )
     })?;
     check_fill_report("capped fill", &capped.report, settings.cap_files, cap_bytes)?;
+    // The fixed cost of a fill (start, store open, manifest, plan, checkpoint, exit): the
+    // same command again, with everything already held.
+    let noop = timed_fill(
+        &applianced,
+        &cap_config,
+        &dir,
+        "fill-noop",
+        origin.worker,
+        ticks_per_s,
+    )?;
+    if noop.report["files_planned"].as_u64() != Some(0) {
+        notes.push(format!(
+            "a second fill of the capped set planned fetches: {}",
+            noop.report
+        ));
+    }
     let _ = std::fs::remove_file(&cap_drive);
     let capped_bits_per_s = cap_bytes as f64 * 8.0 / capped.seconds;
     let cap_accuracy = capped_bits_per_s / CAP_BITS_PER_S as f64;
+    // Until "fill finished" in the log, less the same for a fill that fetches nothing: the
+    // transfer alone (to the poll's 50 ms).
+    let transfer_s =
+        capped.finished_at_s.unwrap_or(capped.seconds) - noop.finished_at_s.unwrap_or(noop.seconds);
+    let transfer_bits_per_s = cap_bytes as f64 * 8.0 / transfer_s;
     println!(
         "  capped fill: {:.0} MiB in {:.2} s: {:.1} Mbit/s of {:.0} (x{cap_accuracy:.3})",
         cap_bytes as f64 / MIB_F,
         capped.seconds,
         capped_bits_per_s / 1e6,
-        CAP_BITS_PER_S as f64 / 1e6
+        CAP_BITS_PER_S as f64 / 1e6,
+    );
+    println!(
+        "  a fill with nothing to fetch takes {:.2} s ({:.2} s of it after \"fill finished\"); \
+         without that fixed cost the capped transfer ran at {:.1} Mbit/s",
+        noop.seconds,
+        noop.seconds - noop.finished_at_s.unwrap_or(noop.seconds),
+        transfer_bits_per_s / 1e6
     );
 
     // 5. Serving latency on the filled drive, idle and while a fill of new files runs.
     let serve_config = dir.join("serve.toml");
-    let new_manifest = origin.url("/manifest-new.json");
-    let ((idle, during, progress), _) = quiet.measure("serving", false, &mut notes, || {
+    let new_manifest = origin.url("/manifest-next.json");
+    let mut serve_attempts = 0;
+    let ((idle, during, progress), _) = quiet.measure("serving", true, &mut notes, || {
+        serve_attempts += 1;
+        if serve_attempts > 1 {
+            // The last attempt filled the new files: start again from the catalog alone.
+            fresh_drive(
+                &applianced,
+                &drive,
+                settings.catalog_bytes() + new_bytes + SPARE_BYTES,
+            )?;
+            fresh_dir(&state)?;
+            output(
+                text(&applianced)?,
+                &["fill", "--config", text(&fill_config)?],
+            )
+            .context("refilling the drive for another serving attempt")?;
+        }
         serve_phase(&ServePhase {
             applianced: &applianced,
             dir: &dir,
@@ -289,9 +356,18 @@ pub fn fill() -> Result<Map<String, Value>> {
         "origin_cpu_cores".into(),
         json!(round_to(ours.origin_cpu_s / ours.seconds, 2)),
     );
+    figures.insert(
+        "fill_context_switches_per_mib".into(),
+        json!((ours.context_switches as f64 / (settings.catalog_bytes() as f64 / MIB_F)).round()),
+    );
     figures.insert("cap_bits_per_s".into(), json!(CAP_BITS_PER_S));
     figures.insert("capped_bits_per_s".into(), json!(capped_bits_per_s.round()));
     figures.insert("cap_accuracy".into(), json!(round_to(cap_accuracy, 3)));
+    figures.insert("fill_noop_seconds".into(), json!(round_to(noop.seconds, 3)));
+    figures.insert(
+        "capped_transfer_bits_per_s".into(),
+        json!(transfer_bits_per_s.round()),
+    );
     figures.insert("serve_p99_ms_idle".into(), json!(round_to(idle.p99_ms, 2)));
     figures.insert(
         "serve_p99_ms_during_fill".into(),
@@ -319,7 +395,7 @@ pub fn fill() -> Result<Map<String, Value>> {
     figures.insert("files".into(), json!(settings.files));
     figures.insert("file_bytes".into(), json!(settings.file_bytes));
     figures.insert("catalog_bytes".into(), json!(settings.catalog_bytes()));
-    figures.insert("parallel_downloads".into(), json!(PARALLEL));
+    figures.insert("parallel_downloads".into(), json!(settings.parallel));
     figures.insert("waited_for_others_s".into(), json!(quiet.waited.as_secs()));
 
     print_summary(&Summary {
@@ -562,11 +638,18 @@ fn warm_files<'a>(root: &Path, files: impl Iterator<Item = &'a CatalogFile>) -> 
     Ok(total)
 }
 
-/// Reads a whole file once (the page cache then holds it).
-fn warm_path(path: &Path) -> Result<()> {
-    let mut buffer = vec![0u8; usize::try_from(4 * MIB)?];
-    let mut handle = std::fs::File::open(path)?;
-    while handle.read(&mut buffer)? > 0 {}
+/// GETs every file once through the appliance (its page cache then holds them).
+fn warm_served(port: u16, files: &[CatalogFile]) -> Result<()> {
+    for file in files {
+        let (status, body) = http(port, "GET", &file.path, None)?;
+        if status != 200 || body.len() as u64 != file.size_bytes {
+            bail!(
+                "warm-up GET {} answered {status} with {} bytes",
+                file.path,
+                body.len()
+            );
+        }
+    }
     Ok(())
 }
 
@@ -632,6 +715,23 @@ impl Drop for Process {
     }
 }
 
+/// `program` under `taskset -c CORE` when a core is given, and under `setpriv --pdeathsig
+/// TERM` when setpriv is there, so that the child stops if this process dies without running
+/// its guards (SIGINT, SIGTERM). The child's pid stays the program's (both exec).
+fn child_command(program: &OsStr, core: Option<&str>) -> Command {
+    let mut words: Vec<OsString> = Vec::new();
+    if util::have("setpriv") {
+        words.extend(["setpriv", "--pdeathsig", "TERM"].map(OsString::from));
+    }
+    if let Some(core) = core {
+        words.extend(["taskset", "-c", core].map(OsString::from));
+    }
+    words.push(program.to_os_string());
+    let mut command = Command::new(&words[0]);
+    command.args(&words[1..]);
+    command
+}
+
 /// A loopback port nobody listens on right now.
 fn free_port() -> Result<u16> {
     let listener = TcpListener::bind("127.0.0.1:0")?;
@@ -688,7 +788,7 @@ fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
     )?;
     let binary = nginx_binary()?;
     let prefix_text = format!("{}/", prefix.display());
-    let child = Command::new(&binary)
+    let child = child_command(binary.as_os_str(), None)
         .args([
             "-e",
             text(&error_log)?,
@@ -777,9 +877,9 @@ fn fresh_drive(applianced: &Path, path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn fill_section(manifest: &str, source: &str, bandwidth_bits_per_s: u64) -> String {
+fn fill_section(manifest: &str, source: &str, parallel: u64, bandwidth_bits_per_s: u64) -> String {
     let mut section = format!(
-        "[fill]\nmanifest = {manifest:?}\nsources = [{source:?}]\nconcurrency = {PARALLEL}\n"
+        "[fill]\nmanifest = {manifest:?}\nsources = [{source:?}]\nconcurrency = {parallel}\n"
     );
     if bandwidth_bits_per_s > 0 {
         let _ = writeln!(section, "bandwidth_bits_per_s = {bandwidth_bits_per_s}");
@@ -795,10 +895,12 @@ fn write_config(
     fill: &str,
     serve: Option<(u16, u16)>,
 ) -> Result<()> {
+    // A control socket of its own: the default one may belong to another appliance here.
     let mut config = format!(
-        "drives = [{:?}]\nstate_dir = {:?}\n",
+        "drives = [{:?}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n",
         text(drive)?,
-        text(state)?
+        text(state)?,
+        text(&state.join("control.sock"))?
     );
     if let Some((port, admin)) = serve {
         let _ = write!(
@@ -844,6 +946,21 @@ fn thread_ticks(pid: u32) -> BTreeMap<u64, (String, f64)> {
         .collect()
 }
 
+/// Voluntary plus involuntary context switches of one thread so far.
+fn context_switches(pid: u32, tid: u64) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/status")).ok()?;
+    let count = status
+        .lines()
+        .filter_map(|line| {
+            let rest = line
+                .strip_prefix("voluntary_ctxt_switches:")
+                .or_else(|| line.strip_prefix("nonvoluntary_ctxt_switches:"))?;
+            rest.trim().parse::<u64>().ok()
+        })
+        .sum();
+    Some(count)
+}
+
 /// Bytes the process has written to storage so far (/proc/PID/io write_bytes).
 fn written_bytes(pid: u32) -> Option<u64> {
     std::fs::read_to_string(format!("/proc/{pid}/io"))
@@ -868,11 +985,15 @@ struct FillRun {
     report: Value,
     cpu_s: f64,
     origin_cpu_s: f64,
-    /// CPU seconds by thread name, busiest first.
-    threads: Vec<(String, f64)>,
+    /// CPU seconds and thread count by thread name, busiest first.
+    threads: Vec<(String, f64, u64)>,
+    /// Voluntary and involuntary context switches of its threads (sampled every 250 ms).
+    context_switches: u64,
     timeline: Vec<Tick>,
     /// `top -H` of the fill's threads, taken once while it ran.
     top: String,
+    /// When the fill logged "fill finished" (seconds from the start), as polled.
+    finished_at_s: Option<f64>,
 }
 
 fn timed_fill(
@@ -887,7 +1008,7 @@ fn timed_fill(
     let log_path = dir.join(format!("{label}.log"));
     let origin_before = process_ticks(origin_worker);
     let started = Instant::now();
-    let child = Command::new(applianced)
+    let child = child_command(applianced.as_os_str(), None)
         .args(["fill", "--config", text(config)?])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout_path)?)
@@ -897,8 +1018,11 @@ fn timed_fill(
     let mut process = Process::new("applianced fill", child);
     let pid = process.pid();
     let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
+    let mut switches: BTreeMap<u64, u64> = BTreeMap::new();
+    let mut polls = 0u64;
     let mut timeline = Vec::new();
     let mut top = String::new();
+    let mut finished_at_s = None;
     let mut last = (0.0f64, 0.0f64, written_bytes(pid).unwrap_or(0));
     let status = loop {
         if let Some(status) = process.child.try_wait()? {
@@ -914,6 +1038,14 @@ fn timed_fill(
             );
         }
         let sample = thread_ticks(pid);
+        polls += 1;
+        if polls.is_multiple_of(5) {
+            for tid in sample.keys() {
+                if let Some(count) = context_switches(pid, *tid) {
+                    switches.insert(*tid, count);
+                }
+            }
+        }
         if !sample.is_empty() {
             threads.extend(sample);
             let ticks: f64 = threads.values().map(|(_, ticks)| ticks).sum();
@@ -928,6 +1060,11 @@ fn timed_fill(
                 last = (now_s, ticks, written);
             }
         }
+        if finished_at_s.is_none()
+            && std::fs::read_to_string(&log_path).is_ok_and(|log| log.contains("fill finished"))
+        {
+            finished_at_s = Some(now_s);
+        }
         if top.is_empty() && now_s >= 1.5 {
             top = output("top", &["-b", "-n1", "-H", "-p", &pid.to_string()]).unwrap_or_default();
             let whole = output("top", &["-b", "-n1"]).unwrap_or_default();
@@ -936,7 +1073,7 @@ fn timed_fill(
                 format!("{top}\n{whole}"),
             )?;
         }
-        std::thread::sleep(Duration::from_millis(100));
+        std::thread::sleep(Duration::from_millis(50));
     };
     let seconds = started.elapsed().as_secs_f64();
     let origin_cpu_s = (process_ticks(origin_worker) - origin_before) / ticks_per_s;
@@ -948,12 +1085,17 @@ fn timed_fill(
             log_path.display()
         );
     }
-    let mut by_name: BTreeMap<String, f64> = BTreeMap::new();
+    let mut by_name: BTreeMap<String, (f64, u64)> = BTreeMap::new();
     for (name, ticks) in threads.values() {
-        *by_name.entry(name.clone()).or_default() += ticks / ticks_per_s;
+        let entry = by_name.entry(name.clone()).or_default();
+        entry.0 += ticks / ticks_per_s;
+        entry.1 += 1;
     }
-    let cpu_s = by_name.values().sum();
-    let mut threads: Vec<(String, f64)> = by_name.into_iter().collect();
+    let cpu_s = by_name.values().map(|(seconds, _)| seconds).sum();
+    let mut threads: Vec<(String, f64, u64)> = by_name
+        .into_iter()
+        .map(|(name, (seconds, count))| (name, seconds, count))
+        .collect();
     threads.sort_by(|a, b| b.1.total_cmp(&a.1));
     Ok(FillRun {
         seconds,
@@ -963,6 +1105,8 @@ fn timed_fill(
         threads,
         timeline,
         top,
+        finished_at_s,
+        context_switches: switches.values().sum(),
     })
 }
 
@@ -1004,14 +1148,14 @@ fn fio_write(path: &Path, total_bytes: u64) -> Result<f64> {
     Ok(bytes_per_s / MIB_F)
 }
 
-/// Downloads every file with `PARALLEL` curls at once into `into`, then syncs; returns seconds.
-fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile]) -> Result<f64> {
+/// Downloads every file with `parallel` curls at once into `into`, then syncs; returns seconds.
+fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile], parallel: u64) -> Result<f64> {
     fresh_dir(into)?;
     let next = AtomicU64::new(0);
     let started = Instant::now();
     std::thread::scope(|scope| -> Result<()> {
         let mut workers = Vec::new();
-        for _ in 0..PARALLEL {
+        for _ in 0..parallel {
             workers.push(scope.spawn(|| -> Result<()> {
                 loop {
                     let number = usize::try_from(next.fetch_add(1, Ordering::SeqCst))?;
@@ -1308,13 +1452,7 @@ struct WrkChild {
 }
 
 fn start_wrk(port: u16, seconds: u64, script: &Path, pin: bool, label: &str) -> Result<WrkChild> {
-    let mut command = if pin {
-        let mut command = Command::new("taskset");
-        command.args(["-c", "0", "wrk"]);
-        command
-    } else {
-        Command::new("wrk")
-    };
+    let mut command = child_command("wrk".as_ref(), pin.then_some("0"));
     let out_path = script.with_file_name(format!("wrk-{label}.out"));
     let out = std::fs::File::create(&out_path)?;
     command
@@ -1457,18 +1595,17 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
         phase.config,
         phase.drive,
         phase.state,
-        &fill_section(phase.main_manifest, &phase.origin.url(""), 0),
+        &fill_section(
+            phase.main_manifest,
+            &phase.origin.url(""),
+            phase.settings.parallel,
+            0,
+        ),
         Some((port, admin)),
     )?;
     let log_path = phase.dir.join("serve.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut command = if phase.pin {
-        let mut command = Command::new("taskset");
-        command.args(["-c", "1"]).arg(phase.applianced);
-        command
-    } else {
-        Command::new(phase.applianced)
-    };
+    let mut command = child_command(phase.applianced.as_os_str(), phase.pin.then_some("1"));
     let child = command
         .args(["run", "--config", text(phase.config)?])
         .stdin(Stdio::null())
@@ -1492,7 +1629,7 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
     }
     check_ranges(port, phase)?;
     // Both runs with the stored catalog in the page cache: what differs is the fill.
-    warm_path(phase.drive)?;
+    warm_served(port, phase.catalog)?;
     let script = write_script(phase.dir, phase.settings.files, phase.settings.file_bytes)?;
     let idle = start_wrk(port, phase.settings.seconds, &script, phase.pin, "idle")?.wait()?;
     println!(
@@ -1616,12 +1753,21 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
     };
     progress.total_s = fill_started.elapsed().as_secs_f64();
     let new_bytes = phase.settings.new_files * phase.settings.file_bytes;
+    let last = &status["last"];
     check_fill_report(
         "fill during serving",
-        &status["last"],
+        last,
         phase.settings.new_files,
         new_bytes,
     )?;
+    if last["files_held_ok"].as_u64() != Some(phase.settings.files)
+        || last["files_deleted"].as_u64() != Some(0)
+    {
+        bail!(
+            "fill during serving: wanted all {} catalog files held and none deleted: {last}",
+            phase.settings.files
+        );
+    }
     let exit = daemon.stop(Duration::from_secs(30))?;
     if !exit.success() {
         progress.notes.push(format!(
@@ -1692,7 +1838,7 @@ fn print_summary(summary: &Summary) {
     );
     println!(
         "  {:<34} {:>8.0} MiB/s  {:<44} {:>8.3}",
-        "fill (applianced fill, 4 at once)",
+        format!("fill (applianced fill, {} at once)", settings.parallel),
         summary.fill_mib_per_s,
         format!(
             "fio io_uring direct 1M QD16: {:.0} MiB/s",
@@ -1705,8 +1851,8 @@ fn print_summary(summary: &Summary) {
         "",
         summary.fill_mib_per_s,
         format!(
-            "curl x{PARALLEL} parallel + sync: {:.0} MiB/s",
-            summary.curl_mib_per_s
+            "curl x{} parallel + sync: {:.0} MiB/s",
+            settings.parallel, summary.curl_mib_per_s
         ),
         summary.fill_mib_per_s / summary.curl_mib_per_s
     );
@@ -1742,13 +1888,31 @@ fn print_summary(summary: &Summary) {
         ours.seconds,
         ours.origin_cpu_s / ours.seconds
     );
+    if let Some(finished) = ours.finished_at_s {
+        println!(
+            "  \"fill finished\" logged at {finished:.2} s; the process exited {:.2} s later \
+             (upkeep thread, shutdown checkpoint)",
+            ours.seconds - finished
+        );
+    }
     let busiest: Vec<String> = ours
         .threads
         .iter()
         .take(6)
-        .map(|(name, seconds)| format!("{name} {seconds:.1} s"))
+        .map(|(name, seconds, count)| {
+            if *count > 1 {
+                format!("{name} x{count} {seconds:.1} s")
+            } else {
+                format!("{name} {seconds:.1} s")
+            }
+        })
         .collect();
     println!("  CPU by thread: {}", busiest.join(", "));
+    println!(
+        "  context switches: {} ({:.0} per MiB filled)",
+        ours.context_switches,
+        ours.context_switches as f64 / (settings.catalog_bytes() as f64 / MIB_F)
+    );
     let timeline: Vec<String> = ours
         .timeline
         .iter()
@@ -1760,18 +1924,10 @@ fn print_summary(summary: &Summary) {
         })
         .collect();
     println!("  per second (cores, written): {}", timeline.join(" | "));
-    let top_threads: Vec<&str> = ours
-        .top
-        .lines()
-        .skip_while(|line| !line.trim_start().starts_with("PID"))
-        .skip(1)
-        .take(5)
-        .collect();
-    if !top_threads.is_empty() {
-        println!("  top -H at 1.5 s:");
-        for line in top_threads {
-            println!("    {}", line.trim());
-        }
+    if !ours.top.is_empty() {
+        // top -H shows the whole process on the main thread's row: the figures above are
+        // per thread, from /proc.
+        println!("  top -b -n1 (-H) at 1.5 s: target/bench/fill/fill-top.txt");
     }
     println!(
         "  fill of {} new files while serving: {:.0} MiB/s over the wrk run, {:.1} s in all",
