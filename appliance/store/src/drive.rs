@@ -199,7 +199,9 @@ impl DriveRt {
             .map(|segment| {
                 self.superblock.segment_offset_bytes(segment) + self.superblock.segment_bytes
             })
-            .ok_or_else(|| self.corrupt(format!("record offset {offset_bytes} outside segments")))?;
+            .ok_or_else(|| {
+                self.corrupt(format!("record offset {offset_bytes} outside segments"))
+            })?;
         let first_bytes = (segment_end - offset_bytes).min(META_READ_BYTES as u64);
         let mut first = [0u8; META_READ_BYTES];
         let first = &mut first[..to_usize(first_bytes)];
@@ -211,7 +213,8 @@ impl DriveRt {
         let payload_bytes = header.payload_bytes as usize;
         let have = first.len() - to_usize(RECORD_HEADER_BYTES);
         let mut payload = Vec::with_capacity(payload_bytes);
-        payload.extend_from_slice(&first[to_usize(RECORD_HEADER_BYTES)..][..have.min(payload_bytes)]);
+        payload
+            .extend_from_slice(&first[to_usize(RECORD_HEADER_BYTES)..][..have.min(payload_bytes)]);
         if payload_bytes > have {
             let mut rest = vec![0u8; payload_bytes - have];
             self.drive
