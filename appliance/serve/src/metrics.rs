@@ -26,6 +26,8 @@ pub struct Metrics {
     pub hits: Counter,
     pub misses: Counter,
     pub errors: Counter,
+    /// Clients that went away mid-response (a player seeking, closing): not server errors.
+    pub client_aborts: Counter,
     pub connections_active: Gauge<i64, std::sync::atomic::AtomicI64>,
     pub connections_total: Counter,
     pub connections_refused: Counter,
@@ -58,6 +60,7 @@ impl Metrics {
             hits: Counter::default(),
             misses: Counter::default(),
             errors: Counter::default(),
+            client_aborts: Counter::default(),
             connections_active: Gauge::default(),
             connections_total: Counter::default(),
             connections_refused: Counter::default(),
@@ -84,8 +87,13 @@ impl Metrics {
         );
         registry.register(
             "http_errors",
-            "Connections ended by an error",
+            "Connections ended by a server-side error",
             metrics.errors.clone(),
+        );
+        registry.register(
+            "http_client_aborts",
+            "Connections the client closed in the middle of a response",
+            metrics.client_aborts.clone(),
         );
         registry.register(
             "http_connections_active",

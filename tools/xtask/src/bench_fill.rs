@@ -4,8 +4,10 @@
 //! accuracy of the bandwidth cap; and serving latency (p99) while a fill runs.
 //!
 //! The origin is nginx on loopback serving a generated catalog (kept in
-//! target/bench/fill/origin and reused) from its page cache, so the origin is not the limit.
-//! Nothing is measured while another benchmark (wrk, fio, another `xtask bench`) runs.
+//! target/bench/fill/origin and reused) from its page cache, so the origin is not the limit:
+//! the files are read before each measurement and checked to be still cached after it.
+//! Nothing is measured while another benchmark (wrk, fio, another `xtask bench` or `xtask
+//! test`) runs; a measurement that another benchmark disturbed is done again.
 //! Everything started here is stopped by a guard, on errors too, and the drive files, fio's
 //! file and curl's downloads are removed at the end.
 
@@ -137,15 +139,19 @@ pub fn fill() -> Result<Map<String, Value>> {
         manifest_json(&next_set),
     )?;
     let origin = start_origin(&dir, &origin_root)?;
-    let warmed = warm_files(&origin_root, catalog.iter().chain(&new_set))?;
+    let hot: Vec<PathBuf> = next_set
+        .iter()
+        .map(|file| file.local(&origin_root))
+        .collect();
     println!(
-        "  origin: nginx on 127.0.0.1:{} (worker pid {}), {:.1} GiB of files read once so \
-         they are served from the page cache",
+        "  origin: nginx on 127.0.0.1:{} (worker pid {}); its {:.1} GiB of files are read \
+         before each measurement so that it serves them from the page cache",
         origin.port,
         origin.worker,
-        warmed as f64 / f64::from(1u32 << 30)
+        (settings.catalog_bytes() + settings.new_files * settings.file_bytes) as f64
+            / f64::from(1u32 << 30)
     );
-    let mut quiet = Quiet::new(settings.quiet_s);
+    let mut quiet = Quiet::new(settings.quiet_s, hot);
 
     // 1. Our fill of the whole catalog into a fresh, preallocated drive, with room for the
     // new files of the fill during serving too (beyond its spare 2 GiB).
@@ -621,21 +627,30 @@ fn reusable(
     Some(files)
 }
 
-/// Reads every file once so that the origin serves them from the page cache; returns bytes.
-fn warm_files<'a>(root: &Path, files: impl Iterator<Item = &'a CatalogFile>) -> Result<u64> {
+/// Reads every file once so that the origin serves them from the page cache.
+fn warm_files(paths: &[PathBuf]) -> Result<()> {
     let mut buffer = vec![0u8; usize::try_from(4 * MIB)?];
-    let mut total = 0u64;
-    for file in files {
-        let mut handle = std::fs::File::open(file.local(root))?;
-        loop {
-            let read = handle.read(&mut buffer)?;
-            if read == 0 {
-                break;
-            }
-            total += read as u64;
-        }
+    for path in paths {
+        let mut handle = std::fs::File::open(path)?;
+        while handle.read(&mut buffer)? > 0 {}
     }
-    Ok(total)
+    Ok(())
+}
+
+/// The share of the files' bytes in the page cache (fincore), when fincore is there.
+fn resident_share(paths: &[PathBuf]) -> Option<f64> {
+    let mut args = vec!["-b", "-n", "-o", "RES,SIZE"];
+    for path in paths {
+        args.push(path.to_str()?);
+    }
+    let text = output("fincore", &args).ok()?;
+    let (mut resident, mut size) = (0.0, 0.0);
+    for line in text.lines() {
+        let mut words = line.split_whitespace();
+        resident += words.next()?.parse::<f64>().ok()?;
+        size += words.next()?.parse::<f64>().ok()?;
+    }
+    (size > 0.0).then(|| resident / size)
 }
 
 /// GETs every file once through the appliance (its page cache then holds them).
@@ -1192,6 +1207,9 @@ fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile], parallel: u64) 
 struct Quiet {
     /// How long no other benchmark must be seen before measuring.
     quiet_s: u64,
+    /// The origin's files: read before each measurement, and checked to be still in the page
+    /// cache after it (another benchmark may drop the caches).
+    hot: Vec<PathBuf>,
     waited: Duration,
     /// Phases during which another benchmark was seen, with what was seen.
     disturbed: Vec<String>,
@@ -1200,9 +1218,10 @@ struct Quiet {
 }
 
 impl Quiet {
-    fn new(quiet_s: u64) -> Quiet {
+    fn new(quiet_s: u64, hot: Vec<PathBuf>) -> Quiet {
         Quiet {
             quiet_s,
+            hot,
             waited: Duration::ZERO,
             disturbed: Vec::new(),
             waits: Vec::new(),
@@ -1265,10 +1284,17 @@ impl Quiet {
         loop {
             attempt += 1;
             self.wait(phase);
+            warm_files(&self.hot)?;
             let watch = Watch::start();
             let result = measure();
-            let seen = watch.finish();
+            let mut seen = watch.finish();
             let value = result?;
+            if let Some(share) = resident_share(&self.hot).filter(|share| *share < 0.99) {
+                seen.push(format!(
+                    "the origin's files left the page cache ({:.0}% resident after)",
+                    share * 100.0
+                ));
+            }
             if seen.is_empty() {
                 return Ok((value, seen));
             }
@@ -1342,7 +1368,8 @@ impl Drop for Watch {
     }
 }
 
-/// `wrk`, `fio` and `xtask bench` processes that are not this one or its descendants.
+/// `wrk`, `fio`, `xtask bench` and `xtask test` processes that are not this one or its
+/// descendants.
 fn other_benchmarks() -> Vec<String> {
     let me = std::process::id();
     let Ok(entries) = std::fs::read_dir("/proc") else {
@@ -1367,7 +1394,8 @@ fn other_benchmarks() -> Vec<String> {
             "xtask" => std::fs::read(entry.path().join("cmdline"))
                 .map(|line| {
                     let words: Vec<&[u8]> = line.split(|byte| *byte == 0).collect();
-                    words.get(1) == Some(&&b"bench"[..])
+                    let word = words.get(1).copied().unwrap_or_default();
+                    word == b"bench" || word == b"test"
                 })
                 .unwrap_or(false),
             _ => false,
@@ -1937,7 +1965,7 @@ fn print_summary(summary: &Summary) {
         println!("  no other benchmark was running: no wait");
     } else {
         println!(
-            "  waited for other benchmarks (wrk, fio, xtask bench) to finish: {}",
+            "  waited for other benchmarks (wrk, fio, xtask bench/test) to finish: {}",
             summary.quiet.waits.join(", ")
         );
     }

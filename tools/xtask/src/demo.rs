@@ -19,7 +19,16 @@ const FILES: u64 = 24;
 struct Guard(Child);
 
 impl Drop for Guard {
+    /// SIGTERM first (nginx's master then stops its worker), SIGKILL after 5 s.
     fn drop(&mut self) {
+        let pid = self.0.id().to_string();
+        let _ = Command::new("kill").args(["-TERM", &pid]).status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.0.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.0.kill();
         let _ = self.0.wait();
     }
