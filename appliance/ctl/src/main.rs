@@ -235,23 +235,31 @@ fn print_status(body: &Value) {
 }
 
 fn print_drives(drives: &Value) {
+    let rows: Vec<&Value> = drives.as_array().into_iter().flatten().collect();
+    let width = rows
+        .iter()
+        .filter_map(|drive| drive["path"].as_str())
+        .map(str::len)
+        .max()
+        .unwrap_or(5)
+        .max(5);
     println!(
-        "{:<24} {:<20} {:<16} {:>9} {:>9} {:>8}  state",
+        "{:<width$} {:<20} {:<16} {:>9} {:>9} {:>8}  state",
         "drive", "model", "serial", "size GiB", "used GiB", "files"
     );
-    for drive in drives.as_array().into_iter().flatten() {
+    for drive in rows {
         let state = match drive["error"].as_str() {
             Some(error) => format!("failed: {error}"),
             None => drive["state"].as_str().unwrap_or("?").to_string(),
         };
         println!(
-            "{:<24} {:<20} {:<16} {:>9} {:>9} {:>8}  {}",
+            "{:<width$} {:<20} {:<16} {:>9} {:>9} {:>8}  {}",
             drive["path"].as_str().unwrap_or("?"),
             drive["model"].as_str().unwrap_or("-"),
             drive["serial"].as_str().unwrap_or("-"),
             gib(&drive["size_bytes"]),
             gib(&drive["used_bytes"]),
-            drive["files"],
+            drive["files"].to_string(),
             state
         );
     }
