@@ -202,7 +202,7 @@ part() { # number start-MiB size-MiB type guid name
     echo "-n $1:$(($2 * 2048)):$((($2 + $3) * 2048 - 1)) -t $1:$4 -u $1:$5 -c $1:$6"
 }
 # shellcheck disable=SC2046
-sgdisk --quiet --clear --disk-guid="$DISK_GUID" \
+sgdisk --clear --disk-guid="$DISK_GUID" \
     $(part 1 "$BIOS_START" "$BIOS_MIB" ef02 "$PART_BIOS" bios-boot) \
     $(part 2 "$BOOT_START" "$BOOT_MIB" 8300 "$PART_BOOT" boot) \
     $(part 3 "$ROOT_A_START" "$ROOT_MIB" 8304 "$PART_ROOT_A" root-a) \
@@ -230,7 +230,7 @@ search --no-floppy --fs-uuid --set=root $FS_BOOT
 set prefix=(\$root)/grub
 EOF
 grub-mkimage -O i386-pc -d "$GRUB_DIR" -o "$WORK/core.img" -c "$WORK/early.cfg" \
-    -p /grub biosdisk part_gpt ext2 search_fs_uuid
+    -p /grub biosdisk part_gpt ext2 search search_fs_uuid
 CORE_SECTOR=$((BIOS_START * 2048))
 [ "$(stat -c %s "$WORK/core.img")" -le $((BIOS_MIB * MIB)) ] || die "core.img does not fit"
 le64() { # the 8 little-endian bytes of $1, as printf escapes

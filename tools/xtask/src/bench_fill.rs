@@ -7,7 +7,7 @@
 //! target/bench/fill/origin and reused) from its page cache, so the origin is not the limit:
 //! the files are read before each measurement and checked to be still cached after it.
 //! Nothing is measured while another benchmark (wrk, fio, another `xtask bench` or `xtask
-//! test`) runs; a measurement that another benchmark disturbed is done again.
+//! test`) runs or other processes keep a core busy; a disturbed measurement is done again.
 //! Everything started here is stopped by a guard, on errors too, and the drive files, fio's
 //! file and curl's downloads are removed at the end.
 
@@ -35,6 +35,8 @@ const CAP_BITS_PER_S: u64 = 800_000_000;
 const RANGE_BYTES: u64 = MIB;
 /// Longest wait for other benchmarks to finish before measuring anyway.
 const QUIET_WAIT_MAX: Duration = Duration::from_secs(1800);
+/// Cores other processes may use while a measurement runs before it counts as disturbed.
+const FOREIGN_CORES_MAX: f64 = 0.25;
 /// Longest a single fill may take.
 const FILL_DEADLINE: Duration = Duration::from_secs(900);
 
@@ -151,7 +153,7 @@ pub fn fill() -> Result<Map<String, Value>> {
         (settings.catalog_bytes() + settings.new_files * settings.file_bytes) as f64
             / f64::from(1u32 << 30)
     );
-    let mut quiet = Quiet::new(settings.quiet_s, hot);
+    let mut quiet = Quiet::new(settings.quiet_s, hot, ticks_per_s);
 
     // 1. Our fill of the whole catalog into a fresh, preallocated drive, with room for the
     // new files of the fill during serving too (beyond its spare 2 GiB).
@@ -1203,13 +1205,15 @@ fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile], parallel: u64) 
     Ok(started.elapsed().as_secs_f64())
 }
 
-/// Waits until no other benchmark runs, and watches for one while a phase measures.
+/// Waits until no other benchmark runs and other processes leave the cores alone, and watches
+/// for both while a phase measures.
 struct Quiet {
     /// How long no other benchmark must be seen before measuring.
     quiet_s: u64,
     /// The origin's files: read before each measurement, and checked to be still in the page
     /// cache after it (another benchmark may drop the caches).
     hot: Vec<PathBuf>,
+    ticks_per_s: f64,
     waited: Duration,
     /// Phases during which another benchmark was seen, with what was seen.
     disturbed: Vec<String>,
@@ -1218,9 +1222,10 @@ struct Quiet {
 }
 
 impl Quiet {
-    fn new(quiet_s: u64, hot: Vec<PathBuf>) -> Quiet {
+    fn new(quiet_s: u64, hot: Vec<PathBuf>, ticks_per_s: f64) -> Quiet {
         Quiet {
             quiet_s,
+            ticks_per_s,
             hot,
             waited: Duration::ZERO,
             disturbed: Vec::new(),
@@ -1234,7 +1239,19 @@ impl Quiet {
         let mut announced = false;
         let mut quiet_since = Instant::now();
         loop {
-            let others = other_benchmarks();
+            let mut others = other_benchmarks();
+            if others.is_empty() {
+                // Other work that is no benchmark (a build, a VM) takes cores all the same.
+                let before = foreign_ticks();
+                std::thread::sleep(Duration::from_secs(2));
+                let (cores, busiest) =
+                    foreign_load(&before, &foreign_ticks(), 2.0, self.ticks_per_s);
+                if cores > FOREIGN_CORES_MAX {
+                    others.push(format!(
+                        "other processes using {cores:.2} cores ({busiest})"
+                    ));
+                }
+            }
             if others.is_empty() {
                 // Nothing seen at all: go at once; after a wait: only once quiet for a while.
                 if !announced || quiet_since.elapsed() >= Duration::from_secs(self.quiet_s) {
@@ -1286,9 +1303,22 @@ impl Quiet {
             self.wait(phase);
             warm_files(&self.hot)?;
             let watch = Watch::start();
+            let load_before = foreign_ticks();
+            let started = Instant::now();
             let result = measure();
+            let (cores, busiest) = foreign_load(
+                &load_before,
+                &foreign_ticks(),
+                started.elapsed().as_secs_f64(),
+                self.ticks_per_s,
+            );
             let mut seen = watch.finish();
             let value = result?;
+            if cores > FOREIGN_CORES_MAX {
+                seen.push(format!(
+                    "other processes used {cores:.2} cores meanwhile ({busiest})"
+                ));
+            }
             if let Some(share) = resident_share(&self.hot).filter(|share| *share < 0.99) {
                 seen.push(format!(
                     "the origin's files left the page cache ({:.0}% resident after)",
@@ -1405,6 +1435,69 @@ fn other_benchmarks() -> Vec<String> {
         }
     }
     found
+}
+
+/// CPU ticks by pid of every process that is not this one, one of its descendants or a
+/// kernel thread (name, ticks).
+fn foreign_ticks() -> BTreeMap<u32, (String, f64)> {
+    let me = std::process::id();
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return BTreeMap::new();
+    };
+    let mut found = BTreeMap::new();
+    for entry in entries.filter_map(|entry| entry.ok()) {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|name| name.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let Ok(line) = std::fs::read_to_string(entry.path().join("stat")) else {
+            continue;
+        };
+        let parent = line
+            .rfind(')')
+            .and_then(|close| line.get(close + 1..))
+            .and_then(|rest| rest.split_whitespace().nth(1))
+            .and_then(|word| word.parse::<u32>().ok());
+        if pid == me || pid == 2 || parent == Some(2) || descends_from(pid, me) {
+            continue;
+        }
+        if let Some(sample) = stat_ticks(&entry.path().join("stat")) {
+            found.insert(pid, sample);
+        }
+    }
+    found
+}
+
+/// Cores other processes used between two `foreign_ticks` snapshots `seconds` apart, and the
+/// busiest of them. A process seen only at the end counts with all its time.
+fn foreign_load(
+    before: &BTreeMap<u32, (String, f64)>,
+    after: &BTreeMap<u32, (String, f64)>,
+    seconds: f64,
+    ticks_per_s: f64,
+) -> (f64, String) {
+    let mut used: Vec<(f64, &str)> = after
+        .iter()
+        .map(|(pid, (name, ticks))| {
+            let earlier = before.get(pid).map_or(0.0, |(_, ticks)| *ticks);
+            (
+                (ticks - earlier) / ticks_per_s / seconds.max(0.001),
+                name.as_str(),
+            )
+        })
+        .filter(|(cores, _)| *cores > 0.0)
+        .collect();
+    used.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let total = used.iter().map(|(cores, _)| cores).sum();
+    let busiest: Vec<String> = used
+        .iter()
+        .take(3)
+        .map(|(cores, name)| format!("{name} {cores:.2}"))
+        .collect();
+    (total, busiest.join(", "))
 }
 
 /// True when `me` is `pid`'s parent, grandparent, ...
@@ -1727,6 +1820,14 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
         std::thread::sleep(Duration::from_millis(500));
     };
     let wrk_s = wrk_started.elapsed().as_secs_f64();
+    if ended_at.is_none() {
+        // Still running when wrk stopped: it covered the whole run.
+        let status = fill_status(admin)?;
+        if status["running"] == true {
+            last_running = Instant::now();
+            bytes_last = status["bytes_done"].as_u64().unwrap_or(bytes_last);
+        }
+    }
     let running_s =
         ended_at.unwrap_or_else(|| last_running.duration_since(wrk_started).as_secs_f64());
     progress.covered_share = (running_s / wrk_s).min(1.0);
@@ -1965,7 +2066,7 @@ fn print_summary(summary: &Summary) {
         println!("  no other benchmark was running: no wait");
     } else {
         println!(
-            "  waited for other benchmarks (wrk, fio, xtask bench/test) to finish: {}",
+            "  waited for other benchmarks (wrk, fio, xtask bench/test) or other CPU load: {}",
             summary.quiet.waits.join(", ")
         );
     }

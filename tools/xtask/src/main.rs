@@ -6,7 +6,9 @@ mod bench;
 mod bench_fill;
 mod bench_serve;
 mod demo;
+mod image;
 mod util;
+mod vm;
 
 use anyhow::{bail, Result};
 
@@ -26,6 +28,8 @@ fn run(args: &[String]) -> Result<()> {
     match words.as_slice() {
         ["test"] => test(),
         ["demo"] => demo::run(),
+        ["image"] => image::build(),
+        ["vm-test"] => vm::test(),
         ["bench", name] => bench::run(name),
         ["populate", rest @ ..] => bench::populate_child(rest),
         _ => bail!("{USAGE}"),

@@ -1,0 +1,954 @@
+//! `cargo xtask vm-test`: boots the appliance image (`cargo xtask image`) in QEMU from its own
+//! bootloader, under software emulation (`-accel tcg`), with four emulated NVMe data drives,
+//! and drives it from the host:
+//!
+//! 1. boot: `/health` answers and systemd reported `applianced` started (serial console);
+//! 2. fill from nginx on the host's loopback, which the guest reaches only through QEMU's
+//!    `guestfwd` rule, then ranges of every file compared byte by byte through `hostfwd`;
+//! 3. one data drive hot-removed (`device_del` over QMP): the other drives keep serving, the
+//!    drive is reported failed in `/health` and `/metrics`, and the daemon was not restarted
+//!    (same PID on the serial console, no restart by systemd);
+//! 4. a clean reboot (ACPI power button, then reset): what the other drives hold is served
+//!    after recovery, and the next fill restores the lost files onto them;
+//! 5. the guest's `systemd-analyze security applianced.service` (printed on the console by
+//!    appliance-security-report.service at every boot).
+//!
+//! The guest's network is QEMU user mode with `restrict=on`: it reaches nothing but the
+//! `guestfwd` origin, and the host reaches it only on 127.0.0.1 (`hostfwd`). Everything
+//! started here (QEMU, nginx) is stopped by guards when the test ends, fails or panics.
+//! Work files: target/vm-test/ (serial.log is the guest's console).
+
+use crate::{image, util};
+use anyhow::{anyhow, bail, Context, Result};
+use serde_json::Value;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Tools the VM test runs, and the Debian packages that carry them.
+const VM_TOOLS: &[(&str, &str)] = &[
+    ("qemu-system-x86_64", "qemu-system-x86"),
+    ("qemu-img", "qemu-utils"),
+    ("nginx", "nginx"),
+    ("socat", "socat"),
+    ("sha256sum", "coreutils"),
+];
+
+const DATA_DRIVES: usize = 4;
+const DATA_DRIVE_BYTES: u64 = 512 << 20;
+/// The origin's address inside the guest (QEMU's guestfwd rule).
+const ORIGIN: &str = "10.0.2.100";
+const CATALOG_FILES: usize = 40;
+const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+const FILL_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// The guest's base configuration, handed over through QEMU's fw_cfg (appliance-firstboot
+/// prefers it to /etc/appliance/appliance.base.toml): the admin listener on every address so
+/// that the hostfwd rule reaches it, and the origin behind guestfwd as the only source.
+const LAB_CONFIG: &str = r#"# The VM test's lab configuration (tools/xtask/src/vm.rs), from QEMU fw_cfg.
+state_dir = "/var/lib/appliance"
+log_level = "info"
+
+[serve]
+listen = "0.0.0.0:80"
+# In the VM only: QEMU's hostfwd rule exposes it on the host's 127.0.0.1, nowhere else.
+admin_listen = "0.0.0.0:8081"
+access_log = "off"
+shutdown_grace_ms = 5000
+
+[fill]
+sources = ["http://10.0.2.100"]
+window = ""
+concurrency = 4
+attempts_per_source = 3
+backoff_initial_ms = 200
+"#;
+
+pub fn test() -> Result<()> {
+    let started = Instant::now();
+    image::ensure_packages(VM_TOOLS, &[])?;
+    let mut timings = Timings::default();
+    let step = Instant::now();
+    let image = image::image()?;
+    timings.add("image build (cached when nothing changed)", step);
+
+    let work = util::workspace_root().join("target/vm-test");
+    let _ = std::fs::remove_dir_all(&work);
+    std::fs::create_dir_all(&work)?;
+    let catalog = Catalog::write(&work.join("origin"))?;
+    println!(
+        "vm-test: catalog of {} files, {} MiB, on nginx (loopback), {ORIGIN}:80 in the guest",
+        catalog.files.len(),
+        catalog.files.iter().map(|file| file.bytes.len()).sum::<usize>() >> 20
+    );
+    let nginx = Nginx::start(&work, &work.join("origin"))?;
+    let mut vm = Vm::start(&work, &image, nginx.port)?;
+    let result = run_steps(&mut vm, &catalog, &mut timings);
+    if let Err(error) = &result {
+        println!("vm-test: FAILED: {error:#}");
+        println!("vm-test: the guest's console, last lines ({}):", vm.serial.display());
+        let text = vm.serial_text();
+        let lines: Vec<&str> = text.lines().collect();
+        for line in &lines[lines.len().saturating_sub(60)..] {
+            println!("  | {line}");
+        }
+    }
+    drop(vm);
+    drop(nginx);
+    timings.print();
+    println!(
+        "vm-test: {} in {:.0} s",
+        if result.is_ok() { "passed" } else { "failed" },
+        started.elapsed().as_secs_f64()
+    );
+    result
+}
+
+fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()> {
+    // 1. Boot to healthy.
+    let step = Instant::now();
+    let boot = vm.wait_healthy(0, vm.started)?;
+    let pid = boot.pid;
+    println!(
+        "vm-test: 1. healthy {:.1} s after QEMU started (applianced PID {pid}); drives: {}",
+        vm.started.elapsed().as_secs_f64(),
+        drive_summary(&boot.health)
+    );
+    timings.add("1. boot to healthy (QEMU start to /health 200, applianced active)", step);
+
+    // 2. Fill from the origin through guestfwd; verify every file through hostfwd.
+    let step = Instant::now();
+    let report = vm.fill()?;
+    if report["files_fetched"] != catalog.files.len() {
+        bail!("the fill fetched {} files, not {}", report["files_fetched"], catalog.files.len());
+    }
+    let served = vm.check_catalog(catalog)?;
+    if served.missing.is_empty() {
+        println!(
+            "vm-test: 2. filled {} files ({} bytes); ranges of every file equal the origin's",
+            catalog.files.len(),
+            report["bytes_fetched"]
+        );
+    } else {
+        bail!("after the fill, not served: {:?}", served.missing);
+    }
+    timings.add("2. fill through guestfwd + byte-exact ranges through hostfwd", step);
+
+    // 3. Hot-remove the data drive holding the most files.
+    let step = Instant::now();
+    let health = vm.admin_json("/health")?;
+    let (victim_path, victim_files) = health["drives"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|drive| {
+            (
+                drive["path"].as_str().unwrap_or("").to_string(),
+                drive["files"].as_u64().unwrap_or(0),
+            )
+        })
+        .max_by_key(|(_, files)| *files)
+        .ok_or_else(|| anyhow!("/health lists no drives"))?;
+    let victim = drive_number(&victim_path)
+        .ok_or_else(|| anyhow!("cannot tell which QEMU device {victim_path} is"))?;
+    println!(
+        "vm-test: 3. device_del nvme-data{victim} ({victim_path}, {victim_files} files)"
+    );
+    vm.qmp.execute("device_del", serde_json::json!({ "id": format!("nvme-data{victim}") }))?;
+    vm.qmp
+        .wait_event("DEVICE_DELETED", Duration::from_secs(60), |event| {
+            event["data"]["device"] == format!("nvme-data{victim}").as_str()
+        })
+        .context("waiting for the guest to release the NVMe device")?;
+    let removed_at = Instant::now();
+    // The daemon notices at its next read of the drive: a request for one of its files, or
+    // the watchdog's keep-alive read of every drive.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        let _ = vm.check_catalog(catalog);
+        let health = vm.admin_json("/health")?;
+        let failed = health["drives"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|drive| drive["path"] == victim_path.as_str() && drive["state"] == "failed");
+        if failed {
+            break;
+        }
+        if Instant::now() > deadline {
+            bail!("90 s after device_del, /health still does not report {victim_path} failed");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let detected = removed_at.elapsed();
+    // A wedged drive thread would stop the watchdog keep-alives and systemd would kill and
+    // restart the daemon WatchdogSec= later: keep serving past that before judging.
+    let watchdog = watchdog_sec()?;
+    let settle = removed_at + watchdog + Duration::from_secs(5);
+    while Instant::now() < settle {
+        vm.check_alive()?;
+        let (status, _) = http(vm.admin_port, "GET", "/health", None)?;
+        if status != 200 {
+            bail!("/health answered {status} after the drive was lost");
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let served = vm.check_catalog(catalog)?;
+    if served.missing.len() as u64 != victim_files {
+        bail!(
+            "after losing a drive of {victim_files} files, {} files are missing: {:?}",
+            served.missing.len(),
+            served.missing
+        );
+    }
+    let metrics = vm.admin_text("/metrics")?;
+    let down = format!("appliance_drive_up{{drive=\"{victim_path}\"}} 0");
+    if !metrics.lines().any(|line| line == down) {
+        bail!("/metrics lacks `{down}`");
+    }
+    let up = metrics
+        .lines()
+        .filter(|line| line.starts_with("appliance_drive_up{") && line.ends_with(" 1"))
+        .count();
+    if up != DATA_DRIVES - 1 {
+        bail!("/metrics shows {up} drives up, not {}", DATA_DRIVES - 1);
+    }
+    let console = vm.serial_since(boot.serial_offset);
+    let pid_now = last_pid(&console, "applianced")
+        .ok_or_else(|| anyhow!("no applianced line on the console"))?;
+    for restart in [
+        "applianced.service: Main process exited",
+        "applianced.service: Scheduled restart job",
+        "applianced.service: Watchdog timeout",
+        "applianced.service: Failed with result",
+    ] {
+        if console.contains(restart) {
+            bail!("systemd restarted the daemon: the console says `{restart}`");
+        }
+    }
+    if pid_now != pid {
+        bail!("applianced's PID changed from {pid} to {pid_now}: it was restarted");
+    }
+    println!(
+        "vm-test: 3. drive failed {:.1} s after removal; {:.0} s later (WatchdogSec={} s + 5): \
+         {} of {} files still served byte-exact, {} gone with the drive; /metrics: {down}; \
+         applianced PID {pid} unchanged, no restart",
+        detected.as_secs_f64(),
+        removed_at.elapsed().as_secs_f64(),
+        watchdog.as_secs(),
+        served.ok.len(),
+        catalog.files.len(),
+        served.missing.len()
+    );
+    let survivors = served.ok;
+    timings.add("3. hot-remove a drive: detected, others serving, no restart", step);
+
+    // 4. Reboot: what the other drives hold comes back; the next fill restores the rest.
+    let step = Instant::now();
+    let offset = vm.serial_text().len();
+    let how = vm.reboot()?;
+    let boot = vm.wait_healthy(offset, step)?;
+    println!(
+        "vm-test: 4. {how}: healthy again {:.1} s after the reboot began; drives: {}",
+        step.elapsed().as_secs_f64(),
+        drive_summary(&boot.health)
+    );
+    let served = vm.check_catalog(catalog)?;
+    if served.ok != survivors {
+        bail!(
+            "after the reboot, served {:?}, expected the survivors {:?}",
+            served.ok,
+            survivors
+        );
+    }
+    let reboot_healthy = step.elapsed();
+    let refill = Instant::now();
+    let report = vm.fill()?;
+    if report["files_fetched"].as_u64() != Some(victim_files) {
+        bail!(
+            "the refill fetched {} files, not the {victim_files} lost",
+            report["files_fetched"]
+        );
+    }
+    let served = vm.check_catalog(catalog)?;
+    if !served.missing.is_empty() {
+        bail!("after the refill, still not served: {:?}", served.missing);
+    }
+    let health = vm.admin_json("/health")?;
+    if health["files"].as_u64() != Some(catalog.files.len() as u64) {
+        bail!("/health counts {} files after the refill", health["files"]);
+    }
+    println!(
+        "vm-test: 4. survivors served after recovery ({:.1} s); refill restored {victim_files} \
+         files onto the {} remaining drives in {:.1} s; all {} files byte-exact",
+        reboot_healthy.as_secs_f64(),
+        DATA_DRIVES - 1,
+        refill.elapsed().as_secs_f64(),
+        catalog.files.len()
+    );
+    timings.add("4. reboot, recovery, refill of the lost files", step);
+
+    // 5. The exposure of applianced.service, as the guest's systemd sees it.
+    let step = Instant::now();
+    let text = vm.serial_text();
+    let begin = "==== systemd-analyze security applianced.service ====";
+    let end = "==== end of systemd-analyze security ====";
+    let from = text
+        .rfind(begin)
+        .ok_or_else(|| anyhow!("no security report on the console"))?;
+    let block = &text[from..];
+    let block = &block[..block.find(end).map_or(block.len(), |at| at + end.len())];
+    println!("vm-test: 5. from the guest's console:");
+    for line in block.lines() {
+        println!("  {}", line.trim_end_matches('\r'));
+    }
+    timings.add("5. systemd-analyze security from the guest", step);
+    Ok(())
+}
+
+/// Step timings, printed at the end.
+#[derive(Default)]
+struct Timings(Vec<(String, Duration)>);
+
+impl Timings {
+    fn add(&mut self, name: &str, since: Instant) {
+        let elapsed = since.elapsed();
+        println!("vm-test: [{:6.1} s] {name}", elapsed.as_secs_f64());
+        self.0.push((name.to_string(), elapsed));
+    }
+
+    fn print(&self) {
+        println!("vm-test: timings");
+        for (name, elapsed) in &self.0 {
+            println!("  {:6.1} s  {name}", elapsed.as_secs_f64());
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// The catalog on the origin.
+
+struct CatalogFile {
+    path: String,
+    bytes: Vec<u8>,
+}
+
+struct Catalog {
+    files: Vec<CatalogFile>,
+}
+
+impl Catalog {
+    /// Writes `CATALOG_FILES` files of seeded pseudo-random bytes (sizes from 1 byte to about
+    /// 6 MiB, about 120 MiB in all; a few on 4 KiB boundaries) and their manifest under `root`.
+    fn write(root: &Path) -> Result<Catalog> {
+        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        let mut files = Vec::new();
+        for number in 0..CATALOG_FILES {
+            let size = match number {
+                0 => 1,
+                1 => 4096,
+                2 => 1 << 20,
+                _ => 64 * 1024 + (next() % (6 << 20)) as usize,
+            };
+            let mut bytes = Vec::with_capacity(size + 8);
+            while bytes.len() < size {
+                bytes.extend_from_slice(&next().to_le_bytes());
+            }
+            bytes.truncate(size);
+            let path = format!("/video/title-{number:03}/main.mp4");
+            let disk = root.join(&path[1..]);
+            std::fs::create_dir_all(disk.parent().expect("a folder"))?;
+            std::fs::write(&disk, &bytes)?;
+            files.push(CatalogFile { path, bytes });
+        }
+        let disk_paths: Vec<String> = files
+            .iter()
+            .map(|file| root.join(&file.path[1..]).display().to_string())
+            .collect();
+        let args: Vec<&str> = disk_paths.iter().map(String::as_str).collect();
+        let sums = util::output("sha256sum", &args)?;
+        let rows: Vec<String> = files
+            .iter()
+            .zip(sums.lines())
+            .enumerate()
+            .map(|(number, (file, line))| {
+                let sha = line.split_whitespace().next().unwrap_or("");
+                format!(
+                    "{{\"path\":{:?},\"size_bytes\":{},\"sha256\":\"{sha}\",\"rank\":{}}}",
+                    file.path,
+                    file.bytes.len(),
+                    number + 1
+                )
+            })
+            .collect();
+        std::fs::write(
+            root.join("manifest.json"),
+            format!(
+                "{{\"version\":1,\"generated_at\":\"2026-11-23T02:00:00Z\",\"files\":[{}]}}",
+                rows.join(",")
+            ),
+        )?;
+        Ok(Catalog { files })
+    }
+}
+
+/// Which catalog files the appliance serves (byte-exact) and which it answers 404 for.
+struct Served {
+    ok: Vec<String>,
+    missing: Vec<String>,
+}
+
+// ---------------------------------------------------------------------------------------
+// nginx, the origin.
+
+struct Nginx {
+    child: Child,
+    port: u16,
+}
+
+impl Nginx {
+    fn start(work: &Path, root: &Path) -> Result<Nginx> {
+        let port = free_port()?;
+        let dir = work.join("nginx");
+        std::fs::create_dir_all(dir.join("logs"))?;
+        let config = dir.join("nginx.conf");
+        std::fs::write(
+            &config,
+            format!(
+                "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
+                 error_log {dir}/logs/error.log warn;\n\
+                 events {{ worker_connections 256; }}\n\
+                 http {{\n  access_log {dir}/logs/access.log;\n  sendfile on;\n\
+                 default_type application/octet-stream;\n\
+                 client_body_temp_path {dir}/logs;\n  proxy_temp_path {dir}/logs;\n\
+                 fastcgi_temp_path {dir}/logs;\n  uwsgi_temp_path {dir}/logs;\n\
+                 scgi_temp_path {dir}/logs;\n\
+                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
+                dir = dir.display(),
+                root = root.display(),
+            ),
+        )?;
+        let child = Command::new("nginx")
+            .args(["-c", &config.display().to_string(), "-p", &dir.display().to_string()])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("starting nginx")?;
+        let nginx = Nginx { child, port };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if Instant::now() > deadline {
+                bail!("nginx did not listen on 127.0.0.1:{port}");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Ok(nginx)
+    }
+}
+
+impl Drop for Nginx {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+// ---------------------------------------------------------------------------------------
+// The VM.
+
+struct Vm {
+    child: Child,
+    qmp: Qmp,
+    serial: PathBuf,
+    http_port: u16,
+    admin_port: u16,
+    started: Instant,
+}
+
+/// What a boot came up with.
+struct Boot {
+    health: Value,
+    pid: u32,
+    serial_offset: usize,
+}
+
+impl Vm {
+    fn start(work: &Path, image: &Path, origin_port: u16) -> Result<Vm> {
+        // The image stays as built: the guest writes to a copy-on-write overlay.
+        let boot = work.join("boot.qcow2");
+        util::output(
+            "qemu-img",
+            &[
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-F",
+                "raw",
+                "-b",
+                &image.display().to_string(),
+                &boot.display().to_string(),
+            ],
+        )?;
+        let lab = work.join("lab.toml");
+        std::fs::write(&lab, LAB_CONFIG)?;
+        let serial = work.join("serial.log");
+        let qmp_path = work.join("qmp.sock");
+        let http_port = free_port()?;
+        let admin_port = free_port()?;
+        let mut args: Vec<String> = [
+            "-accel", "tcg", "-machine", "pc", "-m", "2048", "-smp", "2",
+            "-display", "none", "-nodefaults", "-no-user-config",
+            // A guest power-off stops the VM instead of ending QEMU: the reboot of step 4
+            // resets and continues the same VM (the removed drive stays removed).
+            "-no-shutdown",
+        ]
+        .iter()
+        .map(|arg| arg.to_string())
+        .collect();
+        args.extend([
+            "-serial".into(),
+            format!("file:{}", serial.display()),
+            "-qmp".into(),
+            format!("unix:{},server=on,wait=off", qmp_path.display()),
+            "-fw_cfg".into(),
+            format!("name=opt/appliance/appliance.base.toml,file={}", lab.display()),
+            // The boot drive: NVMe too, so the guest must tell it from the data drives.
+            "-drive".into(),
+            format!("file={},if=none,id=boot,format=qcow2", boot.display()),
+            "-device".into(),
+            "nvme,serial=appliance-boot,drive=boot,bootindex=0,id=nvme-boot".into(),
+        ]);
+        for number in 0..DATA_DRIVES {
+            let file = work.join(format!("data{number}.img"));
+            std::fs::File::create(&file)?.set_len(DATA_DRIVE_BYTES)?;
+            args.extend([
+                "-drive".into(),
+                format!("file={},if=none,id=data{number},format=raw", file.display()),
+                "-device".into(),
+                format!("nvme,serial=data{number},drive=data{number},id=nvme-data{number}"),
+            ]);
+        }
+        args.extend([
+            "-netdev".into(),
+            format!(
+                "user,id=n0,restrict=on,\
+                 hostfwd=tcp:127.0.0.1:{http_port}-:80,\
+                 hostfwd=tcp:127.0.0.1:{admin_port}-:8081,\
+                 guestfwd=tcp:{ORIGIN}:80-cmd:socat - TCP:127.0.0.1:{origin_port}"
+            ),
+            // No option ROM: nothing boots from the network, and the BIOS is faster.
+            "-device".into(),
+            "virtio-net-pci,netdev=n0,romfile=".into(),
+        ]);
+        println!("$ qemu-system-x86_64 {}", args.join(" "));
+        let log = std::fs::File::create(work.join("qemu.log"))?;
+        let child = Command::new("qemu-system-x86_64")
+            .args(&args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("starting qemu-system-x86_64")?;
+        let started = Instant::now();
+        let mut vm = Vm {
+            child,
+            qmp: Qmp::placeholder(),
+            serial,
+            http_port,
+            admin_port,
+            started,
+        };
+        vm.qmp = Qmp::connect(&qmp_path, &mut vm.child)?;
+        Ok(vm)
+    }
+
+    fn serial_text(&self) -> String {
+        String::from_utf8_lossy(&std::fs::read(&self.serial).unwrap_or_default()).into_owned()
+    }
+
+    fn serial_since(&self, offset: usize) -> String {
+        let text = self.serial_text();
+        text.get(offset..).unwrap_or("").to_string()
+    }
+
+    fn check_alive(&mut self) -> Result<()> {
+        if let Some(status) = self.child.try_wait()? {
+            bail!("QEMU exited: {status}");
+        }
+        Ok(())
+    }
+
+    /// Waits until `/health` answers 200 and the console (from `offset` on) shows systemd
+    /// started applianced.service (Type=notify: after READY=1).
+    fn wait_healthy(&mut self, offset: usize, since: Instant) -> Result<Boot> {
+        let deadline = since + BOOT_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let console = self.serial_since(offset);
+            if console.contains("Started applianced.service") {
+                if let Ok((200, body)) = http(self.admin_port, "GET", "/health", None) {
+                    let health: Value = serde_json::from_slice(&body)?;
+                    let pid = last_pid(&console, "applianced")
+                        .ok_or_else(|| anyhow!("no applianced line on the console"))?;
+                    return Ok(Boot {
+                        health,
+                        pid,
+                        serial_offset: offset,
+                    });
+                }
+            }
+            for failure in ["Kernel panic", "Failed to start applianced.service", "grub rescue>"]
+            {
+                if console.contains(failure) {
+                    bail!("the guest's console says `{failure}`");
+                }
+            }
+            if Instant::now() > deadline {
+                bail!("not healthy within {} s", BOOT_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    fn admin_json(&self, path: &str) -> Result<Value> {
+        let (status, body) = http(self.admin_port, "GET", path, None)?;
+        if status != 200 {
+            bail!("GET {path}: {status}");
+        }
+        Ok(serde_json::from_slice(&body)?)
+    }
+
+    fn admin_text(&self, path: &str) -> Result<String> {
+        let (status, body) = http(self.admin_port, "GET", path, None)?;
+        if status != 200 {
+            bail!("GET {path}: {status}");
+        }
+        Ok(String::from_utf8_lossy(&body).into_owned())
+    }
+
+    /// Starts a fill of the origin's manifest and waits for its report; fails unless it
+    /// succeeded.
+    fn fill(&mut self) -> Result<Value> {
+        let before = self.admin_json("/fill")?["last"].clone();
+        let target = format!("/fill?manifest=http://{ORIGIN}/manifest.json");
+        let (status, body) = http(self.admin_port, "POST", &target, None)?;
+        if status != 202 {
+            bail!("POST {target}: {status} {}", String::from_utf8_lossy(&body));
+        }
+        let deadline = Instant::now() + FILL_TIMEOUT;
+        loop {
+            self.check_alive()?;
+            let fill = self.admin_json("/fill")?;
+            if fill["running"] == false && fill["last"] != before && !fill["last"].is_null() {
+                let last = fill["last"].clone();
+                let failed = last["files_failed"].as_u64() != Some(0)
+                    || !last["error"].is_null()
+                    || last["cancelled"] == true
+                    || last["cannot_fit"].as_array().is_some_and(|list| !list.is_empty());
+                if failed {
+                    bail!("the fill did not succeed: {last}");
+                }
+                return Ok(last);
+            }
+            if Instant::now() > deadline {
+                bail!("the fill did not end within {} s: {fill}", FILL_TIMEOUT.as_secs());
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// Requests ranges of every catalog file: the start, a middle stretch, the last 4097
+    /// bytes (a suffix range) and, for small files, the whole file. A file served must be
+    /// byte-exact in every range; a 404 counts it missing; anything else fails.
+    fn check_catalog(&self, catalog: &Catalog) -> Result<Served> {
+        let mut served = Served {
+            ok: Vec::new(),
+            missing: Vec::new(),
+        };
+        for file in &catalog.files {
+            let size = file.bytes.len();
+            let mut ranges: Vec<(Option<String>, std::ops::Range<usize>)> = Vec::new();
+            if size <= 256 * 1024 {
+                ranges.push((None, 0..size));
+            }
+            let head = size.min(65_536);
+            ranges.push((Some(format!("bytes=0-{}", head - 1)), 0..head));
+            if size > 300_000 {
+                let start = size / 2 - 50_000;
+                ranges.push((
+                    Some(format!("bytes={start}-{}", start + 99_999)),
+                    start..start + 100_000,
+                ));
+            }
+            let tail = size.min(4097);
+            ranges.push((Some(format!("bytes=-{tail}")), size - tail..size));
+            let mut missing = false;
+            for (range, expected) in ranges {
+                let (status, body) = http(self.http_port, "GET", &file.path, range.as_deref())?;
+                match (status, &range) {
+                    (404, _) => {
+                        missing = true;
+                        break;
+                    }
+                    (200, None) | (206, Some(_)) => {
+                        if body != file.bytes[expected.clone()] {
+                            bail!(
+                                "{} {:?}: {} bytes served differ from the origin's {} bytes",
+                                file.path,
+                                range,
+                                body.len(),
+                                expected.len()
+                            );
+                        }
+                    }
+                    _ => bail!("{} {range:?}: status {status}", file.path),
+                }
+            }
+            if missing {
+                served.missing.push(file.path.clone());
+            } else {
+                served.ok.push(file.path.clone());
+            }
+        }
+        Ok(served)
+    }
+
+    /// A clean reboot: the ACPI power button (systemd powers off; `-no-shutdown` keeps QEMU),
+    /// then a reset. A reset alone if the guest does not power off within 120 s.
+    fn reboot(&mut self) -> Result<&'static str> {
+        self.qmp.execute("system_powerdown", Value::Null)?;
+        let how = match self
+            .qmp
+            .wait_event("SHUTDOWN", Duration::from_secs(120), |_| true)
+        {
+            Ok(_) => "clean power-off, then reset",
+            Err(_) => "no power-off within 120 s: hard reset",
+        };
+        self.qmp.execute("system_reset", Value::Null)?;
+        self.qmp.execute("cont", Value::Null)?;
+        Ok(how)
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `WatchdogSec=` of systemd/applianced.service (the unit the image installs).
+fn watchdog_sec() -> Result<Duration> {
+    let unit = std::fs::read_to_string(util::workspace_root().join("systemd/applianced.service"))?;
+    let value = unit
+        .lines()
+        .find_map(|line| line.trim().strip_prefix("WatchdogSec="))
+        .ok_or_else(|| anyhow!("no WatchdogSec= in systemd/applianced.service"))?;
+    let seconds: u64 = value
+        .trim()
+        .trim_end_matches('s')
+        .parse()
+        .with_context(|| format!("WatchdogSec={value}: expected seconds"))?;
+    Ok(Duration::from_secs(seconds))
+}
+
+/// The PID of the last `NAME[PID]:` journal line on the console.
+fn last_pid(console: &str, name: &str) -> Option<u32> {
+    let marker = format!("{name}[");
+    console.rmatch_indices(&marker).find_map(|(at, _)| {
+        let rest = &console[at + marker.len()..];
+        let end = rest.find("]:")?;
+        rest[..end].parse().ok()
+    })
+}
+
+/// `dataN` in a drive path (`/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_data2_1`).
+fn drive_number(path: &str) -> Option<usize> {
+    let at = path.rfind("_data")?;
+    path[at + 5..].chars().next()?.to_digit(10).map(|digit| digit as usize)
+}
+
+fn drive_summary(health: &Value) -> String {
+    health["drives"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|drive| {
+            format!(
+                "{} {} ({} files)",
+                drive["path"].as_str().unwrap_or("?").rsplit('/').next().unwrap_or("?"),
+                drive["state"].as_str().unwrap_or("?"),
+                drive["files"]
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+// ---------------------------------------------------------------------------------------
+// HTTP/1.1 over loopback (one request per connection) and QMP.
+
+/// Sends one request to 127.0.0.1:`port`; returns the status and the body.
+fn http(port: u16, method: &str, target: &str, range: Option<&str>) -> Result<(u16, Vec<u8>)> {
+    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
+    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
+    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
+    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: appliance\r\nConnection: close\r\n");
+    if let Some(range) = range {
+        request.push_str(&format!("Range: {range}\r\n"));
+    }
+    if method == "POST" {
+        request.push_str("Content-Length: 0\r\n");
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes())?;
+    let mut response = Vec::new();
+    stream
+        .read_to_end(&mut response)
+        .with_context(|| format!("{method} {target}"))?;
+    let end = response
+        .windows(4)
+        .position(|window| window == b"\r\n\r\n")
+        .ok_or_else(|| anyhow!("{method} {target}: no complete response head"))?;
+    let head = String::from_utf8_lossy(&response[..end]).into_owned();
+    let status: u16 = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .ok_or_else(|| anyhow!("{method} {target}: bad status line in {head:?}"))?;
+    let mut body = response[end + 4..].to_vec();
+    let length = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        if name.eq_ignore_ascii_case("content-length") {
+            value.trim().parse::<usize>().ok()
+        } else {
+            None
+        }
+    });
+    if let Some(length) = length {
+        if body.len() < length {
+            bail!("{method} {target}: {} of {length} body bytes", body.len());
+        }
+        body.truncate(length);
+    }
+    Ok((status, body))
+}
+
+/// QEMU's machine protocol on a unix socket: commands, and the events that arrive between.
+struct Qmp {
+    reader: Option<BufReader<UnixStream>>,
+    events: Vec<Value>,
+}
+
+impl Qmp {
+    fn placeholder() -> Qmp {
+        Qmp {
+            reader: None,
+            events: Vec::new(),
+        }
+    }
+
+    fn connect(path: &Path, qemu: &mut Child) -> Result<Qmp> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let stream = loop {
+            if let Ok(stream) = UnixStream::connect(path) {
+                break stream;
+            }
+            if let Some(status) = qemu.try_wait()? {
+                bail!("QEMU exited at start: {status} (see target/vm-test/qemu.log)");
+            }
+            if Instant::now() > deadline {
+                bail!("no QMP socket at {}", path.display());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let mut qmp = Qmp {
+            reader: Some(BufReader::new(stream)),
+            events: Vec::new(),
+        };
+        qmp.read(Duration::from_secs(10))?; // the greeting
+        qmp.execute("qmp_capabilities", Value::Null)?;
+        Ok(qmp)
+    }
+
+    fn read(&mut self, timeout: Duration) -> Result<Value> {
+        let reader = self.reader.as_mut().ok_or_else(|| anyhow!("QMP not connected"))?;
+        reader.get_ref().set_read_timeout(Some(timeout))?;
+        let mut line = String::new();
+        if reader.read_line(&mut line)? == 0 {
+            bail!("QMP closed");
+        }
+        Ok(serde_json::from_str(&line)?)
+    }
+
+    fn execute(&mut self, command: &str, arguments: Value) -> Result<Value> {
+        let mut request = serde_json::json!({ "execute": command });
+        if !arguments.is_null() {
+            request["arguments"] = arguments;
+        }
+        let reader = self.reader.as_mut().ok_or_else(|| anyhow!("QMP not connected"))?;
+        reader
+            .get_mut()
+            .write_all(format!("{request}\n").as_bytes())?;
+        loop {
+            let message = self.read(Duration::from_secs(30))?;
+            if message.get("event").is_some() {
+                self.events.push(message);
+            } else if let Some(error) = message.get("error") {
+                bail!("QMP {command}: {error}");
+            } else {
+                return Ok(message["return"].clone());
+            }
+        }
+    }
+
+    fn wait_event(
+        &mut self,
+        name: &str,
+        timeout: Duration,
+        matches: impl Fn(&Value) -> bool,
+    ) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(at) = self
+                .events
+                .iter()
+                .position(|event| event["event"] == name && matches(event))
+            {
+                return Ok(self.events.remove(at));
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                bail!("no QMP event {name} within {} s", timeout.as_secs());
+            }
+            match self.read(left.min(Duration::from_secs(1))) {
+                Ok(message) => self.events.push(message),
+                Err(error) => {
+                    let timed_out = error.downcast_ref::<std::io::Error>().is_some_and(|io| {
+                        matches!(
+                            io.kind(),
+                            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                        )
+                    });
+                    if !timed_out {
+                        return Err(error);
+                    }
+                }
+            }
+        }
+    }
+}
