@@ -77,6 +77,7 @@ done
 
 mkdir -p "$CACHE"
 START=$(date +%s)
+trap 'rm -f "$IMAGE.tmp" "$CACHE"/rootfs-*.tar.tmp' EXIT
 
 # --- 1. The Debian root (cached) ---------------------------------------------------------
 PACKAGES=$(sed -e 's/#.*//' -e '/^[[:space:]]*$/d' "$ROOT/image/packages.txt" | tr -s ' \n' ',,' | sed 's/,$//')

@@ -382,6 +382,16 @@ impl Filler {
                 Err(error) => tracing::warn!(%path, %error, "fill: delete failed"),
             }
         }
+        if report.files_deleted > 0 {
+            // The planner counted the deleted bytes as free: reclaim now so they are.
+            let store = self.store.clone();
+            match tokio::task::block_in_place(|| store.reclaim_now()) {
+                Ok(freed) => {
+                    tracing::info!(freed_segments = freed, "fill: reclaimed after deletes")
+                }
+                Err(error) => tracing::warn!(%error, "fill: reclaim after deletes failed"),
+            }
+        }
         self.lock_state().dropped = planned
             .keep_dropped
             .iter()

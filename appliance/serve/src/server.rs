@@ -30,11 +30,6 @@ const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
 /// Bodies at least this long get an explicit read-ahead hint first; shorter ones are left to
 /// the kernel's own read-ahead, which saves a system call on the small-range path.
 const PREFETCH_BYTES_MIN: u64 = 256 << 10;
-/// Bytes checked for page-cache residency before each sendfile call.
-const RESIDENCY_CHUNK_BYTES: u64 = SENDFILE_CHUNK_BYTES;
-/// How long a send waits for read-ahead to bring a cold chunk into the page cache before it
-/// sends anyway (and may block the worker on the drive).
-const COLD_WAIT_MAX: Duration = Duration::from_secs(2);
 
 thread_local! {
     /// The Date header value of the current second, formatted once per second per thread.
@@ -586,7 +581,6 @@ async fn send_file_range(
         while offset < end {
             let chunk = usize::try_from((end - offset).min(SENDFILE_CHUNK_BYTES))
                 .expect("chunk fits usize");
-            wait_until_cached(source, offset, (end - offset).min(RESIDENCY_CHUNK_BYTES)).await;
             let attempt = stream.async_io(Interest::WRITABLE, || {
                 zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
             });
@@ -608,29 +602,6 @@ async fn send_file_range(
         }
     }
     Ok(total)
-}
-
-/// sendfile(2) blocks the calling thread on a page-cache miss even on a non-blocking socket,
-/// which would stall every connection of this worker. So before sending a chunk, ask the
-/// kernel (cachestat) whether its pages are cached; if not, start read-ahead and yield to the
-/// event loop until they are (polling every millisecond, at most `COLD_WAIT_MAX`).
-async fn wait_until_cached(
-    source: std::os::fd::BorrowedFd<'_>,
-    offset_bytes: u64,
-    length_bytes: u64,
-) {
-    let missing = |source| match zerocopy::cached_pages(source, offset_bytes, length_bytes) {
-        Some((cached, total)) => cached < total,
-        None => false,
-    };
-    if !missing(source) {
-        return;
-    }
-    let _ = zerocopy::prefetch(source, offset_bytes, length_bytes);
-    let started = Instant::now();
-    while missing(source) && started.elapsed() < COLD_WAIT_MAX {
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
 }
 
 fn log_access(

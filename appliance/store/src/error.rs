@@ -15,6 +15,8 @@ pub enum StoreError {
     NoDrive,
     /// The chosen drive has no free segment left (retry after deletes and reclaim).
     DriveFull(PathBuf),
+    /// No healthy drive has room for the file (retry after deletes and reclaim).
+    AllDrivesFull,
     /// The index holds as many files as it was sized for.
     IndexFull,
     /// A drive failed an operation; it has been taken out of service.
@@ -38,7 +40,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self,
-            StoreError::PathBusy(_) | StoreError::DriveFull(_) | StoreError::OutOfBuffers
+            StoreError::PathBusy(_)
+                | StoreError::DriveFull(_)
+                | StoreError::AllDrivesFull
+                | StoreError::OutOfBuffers
         )
     }
 }
@@ -49,6 +54,7 @@ impl fmt::Display for StoreError {
             StoreError::InvalidPath(why) => write!(f, "invalid content path: {why}"),
             StoreError::PathBusy(path) => write!(f, "{path} is being written or deleted"),
             StoreError::NoDrive => write!(f, "no healthy data drive"),
+            StoreError::AllDrivesFull => write!(f, "no drive has room for the file"),
             StoreError::DriveFull(drive) => write!(f, "drive {} is full", drive.display()),
             StoreError::IndexFull => write!(f, "the index is full (raise files_max at format)"),
             StoreError::Io {

@@ -534,7 +534,7 @@ impl Store {
         }
         match best {
             Some((_, rt)) => Ok(Arc::clone(rt)),
-            None if any_healthy => Err(StoreError::DriveFull(PathBuf::from("every drive"))),
+            None if any_healthy => Err(StoreError::AllDrivesFull),
             None => Err(StoreError::NoDrive),
         }
     }

@@ -330,7 +330,8 @@ fn run_seed(seed: u64) {
     if failed {
         assert!(matches!(
             store.create("/x", 1).map(|_| ()),
-            Ok(()) | Err(StoreError::DriveFull(_)) | Err(StoreError::IndexFull)
+            Ok(())
+                | Err(StoreError::DriveFull(_) | StoreError::AllDrivesFull | StoreError::IndexFull)
         ));
     }
 }

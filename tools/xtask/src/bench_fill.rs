@@ -79,7 +79,7 @@ impl Settings {
             cap_files: env_u64("BENCH_FILL_CAP_FILES", 16).clamp(1, files),
             // Enough that the fill of new files outlasts the serving run (about 400 MiB/s
             // while serving on one core here).
-            new_files: env_u64("BENCH_FILL_NEW_FILES", 128).max(1),
+            new_files: env_u64("BENCH_FILL_NEW_FILES", 160).max(1),
             parallel: env_u64("BENCH_FILL_CONCURRENCY", 4).max(1),
             seconds: env_u64("BENCH_FILL_SECONDS", 8).max(1),
             quiet_s: env_u64("BENCH_FILL_QUIET_S", 15),

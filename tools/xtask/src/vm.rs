@@ -2,7 +2,9 @@
 //! bootloader, under software emulation (`-accel tcg`), with four emulated NVMe data drives,
 //! and drives it from the host:
 //!
-//! 1. boot: `/health` answers and systemd reported `applianced` started (serial console);
+//! 1. boot: `/health` answers and systemd reported `applianced` started (serial console); the
+//!    first boot formatted the four blank data drives and left out a fifth NVMe drive that
+//!    holds an ext4 filesystem (another kind of data), which stays untouched;
 //! 2. fill from nginx on the host's loopback, which the guest reaches only through QEMU's
 //!    `guestfwd` rule, then ranges of every file compared byte by byte through `hostfwd`;
 //! 3. one data drive hot-removed (`device_del` over QMP): the other drives keep serving, the
@@ -35,10 +37,13 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("nginx", "nginx"),
     ("socat", "socat"),
     ("sha256sum", "coreutils"),
+    ("mkfs.ext4", "e2fsprogs"),
 ];
 
 const DATA_DRIVES: usize = 4;
 const DATA_DRIVE_BYTES: u64 = 512 << 20;
+/// A drive holding another kind of data (an ext4 filesystem): never a data drive.
+const FOREIGN_DRIVE_BYTES: u64 = 64 << 20;
 /// The origin's address inside the guest (QEMU's guestfwd rule).
 const ORIGIN: &str = "10.0.2.100";
 const CATALOG_FILES: usize = 40;
@@ -70,6 +75,9 @@ backoff_initial_ms = 200
 pub fn test() -> Result<()> {
     let started = Instant::now();
     image::ensure_packages(VM_TOOLS, &[])?;
+    // Again: installing Debian 12's qemu-system-x86 removes a newer qemu-utils (a backport)
+    // that conflicts with it, and qemu-img with it.
+    image::ensure_packages(VM_TOOLS, &[])?;
     let mut timings = Timings::default();
     let step = Instant::now();
     let image = image::image()?;
@@ -82,14 +90,22 @@ pub fn test() -> Result<()> {
     println!(
         "vm-test: catalog of {} files, {} MiB, on nginx (loopback), {ORIGIN}:80 in the guest",
         catalog.files.len(),
-        catalog.files.iter().map(|file| file.bytes.len()).sum::<usize>() >> 20
+        catalog
+            .files
+            .iter()
+            .map(|file| file.bytes.len())
+            .sum::<usize>()
+            >> 20
     );
     let nginx = Nginx::start(&work, &work.join("origin"))?;
     let mut vm = Vm::start(&work, &image, nginx.port)?;
     let result = run_steps(&mut vm, &catalog, &mut timings);
     if let Err(error) = &result {
         println!("vm-test: FAILED: {error:#}");
-        println!("vm-test: the guest's console, last lines ({}):", vm.serial.display());
+        println!(
+            "vm-test: the guest's console, last lines ({}):",
+            vm.serial.display()
+        );
         let text = vm.serial_text();
         let lines: Vec<&str> = text.lines().collect();
         for line in &lines[lines.len().saturating_sub(60)..] {
@@ -98,6 +114,15 @@ pub fn test() -> Result<()> {
     }
     drop(vm);
     drop(nginx);
+    if result.is_ok() {
+        // Keep the logs (serial.log, qemu.log, nginx/); drop the disks.
+        for number in 0..DATA_DRIVES {
+            let _ = std::fs::remove_file(work.join(format!("data{number}.img")));
+        }
+        let _ = std::fs::remove_file(work.join("boot.qcow2"));
+        let _ = std::fs::remove_file(work.join("foreign.img"));
+        let _ = std::fs::remove_dir_all(work.join("origin"));
+    }
     timings.print();
     println!(
         "vm-test: {} in {:.0} s",
@@ -117,13 +142,44 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         vm.started.elapsed().as_secs_f64(),
         drive_summary(&boot.health)
     );
-    timings.add("1. boot to healthy (QEMU start to /health 200, applianced active)", step);
+    let drives = boot.health["drives"].as_array().map_or(0, Vec::len);
+    if drives != DATA_DRIVES || boot.health.to_string().contains("foreign") {
+        bail!(
+            "/health lists {drives} drives, expected the {DATA_DRIVES} blank ones: {}",
+            boot.health
+        );
+    }
+    let console = vm.serial_text();
+    let refused = console.lines().find(|line| {
+        line.contains("appliance-firstboot[")
+            && line.contains("Ctrl_foreign_1")
+            && line.contains("left out")
+    });
+    let Some(refused) = refused else {
+        bail!("the console does not show the ext4 drive left out by appliance-firstboot");
+    };
+    println!(
+        "vm-test: 1. the drive holding ext4 was left out: {}",
+        refused
+            .split("appliance-firstboot")
+            .nth(1)
+            .unwrap_or(refused)
+            .trim()
+    );
+    timings.add(
+        "1. boot to healthy (QEMU start to /health 200, applianced active)",
+        step,
+    );
 
     // 2. Fill from the origin through guestfwd; verify every file through hostfwd.
     let step = Instant::now();
     let report = vm.fill()?;
     if report["files_fetched"] != catalog.files.len() {
-        bail!("the fill fetched {} files, not {}", report["files_fetched"], catalog.files.len());
+        bail!(
+            "the fill fetched {} files, not {}",
+            report["files_fetched"],
+            catalog.files.len()
+        );
     }
     let served = vm.check_catalog(catalog)?;
     if served.missing.is_empty() {
@@ -135,7 +191,10 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
     } else {
         bail!("after the fill, not served: {:?}", served.missing);
     }
-    timings.add("2. fill through guestfwd + byte-exact ranges through hostfwd", step);
+    timings.add(
+        "2. fill through guestfwd + byte-exact ranges through hostfwd",
+        step,
+    );
 
     // 3. Hot-remove the data drive holding the most files.
     let step = Instant::now();
@@ -154,10 +213,11 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         .ok_or_else(|| anyhow!("/health lists no drives"))?;
     let victim = drive_number(&victim_path)
         .ok_or_else(|| anyhow!("cannot tell which QEMU device {victim_path} is"))?;
-    println!(
-        "vm-test: 3. device_del nvme-data{victim} ({victim_path}, {victim_files} files)"
-    );
-    vm.qmp.execute("device_del", serde_json::json!({ "id": format!("nvme-data{victim}") }))?;
+    println!("vm-test: 3. device_del nvme-data{victim} ({victim_path}, {victim_files} files)");
+    vm.qmp.execute(
+        "device_del",
+        serde_json::json!({ "id": format!("nvme-data{victim}") }),
+    )?;
     vm.qmp
         .wait_event("DEVICE_DELETED", Duration::from_secs(60), |event| {
             event["data"]["device"] == format!("nvme-data{victim}").as_str()
@@ -244,7 +304,10 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         served.missing.len()
     );
     let survivors = served.ok;
-    timings.add("3. hot-remove a drive: detected, others serving, no restart", step);
+    timings.add(
+        "3. hot-remove a drive: detected, others serving, no restart",
+        step,
+    );
 
     // 4. Reboot: what the other drives hold comes back; the next fill restores the rest.
     let step = Instant::now();
@@ -306,6 +369,14 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         println!("  {}", line.trim_end_matches('\r'));
     }
     timings.add("5. systemd-analyze security from the guest", step);
+    let mut magic = [0u8; 2];
+    let mut foreign = std::fs::File::open(&vm.foreign)?;
+    std::io::Seek::seek(&mut foreign, std::io::SeekFrom::Start(0x438))?;
+    foreign.read_exact(&mut magic)?;
+    if magic != [0x53, 0xEF] {
+        bail!("the ext4 drive lost its superblock: the appliance wrote to it");
+    }
+    println!("vm-test: the ext4 drive still holds its filesystem, untouched");
     Ok(())
 }
 
@@ -438,7 +509,12 @@ impl Nginx {
             ),
         )?;
         let child = Command::new("nginx")
-            .args(["-c", &config.display().to_string(), "-p", &dir.display().to_string()])
+            .args([
+                "-c",
+                &config.display().to_string(),
+                "-p",
+                &dir.display().to_string(),
+            ])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -456,7 +532,19 @@ impl Nginx {
 }
 
 impl Drop for Nginx {
+    /// SIGTERM lets the master stop its worker (SIGKILL would orphan it); SIGKILL after 5 s.
     fn drop(&mut self) {
+        let pid = self.child.id().to_string();
+        let _ = Command::new("kill")
+            .args(["-TERM", &pid])
+            .stderr(Stdio::null())
+            .status();
+        for _ in 0..100 {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -473,6 +561,7 @@ struct Vm {
     child: Child,
     qmp: Qmp,
     serial: PathBuf,
+    foreign: PathBuf,
     http_port: u16,
     admin_port: u16,
     started: Instant,
@@ -503,6 +592,9 @@ impl Vm {
                 &boot.display().to_string(),
             ],
         )?;
+        let foreign = work.join("foreign.img");
+        std::fs::File::create(&foreign)?.set_len(FOREIGN_DRIVE_BYTES)?;
+        util::output("mkfs.ext4", &["-q", "-F", &foreign.display().to_string()])?;
         let lab = work.join("lab.toml");
         std::fs::write(&lab, LAB_CONFIG)?;
         let serial = work.join("serial.log");
@@ -510,8 +602,18 @@ impl Vm {
         let http_port = free_port()?;
         let admin_port = free_port()?;
         let mut args: Vec<String> = [
-            "-accel", "tcg", "-machine", "pc", "-m", "2048", "-smp", "2",
-            "-display", "none", "-nodefaults", "-no-user-config",
+            "-accel",
+            "tcg",
+            "-machine",
+            "pc",
+            "-m",
+            "2048",
+            "-smp",
+            "2",
+            "-display",
+            "none",
+            "-nodefaults",
+            "-no-user-config",
             // A guest power-off stops the VM instead of ending QEMU: the reboot of step 4
             // resets and continues the same VM (the removed drive stays removed).
             "-no-shutdown",
@@ -525,7 +627,10 @@ impl Vm {
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
             "-fw_cfg".into(),
-            format!("name=opt/appliance/appliance.base.toml,file={}", lab.display()),
+            format!(
+                "name=opt/appliance/appliance.base.toml,file={}",
+                lab.display()
+            ),
             // The boot drive: NVMe too, so the guest must tell it from the data drives.
             "-drive".into(),
             format!("file={},if=none,id=boot,format=qcow2", boot.display()),
@@ -543,6 +648,10 @@ impl Vm {
             ]);
         }
         args.extend([
+            "-drive".into(),
+            format!("file={},if=none,id=foreign,format=raw", foreign.display()),
+            "-device".into(),
+            "nvme,serial=foreign,drive=foreign,id=nvme-foreign".into(),
             "-netdev".into(),
             format!(
                 "user,id=n0,restrict=on,\
@@ -568,6 +677,7 @@ impl Vm {
             child,
             qmp: Qmp::placeholder(),
             serial,
+            foreign,
             http_port,
             admin_port,
             started,
@@ -611,8 +721,11 @@ impl Vm {
                     });
                 }
             }
-            for failure in ["Kernel panic", "Failed to start applianced.service", "grub rescue>"]
-            {
+            for failure in [
+                "Kernel panic",
+                "Failed to start applianced.service",
+                "grub rescue>",
+            ] {
                 if console.contains(failure) {
                     bail!("the guest's console says `{failure}`");
                 }
@@ -658,14 +771,19 @@ impl Vm {
                 let failed = last["files_failed"].as_u64() != Some(0)
                     || !last["error"].is_null()
                     || last["cancelled"] == true
-                    || last["cannot_fit"].as_array().is_some_and(|list| !list.is_empty());
+                    || last["cannot_fit"]
+                        .as_array()
+                        .is_some_and(|list| !list.is_empty());
                 if failed {
                     bail!("the fill did not succeed: {last}");
                 }
                 return Ok(last);
             }
             if Instant::now() > deadline {
-                bail!("the fill did not end within {} s: {fill}", FILL_TIMEOUT.as_secs());
+                bail!(
+                    "the fill did not end within {} s: {fill}",
+                    FILL_TIMEOUT.as_secs()
+                );
             }
             std::thread::sleep(Duration::from_millis(500));
         }
@@ -779,7 +897,11 @@ fn last_pid(console: &str, name: &str) -> Option<u32> {
 /// `dataN` in a drive path (`/dev/disk/by-id/nvme-QEMU_NVMe_Ctrl_data2_1`).
 fn drive_number(path: &str) -> Option<usize> {
     let at = path.rfind("_data")?;
-    path[at + 5..].chars().next()?.to_digit(10).map(|digit| digit as usize)
+    path[at + 5..]
+        .chars()
+        .next()?
+        .to_digit(10)
+        .map(|digit| digit as usize)
 }
 
 fn drive_summary(health: &Value) -> String {
@@ -790,7 +912,12 @@ fn drive_summary(health: &Value) -> String {
         .map(|drive| {
             format!(
                 "{} {} ({} files)",
-                drive["path"].as_str().unwrap_or("?").rsplit('/').next().unwrap_or("?"),
+                drive["path"]
+                    .as_str()
+                    .unwrap_or("?")
+                    .rsplit('/')
+                    .next()
+                    .unwrap_or("?"),
                 drive["state"].as_str().unwrap_or("?"),
                 drive["files"]
             )
@@ -807,7 +934,8 @@ fn http(port: u16, method: &str, target: &str, range: Option<&str>) -> Result<(u
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(60)))?;
     stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut request = format!("{method} {target} HTTP/1.1\r\nHost: appliance\r\nConnection: close\r\n");
+    let mut request =
+        format!("{method} {target} HTTP/1.1\r\nHost: appliance\r\nConnection: close\r\n");
     if let Some(range) = range {
         request.push_str(&format!("Range: {range}\r\n"));
     }
@@ -886,7 +1014,10 @@ impl Qmp {
     }
 
     fn read(&mut self, timeout: Duration) -> Result<Value> {
-        let reader = self.reader.as_mut().ok_or_else(|| anyhow!("QMP not connected"))?;
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| anyhow!("QMP not connected"))?;
         reader.get_ref().set_read_timeout(Some(timeout))?;
         let mut line = String::new();
         if reader.read_line(&mut line)? == 0 {
@@ -900,7 +1031,10 @@ impl Qmp {
         if !arguments.is_null() {
             request["arguments"] = arguments;
         }
-        let reader = self.reader.as_mut().ok_or_else(|| anyhow!("QMP not connected"))?;
+        let reader = self
+            .reader
+            .as_mut()
+            .ok_or_else(|| anyhow!("QMP not connected"))?;
         reader
             .get_mut()
             .write_all(format!("{request}\n").as_bytes())?;
