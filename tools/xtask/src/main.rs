@@ -12,7 +12,8 @@ mod vm;
 
 use anyhow::{bail, Result};
 
-const USAGE: &str = "usage: cargo xtask <test | demo | bench <store-write|index|recovery|all>>";
+const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | \
+                     bench <store-write|index|recovery|serve|fill|all>>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -88,6 +89,12 @@ fn test() -> Result<()> {
     )?;
     util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
     util::run_in(&root, "cargo", &["test", "--workspace"])?;
+    if util::is_root() {
+        println!("$ cargo xtask vm-test");
+        vm::test()?;
+    } else {
+        println!("xtask test: the VM test needs root (mmdebstrap, QEMU); skipped");
+    }
     println!("xtask test: every tier passed");
     Ok(())
 }
