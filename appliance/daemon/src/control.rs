@@ -8,7 +8,7 @@ use anyhow::{Context, Result};
 use appliance_fill::{Filler, ManifestLocation};
 use appliance_proto::{parse_request, Command, Response, REQUEST_BYTES_MAX};
 use appliance_serve::Shared;
-use appliance_store::{DriveStatus, Store};
+use appliance_store::{DriveStatus, Store, StoreStats};
 use serde_json::{json, Value};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
@@ -58,9 +58,11 @@ impl Control {
     /// The state steering and operators see: serving, draining, drained, or degraded when a
     /// drive is out of service.
     pub fn state(&self) -> &'static str {
-        let degraded = self
-            .store
-            .stats()
+        self.state_of(&self.store.stats())
+    }
+
+    fn state_of(&self, stats: &StoreStats) -> &'static str {
+        let degraded = stats
             .drives
             .iter()
             .any(|drive| drive.status != DriveStatus::Ok);
@@ -71,32 +73,7 @@ impl Control {
     }
 
     pub fn drives_json(&self) -> Value {
-        let drives: Vec<Value> = self
-            .store
-            .stats()
-            .drives
-            .iter()
-            .map(|drive| {
-                let (state, error) = match &drive.status {
-                    DriveStatus::Ok => ("ok", None),
-                    DriveStatus::Failed(reason) => ("failed", Some(reason.clone())),
-                };
-                json!({
-                    "path": drive.path.display().to_string(),
-                    "model": drive.model,
-                    "serial": drive.serial,
-                    "size_bytes": drive.size_bytes,
-                    "used_bytes": drive.live_bytes,
-                    "free_segments": drive.free_segments,
-                    "segment_count": drive.segment_count,
-                    "files": drive.files,
-                    "state": state,
-                    "error": error,
-                    "recovery_ms": drive.recovery_ms,
-                })
-            })
-            .collect();
-        Value::Array(drives)
+        drives_json(&self.store.stats())
     }
 
     pub fn status_json(&self) -> Value {
@@ -106,10 +83,10 @@ impl Control {
         let metrics = &self.shared.metrics;
         let bytes: u64 = stats.drives.iter().map(|drive| drive.live_bytes).sum();
         json!({
-            "state": self.state(),
+            "state": self.state_of(&stats),
             "version": env!("CARGO_PKG_VERSION"),
             "uptime_s": self.started.elapsed().as_secs(),
-            "drives": self.drives_json(),
+            "drives": drives_json(&stats),
             "catalog": {
                 "files": stats.files,
                 "bytes": bytes,
@@ -165,6 +142,34 @@ impl Control {
                 .unwrap_or_else(|poison| poison.into_inner()) = sample;
         }
     }
+}
+
+/// One row per drive, as status and drives show them.
+fn drives_json(stats: &StoreStats) -> Value {
+    let drives: Vec<Value> = stats
+        .drives
+        .iter()
+        .map(|drive| {
+            let (state, error) = match &drive.status {
+                DriveStatus::Ok => ("ok", None),
+                DriveStatus::Failed(reason) => ("failed", Some(reason.clone())),
+            };
+            json!({
+                "path": drive.path.display().to_string(),
+                "model": drive.model,
+                "serial": drive.serial,
+                "size_bytes": drive.size_bytes,
+                "used_bytes": drive.live_bytes,
+                "free_segments": drive.free_segments,
+                "segment_count": drive.segment_count,
+                "files": drive.files,
+                "state": state,
+                "error": error,
+                "recovery_ms": drive.recovery_ms,
+            })
+        })
+        .collect();
+    Value::Array(drives)
 }
 
 /// Binds the socket: replaces a stale one, sets mode 0660 and the `appliance` group.

@@ -3,8 +3,7 @@
 //! `POST /drain` / `POST /undrain` for maintenance. One request per connection.
 
 use crate::http::{
-    error_response, http_date, parse_request, write_response_head, Limits, Method, Parse,
-    ResponseHead,
+    error_response, http_date, parse_request, write_response_head, Limits, Parse, ResponseHead,
 };
 use crate::server::Shared;
 use appliance_store::DriveStatus;
@@ -114,82 +113,67 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
         }
     };
     let raw_method = first_word(&buf);
-    if let Some(extension) = shared.admin_extension() {
-        if let Some((status, body)) =
-            extension.handle(raw_method, &head.path, head.query.as_deref())
-        {
-            let body = body.to_string() + "\n";
-            let extra = [("Content-Type", "application/json".to_string())];
-            write_response_head(
-                &ResponseHead {
+    let extended = shared.admin_extension().and_then(|extension| {
+        extension
+            .handle(raw_method, &head.path, head.query.as_deref())
+            .map(|(status, body)| (status, "application/json", body.to_string() + "\n"))
+    });
+    let (status, content_type, body) = match extended {
+        Some(answer) => answer,
+        None => match (raw_method, head.path.as_str()) {
+            ("GET", "/health") => {
+                let status = if state_name(shared) == "serving" {
+                    200
+                } else {
+                    503
+                };
+                (
                     status,
-                    keep_alive: false,
-                    version_minor: head.version_minor,
-                    date: &date,
-                    content_length: body.len() as u64,
-                    extra: &extra,
-                },
-                &mut out,
-            );
-            out.extend_from_slice(body.as_bytes());
-            stream.write_all(&out).await?;
-            return stream.shutdown().await;
-        }
-    }
-    let (status, content_type, body) = match (raw_method, head.path.as_str()) {
-        ("GET", "/health") => {
-            let status = if state_name(shared) == "serving" {
-                200
-            } else {
-                503
-            };
-            (
-                status,
-                "application/json",
-                health_json(shared).to_string() + "\n",
-            )
-        }
-        ("GET", "/metrics") => {
-            let mut text = shared.metrics.encode();
-            if let Some(extension) = shared.admin_extension() {
-                if let Some(stripped) = text.strip_suffix("# EOF\n") {
-                    text = format!("{stripped}{}# EOF\n", extension.metrics());
-                }
+                    "application/json",
+                    health_json(shared).to_string() + "\n",
+                )
             }
-            (
-                200,
-                "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                text,
-            )
-        }
-        ("POST", "/drain") => {
-            shared.set_draining(true);
-            tracing::info!("draining: steering is told to send no new clients");
-            (
-                200,
-                "application/json",
-                health_json(shared).to_string() + "\n",
-            )
-        }
-        ("POST", "/undrain") => {
-            shared.set_draining(false);
-            tracing::info!("serving again");
-            (
-                200,
-                "application/json",
-                health_json(shared).to_string() + "\n",
-            )
-        }
-        (_, "/health" | "/metrics" | "/drain" | "/undrain") => {
-            error_response(405, false, &date, &mut out);
-            return stream.write_all(&out).await;
-        }
-        _ => {
-            error_response(404, false, &date, &mut out);
-            return stream.write_all(&out).await;
-        }
+            ("GET", "/metrics") => {
+                let mut text = shared.metrics.encode();
+                if let Some(extension) = shared.admin_extension() {
+                    if let Some(stripped) = text.strip_suffix("# EOF\n") {
+                        text = format!("{stripped}{}# EOF\n", extension.metrics());
+                    }
+                }
+                (
+                    200,
+                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                    text,
+                )
+            }
+            ("POST", "/drain") => {
+                shared.set_draining(true);
+                tracing::info!("draining: steering is told to send no new clients");
+                (
+                    200,
+                    "application/json",
+                    health_json(shared).to_string() + "\n",
+                )
+            }
+            ("POST", "/undrain") => {
+                shared.set_draining(false);
+                tracing::info!("serving again");
+                (
+                    200,
+                    "application/json",
+                    health_json(shared).to_string() + "\n",
+                )
+            }
+            (_, "/health" | "/metrics" | "/drain" | "/undrain") => {
+                error_response(405, false, &date, &mut out);
+                return stream.write_all(&out).await;
+            }
+            _ => {
+                error_response(404, false, &date, &mut out);
+                return stream.write_all(&out).await;
+            }
+        },
     };
-    let _ = head.method == Method::Get;
     let extra = [("Content-Type", content_type.to_string())];
     write_response_head(
         &ResponseHead {

@@ -39,7 +39,8 @@ fn bench_dir() -> PathBuf {
     dir
 }
 
-fn env_u64(name: &str, default: u64) -> u64 {
+/// A number from the environment, or `default`.
+pub(crate) fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|text| text.parse().ok())
@@ -58,7 +59,7 @@ fn report(name: &str, figures: Map<String, Value>) -> Result<()> {
     Ok(())
 }
 
-fn median(values: &mut [f64]) -> f64 {
+pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
 }
@@ -141,8 +142,32 @@ fn store_write_once(path: &Path, total_bytes: u64) -> Result<f64> {
     Ok(total_bytes as f64 / seconds / MIB)
 }
 
-/// fio's sequential direct write rate on the same drive file (io_uring, 1 MiB, QD16).
-fn fio_write_once(path: &Path, total_bytes: u64) -> Result<f64> {
+/// `value` rounded to `places` decimal places.
+pub(crate) fn round_to(value: f64, places: i32) -> f64 {
+    let scale = 10f64.powi(places);
+    (value * scale).round() / scale
+}
+
+/// A free loopback port.
+pub(crate) fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// The nginx binary (root's tools live in /usr/sbin).
+pub(crate) fn nginx_binary() -> Result<PathBuf> {
+    let path = std::env::var("PATH").unwrap_or_default();
+    let found = path
+        .split(':')
+        .chain(["/usr/sbin", "/sbin"])
+        .map(|dir| Path::new(dir).join("nginx"))
+        .find(|candidate| candidate.is_file());
+    found.context("nginx not found")
+}
+
+/// fio's sequential direct write rate in MiB/s into `path` (io_uring, 1 MiB, QD16): the
+/// storage peer of the write and fill benchmarks.
+pub(crate) fn fio_write_once(path: &Path, total_bytes: u64) -> Result<f64> {
     let _ = std::fs::remove_file(path);
     let text = output(
         "fio",

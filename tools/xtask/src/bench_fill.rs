@@ -11,6 +11,7 @@
 //! Everything started here is stopped by a guard, on errors too, and the drive files, fio's
 //! file and curl's downloads are removed at the end.
 
+use crate::bench::{env_u64, fio_write_once, free_port, nginx_binary, round_to};
 use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
@@ -18,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::{OsStr, OsString};
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -39,18 +40,6 @@ const QUIET_WAIT_MAX: Duration = Duration::from_secs(1800);
 const FOREIGN_CORES_MAX: f64 = 0.25;
 /// Longest a single fill may take.
 const FILL_DEADLINE: Duration = Duration::from_secs(900);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(default)
-}
-
-fn round_to(value: f64, places: i32) -> f64 {
-    let scale = 10f64.powi(places);
-    (value * scale).round() / scale
-}
 
 fn text(path: &Path) -> Result<&str> {
     path.to_str()
@@ -222,7 +211,7 @@ pub fn fill() -> Result<Map<String, Value>> {
     // 2. fio: sequential direct writes of the same amount on the same disk.
     let fio_file = dir.join("fio.img");
     let (fio_mib_per_s, _) = quiet.measure("fio", true, &mut notes, || {
-        fio_write(&fio_file, settings.catalog_bytes())
+        fio_write_once(&fio_file, settings.catalog_bytes())
     })?;
     let _ = std::fs::remove_file(&fio_file);
     println!("  fio: {fio_mib_per_s:.0} MiB/s");
@@ -749,12 +738,6 @@ fn child_command(program: &OsStr, core: Option<&str>) -> Command {
     command
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// nginx serving the catalog folder on loopback, in the foreground.
 struct Origin {
     port: u16,
@@ -766,16 +749,6 @@ impl Origin {
     fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
-}
-
-fn nginx_binary() -> Result<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|dir| Path::new(dir).join("nginx"))
-        .find(|candidate| candidate.is_file());
-    found.context("nginx not found")
 }
 
 fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
@@ -1139,30 +1112,6 @@ fn check_fill_report(label: &str, report: &Value, files: u64, bytes: u64) -> Res
         );
     }
     Ok(())
-}
-
-/// fio's sequential direct write rate (io_uring, 1 MiB, QD16) into a file on the same disk.
-fn fio_write(path: &Path, total_bytes: u64) -> Result<f64> {
-    let _ = std::fs::remove_file(path);
-    let text = output(
-        "fio",
-        &[
-            "--name=w",
-            &format!("--filename={}", path.display()),
-            "--ioengine=io_uring",
-            "--direct=1",
-            "--rw=write",
-            "--bs=1M",
-            "--iodepth=16",
-            &format!("--size={total_bytes}"),
-            "--output-format=json",
-        ],
-    )?;
-    let report: Value = serde_json::from_str(&text).context("fio JSON")?;
-    let bytes_per_s = report["jobs"][0]["write"]["bw_bytes"]
-        .as_f64()
-        .context("fio reported no write bandwidth")?;
-    Ok(bytes_per_s / MIB_F)
 }
 
 /// Downloads every file with `parallel` curls at once into `into`, then syncs; returns seconds.

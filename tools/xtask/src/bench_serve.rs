@@ -6,13 +6,14 @@
 //! after round, and the figures are the medians of the rounds. Everything started here is
 //! stopped by a guard, on errors too.
 
+use crate::bench::{env_u64, free_port, median, nginx_binary, round_to};
 use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -64,23 +65,6 @@ struct Run {
     /// CPU used by other processes during the run, in cores (outside wrk, the server and
     /// the kernel's softirq threads).
     other_cores: f64,
-}
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|text| text.parse().ok())
-        .unwrap_or(default)
-}
-
-fn median(values: &mut [f64]) -> f64 {
-    values.sort_by(|a, b| a.total_cmp(b));
-    values[values.len() / 2]
-}
-
-fn round_to(value: f64, places: i32) -> f64 {
-    let scale = 10f64.powi(places);
-    (value * scale).round() / scale
 }
 
 /// Other processes may use at most this much CPU (in cores) during a run; a run that saw
@@ -489,12 +473,6 @@ fn generate_catalog(catalog: &Path, files: u64) -> Result<()> {
     Ok(())
 }
 
-/// A loopback port nobody listens on right now.
-fn free_port() -> Result<u16> {
-    let listener = TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
 /// `command` under `taskset -c 1` when pinning.
 fn pinned(program: &Path, pin: bool) -> Command {
     if pin {
@@ -655,16 +633,6 @@ fn start_appliance(
         admin_port: Some(admin_port),
         _process: process,
     })
-}
-
-fn nginx_binary() -> Result<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|dir| Path::new(dir).join("nginx"))
-        .find(|candidate| candidate.is_file());
-    found.context("nginx not found")
 }
 
 fn start_nginx(dir: &Path, catalog: &Path, pin: bool) -> Result<Server> {
