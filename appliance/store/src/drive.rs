@@ -129,6 +129,9 @@ pub(crate) struct DriveRt {
     pub log: Mutex<LogState>,
     pub queue: Mutex<CommitQueue>,
     pub committed: Condvar,
+    /// Held for a whole reclaim pass: one pass per drive at a time, whoever starts it (the
+    /// upkeep thread, the fill, an operator).
+    pub reclaim: Mutex<()>,
     pub recovery_ms: u64,
     /// Told once when this drive is taken out of service.
     pub on_failed: crate::DriveFailureHook,

@@ -195,6 +195,16 @@ impl FileHandle {
         Ok(())
     }
 
+    /// Device offset of this version's Publish record.
+    pub(crate) fn meta_offset_bytes(&self) -> u64 {
+        self.meta_offset_bytes
+    }
+
+    /// The version's metadata as its record says.
+    pub(crate) fn meta(&self) -> &FileMeta {
+        &self.meta
+    }
+
     pub(crate) fn drive_rt(&self) -> &Arc<DriveRt> {
         &self.rt
     }

@@ -6,13 +6,27 @@
 //! extents kept. A retired log segment (behind both checkpoints) is emptied by republishing its
 //! live records. A segment whose live count reaches zero is reused only once no reader pins it,
 //! after its page cache is dropped and the range discarded.
+//!
+//! Rules that keep a pass from ever publishing a wrong byte (each one was a real bug):
+//! - one pass per drive at a time (`DriveRt::reclaim`): a second pass could free and discard a
+//!   segment the first is still copying from;
+//! - a file is moved only after its path is claimed and the version read at the start of the
+//!   pass is still the live one, else a republished file would go back to its old bytes;
+//! - the version's segments stay pinned (through its `FileHandle`) while they are copied;
+//! - every copied extent is checked against its CRC-32C before the copy is published; a
+//!   mismatch takes the file out (logged, counted) and never republishes it under a new CRC;
+//! - a moved file keeps its publish time;
+//! - freeing never depends on relocation succeeding (a full drive still frees what is dead).
 
 use crate::drive::{location_drive, lock, DriveRt, OFFSET_MASK};
 use crate::error::StoreError;
-use crate::layout::{to_usize, Extent, SegmentKind};
+use crate::layout::{to_usize, Extent, FileMeta, SegmentKind};
+use crate::reader::FileHandle;
 use crate::store::{fail_drive, Inner};
+use crate::writer::FileWriter;
 use appliance_device::{read_exact_at, AlignedBuf, BLOCK_BYTES};
 use std::collections::BTreeSet;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 /// Victims taken in one pass, to bound the work of one call.
@@ -22,51 +36,40 @@ const LOG_LIVE_RELOCATE_MAX: u64 = 256;
 /// Bytes copied at a time when relocating.
 const COPY_CHUNK_BYTES: u64 = 1 << 20;
 
-/// Reclaims when free segments run low; always reuses segments that became free.
+/// Reclaims when free segments run low; always reuses segments that became free. Skips the
+/// drive when another pass is running on it (that pass does the work).
 pub(crate) fn reclaim_drive(inner: &Arc<Inner>, rt: &Arc<DriveRt>) -> Result<u64, StoreError> {
+    let _pass = match rt.reclaim.try_lock() {
+        Ok(guard) => guard,
+        Err(std::sync::TryLockError::Poisoned(poison)) => poison.into_inner(),
+        Err(std::sync::TryLockError::WouldBlock) => return Ok(0),
+    };
     let low = lock(&rt.space).free_count() < inner.config.reclaim_free_segments_min;
     if low {
-        reclaim_drive_forced(inner, rt)
+        reclaim_pass(inner, rt)
     } else {
         Ok(free_pending(rt))
     }
 }
 
-/// Reclaims now, whatever the free space.
+/// Reclaims now, whatever the free space; waits for a pass already running on the drive.
 pub(crate) fn reclaim_drive_forced(
     inner: &Arc<Inner>,
     rt: &Arc<DriveRt>,
 ) -> Result<u64, StoreError> {
-    let chain: Vec<u32> = lock(&rt.log).chain.iter().copied().collect();
-    let current_log = lock(&rt.log).segment;
-    let (data_victims, log_victims) = {
-        let mut space = lock(&rt.space);
-        let threshold = rt.superblock.segment_bytes * inner.config.reclaim_live_percent_max / 100;
-        let mut data = Vec::new();
-        let mut log = Vec::new();
-        for segment in 0..rt.superblock.segment_count {
-            let at = segment as usize;
-            if space.open[at] || rt.is_pinned(segment) || space.pending_free.contains(&segment) {
-                continue;
-            }
-            let live = space.live[at];
-            match space.kinds[at] {
-                SegmentKind::Data if live == 0 => space.pending_free.push(segment),
-                SegmentKind::Data if live < threshold => data.push((live, segment)),
-                SegmentKind::Log if chain.contains(&segment) || segment == current_log => {}
-                SegmentKind::Log if live == 0 => space.pending_free.push(segment),
-                SegmentKind::Log if live <= LOG_LIVE_RELOCATE_MAX => log.push(segment),
-                _ => {}
-            }
-        }
-        data.sort_unstable();
-        data.truncate(VICTIMS_PER_PASS_MAX);
-        let data: BTreeSet<u32> = data.into_iter().map(|(_, segment)| segment).collect();
-        let log: BTreeSet<u32> = log.into_iter().take(VICTIMS_PER_PASS_MAX).collect();
-        (data, log)
-    };
-    if !data_victims.is_empty() || !log_victims.is_empty() {
-        relocate(inner, rt, &data_victims, &log_victims)?;
+    let _pass = lock(&rt.reclaim);
+    reclaim_pass(inner, rt)
+}
+
+/// One pass over a drive; the caller holds the drive's reclaim lock.
+fn reclaim_pass(inner: &Arc<Inner>, rt: &Arc<DriveRt>) -> Result<u64, StoreError> {
+    let mut freed = free_pending(rt);
+    let (data_victims, log_victims) = choose_victims(inner, rt);
+    if data_victims.is_empty() && log_victims.is_empty() {
+        return Ok(freed);
+    }
+    let moved = relocate(inner, rt, &data_victims, &log_victims);
+    {
         let mut space = lock(&rt.space);
         for segment in data_victims.iter().chain(&log_victims) {
             if space.live[*segment as usize] == 0 && !space.pending_free.contains(segment) {
@@ -74,10 +77,74 @@ pub(crate) fn reclaim_drive_forced(
             }
         }
     }
-    Ok(free_pending(rt))
+    inner.interleave("reclaim:free");
+    freed += free_pending(rt);
+    match moved {
+        Ok(()) => Ok(freed),
+        // A full drive stops relocation, never freeing: what is dead was freed above.
+        Err(StoreError::DriveFull(_)) => {
+            tracing::warn!(drive = %rt.path().display(), freed, "relocation stopped: drive full");
+            Ok(freed)
+        }
+        Err(error) => Err(error),
+    }
 }
 
-/// Republishes every file with an extent in `data_victims` or a record in `log_victims`.
+/// Queues dead segments for freeing and picks this pass's victims.
+fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>) {
+    let chain: Vec<u32> = lock(&rt.log).chain.iter().copied().collect();
+    let current_log = lock(&rt.log).segment;
+    let mut space = lock(&rt.space);
+    let threshold = rt.superblock.segment_bytes * inner.config.reclaim_live_percent_max / 100;
+    let mut data = Vec::new();
+    let mut log = Vec::new();
+    for segment in 0..rt.superblock.segment_count {
+        let at = segment as usize;
+        if space.open[at] || rt.is_pinned(segment) || space.pending_free.contains(&segment) {
+            continue;
+        }
+        let live = space.live[at];
+        match space.kinds[at] {
+            SegmentKind::Data if live == 0 => space.pending_free.push(segment),
+            SegmentKind::Data if live < threshold => data.push((live, segment)),
+            SegmentKind::Log if chain.contains(&segment) || segment == current_log => {}
+            SegmentKind::Log if live == 0 => space.pending_free.push(segment),
+            SegmentKind::Log if live <= LOG_LIVE_RELOCATE_MAX => log.push(segment),
+            _ => {}
+        }
+    }
+    data.sort_unstable();
+    data.truncate(VICTIMS_PER_PASS_MAX);
+    let data: BTreeSet<u32> = data.into_iter().map(|(_, segment)| segment).collect();
+    let log: BTreeSet<u32> = log.into_iter().take(VICTIMS_PER_PASS_MAX).collect();
+    (data, log)
+}
+
+/// The segments a pass empties.
+struct Victims<'a> {
+    superblock: &'a crate::layout::Superblock,
+    data: &'a BTreeSet<u32>,
+    log: &'a BTreeSet<u32>,
+}
+
+impl Victims<'_> {
+    fn holds_extent(&self, extent: &Extent) -> bool {
+        self.superblock
+            .segment_of(extent.offset_bytes)
+            .is_some_and(|segment| self.data.contains(&segment))
+    }
+
+    /// True when the version whose record is at `meta_offset_bytes` has anything to move.
+    fn touches(&self, meta_offset_bytes: u64, meta: &FileMeta) -> bool {
+        let record_in_victim = self
+            .superblock
+            .segment_of(meta_offset_bytes)
+            .is_some_and(|segment| self.log.contains(&segment));
+        record_in_victim || meta.extents.iter().any(|extent| self.holds_extent(extent))
+    }
+}
+
+/// Republishes every live file with an extent in `data_victims` or a record in `log_victims`.
 fn relocate(
     inner: &Arc<Inner>,
     rt: &Arc<DriveRt>,
@@ -90,54 +157,82 @@ fn relocate(
             locations.push(location & OFFSET_MASK);
         }
     });
-    let superblock = &rt.superblock;
-    let in_victim = |extent: &Extent| {
-        superblock
-            .segment_of(extent.offset_bytes)
-            .is_some_and(|segment| data_victims.contains(&segment))
+    let victims = Victims {
+        superblock: &rt.superblock,
+        data: data_victims,
+        log: log_victims,
+    };
+    let store = crate::store::Store {
+        inner: Arc::clone(inner),
     };
     for offset in locations {
+        inner.interleave("relocate:next");
+        if rt.is_failed() {
+            return Err(StoreError::DriveFailed(rt.path()));
+        }
+        // The listing is a snapshot: the record may have been replaced since. Reading it is
+        // only a filter; what gets moved is decided again once the path is claimed.
         let meta = match rt.read_meta(offset) {
             Ok(meta) => meta,
             Err(error @ StoreError::Io { .. }) => return Err(fail_drive(&inner.index, rt, error)),
-            Err(error) => return Err(error),
+            Err(_) => continue,
         };
-        let record_in_victim = superblock
-            .segment_of(offset)
-            .is_some_and(|segment| log_victims.contains(&segment));
-        if !record_in_victim && !meta.extents.iter().any(in_victim) {
+        if !victims.touches(offset, &meta) {
             continue;
         }
-        let store = crate::store::Store {
-            inner: Arc::clone(inner),
-        };
-        let mut writer = match store.create_for_relocation(&meta.path) {
-            Ok(writer) => writer,
-            Err(StoreError::PathBusy(_)) => continue,
-            Err(error) => return Err(error),
-        };
-        if writer.drive_path() != rt.path() {
+        let Some((writer, handle)) = store.claim_for_relocation(&meta.path, rt, offset)? else {
             continue;
-        }
-        for extent in &meta.extents {
-            if in_victim(extent) {
-                copy_extent(inner, rt, extent, &mut writer)?;
-            } else {
-                writer.append_existing(*extent)?;
-            }
-        }
-        writer.publish(meta.sha256)?;
+        };
+        inner.interleave("relocate:claimed");
+        move_file(inner, &store, rt, &victims, writer, &handle)?;
     }
     Ok(())
 }
 
+/// Copies the victim extents of the claimed, pinned version `handle` and republishes it; takes
+/// the file out when a source extent fails its checksum.
+fn move_file(
+    inner: &Arc<Inner>,
+    store: &crate::store::Store,
+    rt: &DriveRt,
+    victims: &Victims<'_>,
+    mut writer: FileWriter,
+    handle: &FileHandle,
+) -> Result<(), StoreError> {
+    let meta = handle.meta();
+    for extent in &meta.extents {
+        if !victims.holds_extent(extent) {
+            writer.append_existing(*extent)?;
+            continue;
+        }
+        match copy_extent(inner, rt, extent, &mut writer) {
+            Ok(()) => {}
+            Err(StoreError::Corrupt { what, .. }) => {
+                tracing::error!(
+                    path = %meta.path, drive = %rt.path().display(), %what,
+                    "stored bytes fail their checksum; taking the file out"
+                );
+                inner.corrupt_files_removed.fetch_add(1, Ordering::Relaxed);
+                // Under the writer's claim: nobody else can touch the path meanwhile.
+                let removed = store.delete_claimed(handle);
+                writer.abort();
+                return removed;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+    writer.publish_relocated(meta.sha256, meta.published_unix_s)
+}
+
+/// Copies one extent into `writer`, checking the bytes read against the extent's CRC-32C.
 fn copy_extent(
     inner: &Inner,
     rt: &DriveRt,
     extent: &Extent,
-    writer: &mut crate::writer::FileWriter,
+    writer: &mut FileWriter,
 ) -> Result<(), StoreError> {
     let mut done = 0u64;
+    let mut crc = 0u32;
     while done < extent.length_bytes {
         let want = (extent.length_bytes - done).min(COPY_CHUNK_BYTES);
         let aligned = want.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
@@ -147,8 +242,17 @@ fn copy_extent(
             AlignedBuf::new(to_usize(aligned)),
         )
         .map_err(|error| fail_drive(&inner.index, rt, rt.io_error("relocation read", error)))?;
-        writer.append(&buf[..want as usize])?;
+        let bytes = &buf[..to_usize(want)];
+        crc = crc32c::crc32c_append(crc, bytes);
+        inner.interleave("relocate:copied");
+        writer.append(bytes)?;
         done += want;
+    }
+    if crc != extent.crc {
+        return Err(rt.corrupt(format!(
+            "extent at {} of {} bytes: CRC-32C {crc:#010x}, recorded {:#010x}",
+            extent.offset_bytes, extent.length_bytes, extent.crc
+        )));
     }
     Ok(())
 }

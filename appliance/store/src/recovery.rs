@@ -66,6 +66,7 @@ pub(crate) fn open_drive(
         failure: Mutex::new(None),
         queue: Mutex::new(Default::default()),
         committed: Condvar::new(),
+        reclaim: Mutex::new(()),
         recovery_ms: 0,
         on_failed,
     };

@@ -48,7 +48,14 @@ pub struct StoreConfig {
     pub clock: Arc<dyn Fn() -> u64 + Send + Sync>,
     /// Called once when a drive is taken out of service: its UUID and the reason.
     pub on_drive_failed: crate::DriveFailureHook,
+    /// Test-only: called at the points where a reclaim pass may be overtaken by other work
+    /// (between files, after a claim, between copied chunks), so that the deterministic
+    /// simulation can run other actors there. `None` in the daemon.
+    pub interleave: Option<InterleaveHook>,
 }
+
+/// Called with the name of the point a reclaim pass reached; see `StoreConfig::interleave`.
+pub type InterleaveHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 impl Default for StoreConfig {
     fn default() -> StoreConfig {
@@ -68,6 +75,7 @@ impl Default for StoreConfig {
                     .unwrap_or(0)
             }),
             on_drive_failed: Arc::new(|_, _| {}),
+            interleave: None,
         }
     }
 }
@@ -96,6 +104,17 @@ pub(crate) struct Inner {
     pub busy: Mutex<HashSet<String>>,
     pub files_max: u64,
     pub buffers: crate::buffers::BufferPool,
+    /// Files taken out because reclaim found their bytes did not match their checksums.
+    pub corrupt_files_removed: std::sync::atomic::AtomicU64,
+}
+
+impl Inner {
+    /// Lets the simulation run other work here (test-only hook; a no-op in the daemon).
+    pub(crate) fn interleave(&self, point: &'static str) {
+        if let Some(hook) = &self.config.interleave {
+            hook(point);
+        }
+    }
 }
 
 /// The segment store over a set of drives.
@@ -118,6 +137,8 @@ pub struct StoredFile {
 pub struct StoreStats {
     pub files: u64,
     pub index_memory_bytes: u64,
+    /// Files reclaim took out since start because their bytes failed their checksums.
+    pub corrupt_files_removed: u64,
     pub drives: Vec<DriveStats>,
 }
 
@@ -169,6 +190,7 @@ impl Store {
                 drives,
                 busy: Mutex::new(HashSet::new()),
                 files_max,
+                corrupt_files_removed: Default::default(),
             }),
         };
         store.resolve_duplicates();
@@ -248,9 +270,52 @@ impl Store {
         self.create_keeping(path, size_hint_bytes, NEW_FILE_RESERVE_SEGMENTS)
     }
 
-    /// `create` for relocation, which may use the relocation reserve.
-    pub(crate) fn create_for_relocation(&self, path: &str) -> Result<FileWriter, StoreError> {
-        self.create_keeping(path, 0, LOG_RESERVE_SEGMENTS)
+    /// Claims `path` for relocation when its live version is still the record at
+    /// `meta_offset_bytes` on `rt`: returns a writer that may use the relocation reserve and
+    /// replaces exactly that version, and a handle that pins the version's segments while its
+    /// bytes are copied. `None` when the path is busy, gone, or was republished meanwhile.
+    pub(crate) fn claim_for_relocation(
+        &self,
+        path: &str,
+        rt: &Arc<DriveRt>,
+        meta_offset_bytes: u64,
+    ) -> Result<Option<(FileWriter, FileHandle)>, StoreError> {
+        let claim = match PathClaim::take(&self.inner, path) {
+            Ok(claim) => claim,
+            Err(StoreError::PathBusy(_)) => return Ok(None),
+            Err(error) => return Err(error),
+        };
+        let Some(handle) = self.find(path)? else {
+            return Ok(None);
+        };
+        if handle.drive_rt().number != rt.number || handle.meta_offset_bytes() != meta_offset_bytes
+        {
+            return Ok(None);
+        }
+        lock(&rt.space).writers += 1;
+        let writer = FileWriter::new(
+            Arc::clone(&self.inner),
+            Arc::clone(rt),
+            claim,
+            Some(handle.replaced()),
+            LOG_RESERVE_SEGMENTS,
+        );
+        Ok(Some((writer, handle)))
+    }
+
+    /// Takes out the version `handle` holds while its path is claimed (by the writer that
+    /// relocation opened): used when the version's bytes fail their checksums.
+    pub(crate) fn delete_claimed(&self, handle: &FileHandle) -> Result<(), StoreError> {
+        let path = handle.path().to_string();
+        let mutation = Mutation::Delete {
+            tag: tag_of(&path),
+            deletion: Deletion {
+                path,
+                retired: handle.replaced(),
+            },
+        };
+        commit(&self.inner.index, handle.drive_rt(), vec![mutation])?;
+        Ok(())
     }
 
     fn create_keeping(
@@ -508,6 +573,7 @@ impl Store {
         StoreStats {
             files: self.inner.index.len(),
             index_memory_bytes: self.inner.index.memory_bytes(),
+            corrupt_files_removed: self.inner.corrupt_files_removed.load(Ordering::Relaxed),
             drives,
         }
     }

@@ -116,14 +116,29 @@ impl FileWriter {
 
     /// Makes the file durable and visible under its path, replacing any earlier version.
     /// `sha256` is the checksum the caller verified the bytes against.
-    pub fn publish(mut self, sha256: [u8; 32]) -> Result<(), StoreError> {
+    pub fn publish(self, sha256: [u8; 32]) -> Result<(), StoreError> {
+        let now = (self.inner.config.clock)();
+        self.publish_at(sha256, now)
+    }
+
+    /// Publishes a relocated version: same bytes, so the same publish time (Last-Modified and
+    /// the date validators must not change when the bytes did not).
+    pub(crate) fn publish_relocated(
+        self,
+        sha256: [u8; 32],
+        published_unix_s: u64,
+    ) -> Result<(), StoreError> {
+        self.publish_at(sha256, published_unix_s)
+    }
+
+    fn publish_at(mut self, sha256: [u8; 32], published_unix_s: u64) -> Result<(), StoreError> {
         self.submit()?;
         self.wait_all()?;
         self.release_segment();
         let meta = FileMeta {
             path: self.claim.path.clone(),
             size_bytes: self.size_bytes,
-            published_unix_s: (self.inner.config.clock)(),
+            published_unix_s,
             sha256,
             extents: std::mem::take(&mut self.extents),
             replaced: self.replaced.take(),
