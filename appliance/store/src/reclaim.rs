@@ -95,6 +95,7 @@ fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>)
     let chain: Vec<u32> = lock(&rt.log).chain.iter().copied().collect();
     let current_log = lock(&rt.log).segment;
     let mut space = lock(&rt.space);
+    let budget_bytes = relocation_budget_bytes(rt, &space);
     let threshold = rt.superblock.segment_bytes * inner.config.reclaim_live_percent_max / 100;
     let mut data = Vec::new();
     let mut log = Vec::new();
@@ -113,11 +114,45 @@ fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>)
             _ => {}
         }
     }
+    // Emptiest first, and only as many as the free room can take: a pass that ran out of room
+    // halfway would use segments without freeing any.
     data.sort_unstable();
-    data.truncate(VICTIMS_PER_PASS_MAX);
-    let data: BTreeSet<u32> = data.into_iter().map(|(_, segment)| segment).collect();
+    let mut planned_bytes = 0u64;
+    let data: BTreeSet<u32> = data
+        .into_iter()
+        .take(VICTIMS_PER_PASS_MAX)
+        .take_while(|(live, _)| {
+            planned_bytes += relocation_cost_bytes(*live);
+            planned_bytes <= budget_bytes
+        })
+        .map(|(_, segment)| segment)
+        .collect();
     let log: BTreeSet<u32> = log.into_iter().take(VICTIMS_PER_PASS_MAX).collect();
     (data, log)
+}
+
+/// Room relocation may write into: free segments above the one it leaves for the log, and
+/// what is left in partly written segments.
+fn relocation_budget_bytes(rt: &DriveRt, space: &crate::drive::Space) -> u64 {
+    let superblock = &rt.superblock;
+    let whole = space
+        .free_count()
+        .saturating_sub(crate::store::RELOCATION_KEEPS_FREE_SEGMENTS) as u64;
+    let partial: u64 = space
+        .pool
+        .iter()
+        .map(|open| {
+            superblock.segment_offset_bytes(open.segment) + superblock.segment_bytes
+                - open.cursor_bytes
+        })
+        .sum();
+    whole * superblock.segment_bytes + partial
+}
+
+/// Room that moving `live_bytes` may take: files start on block boundaries and the last
+/// block of each is padded, so allow for that.
+fn relocation_cost_bytes(live_bytes: u64) -> u64 {
+    live_bytes + live_bytes / 8 + 16 * BLOCK_BYTES
 }
 
 /// The segments a pass empties.

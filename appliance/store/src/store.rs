@@ -21,6 +21,10 @@ pub(crate) const LOG_RESERVE_SEGMENTS: usize = 2;
 /// Free segments each drive keeps for relocation, on top of the log's: new files cannot take
 /// them, so reclaim can always make progress on a full drive.
 pub(crate) const RELOCATION_RESERVE_SEGMENTS: usize = 2;
+/// Free segments relocation leaves alone: one, for the log records of what it moves. A pass
+/// only takes victims whose live bytes fit in what is above this (see `reclaim.rs`), so it
+/// always frees more than it uses and a full drive cannot wedge itself.
+pub(crate) const RELOCATION_KEEPS_FREE_SEGMENTS: usize = 1;
 /// Free segments new files leave alone.
 pub(crate) const NEW_FILE_RESERVE_SEGMENTS: usize =
     LOG_RESERVE_SEGMENTS + RELOCATION_RESERVE_SEGMENTS;
@@ -298,7 +302,7 @@ impl Store {
             Arc::clone(rt),
             claim,
             Some(handle.replaced()),
-            LOG_RESERVE_SEGMENTS,
+            RELOCATION_KEEPS_FREE_SEGMENTS,
         );
         Ok(Some((writer, handle)))
     }
