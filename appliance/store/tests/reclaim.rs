@@ -2,6 +2,9 @@
 //! a restart, a source extent that fails its checksum takes its file out instead of being
 //! republished under a fresh CRC, and a moved file keeps its bytes and its publish time.
 
+// Test data generation truncates on purpose; sizes here are small.
+#![allow(clippy::cast_possible_truncation)]
+
 use appliance_device::{SimConfig, SimDrive, SimFaults};
 use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
 use sha2::{Digest, Sha256};
