@@ -256,7 +256,9 @@ fn move_file(
             Err(error) => return Err(error),
         }
     }
-    writer.publish_relocated(meta.sha256, meta.published_unix_s)
+    writer.publish_relocated(meta.sha256, meta.published_unix_s)?;
+    inner.relocated_files.fetch_add(1, Ordering::Relaxed);
+    Ok(())
 }
 
 /// Copies one extent into `writer`, checking the bytes read against the extent's CRC-32C.

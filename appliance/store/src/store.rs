@@ -110,6 +110,8 @@ pub(crate) struct Inner {
     pub buffers: crate::buffers::BufferPool,
     /// Files taken out because reclaim found their bytes did not match their checksums.
     pub corrupt_files_removed: std::sync::atomic::AtomicU64,
+    /// Files reclaim moved since start.
+    pub relocated_files: std::sync::atomic::AtomicU64,
 }
 
 impl Inner {
@@ -143,6 +145,8 @@ pub struct StoreStats {
     pub index_memory_bytes: u64,
     /// Files reclaim took out since start because their bytes failed their checksums.
     pub corrupt_files_removed: u64,
+    /// Files reclaim moved since start.
+    pub relocated_files: u64,
     pub drives: Vec<DriveStats>,
 }
 
@@ -195,6 +199,7 @@ impl Store {
                 busy: Mutex::new(HashSet::new()),
                 files_max,
                 corrupt_files_removed: Default::default(),
+                relocated_files: Default::default(),
             }),
         };
         store.resolve_duplicates();
@@ -578,6 +583,7 @@ impl Store {
             files: self.inner.index.len(),
             index_memory_bytes: self.inner.index.memory_bytes(),
             corrupt_files_removed: self.inner.corrupt_files_removed.load(Ordering::Relaxed),
+            relocated_files: self.inner.relocated_files.load(Ordering::Relaxed),
             drives,
         }
     }
