@@ -11,7 +11,8 @@
 //! was first published with (relocation keeps it). After every recovery: every acknowledged
 //! file is intact and nothing unacknowledged is visible.
 //!
-//! `SIM_SEEDS=N` runs N seeds (default 100); `SIM_SEED=S` replays one seed exactly.
+//! `SIM_SEEDS=N` runs N seeds (default 500, on every core), `SIM_FIRST_SEED=F` starts at F;
+//! `SIM_SEED=S` replays one seed exactly. `cargo xtask sim --seeds N` runs both simulations.
 
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
@@ -21,7 +22,7 @@ use appliance_store::{
     format_drive, DriveSource, FileHandle, FileWriter, FormatOptions, Store, StoreConfig,
 };
 use sha2::{Digest, Sha256};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
@@ -660,21 +661,40 @@ fn concurrent_simulation_seeds() {
     let seeds: u64 = std::env::var("SIM_SEEDS")
         .ok()
         .and_then(|text| text.parse().ok())
-        .unwrap_or(100);
+        .unwrap_or(500);
     let first: u64 = std::env::var("SIM_FIRST_SEED")
         .ok()
         .and_then(|text| text.parse().ok())
         .unwrap_or(0);
-    let mut total = Outcome::default();
-    let mut by_seed = BTreeMap::new();
-    for seed in first..first + seeds {
-        let Ok(outcome) = std::panic::catch_unwind(|| run_seed(seed)) else {
-            panic!("concurrent simulation failed for seed {seed}; replay with SIM_SEED={seed}");
-        };
-        total.reads_checked += outcome.reads_checked;
-        total.bytes_checked += outcome.bytes_checked;
-        by_seed.insert(seed, outcome.reads_checked);
+    // Seeds are independent worlds: run them on every core, each replayable alone.
+    let next = AtomicU64::new(first);
+    let failed = Mutex::new(Vec::new());
+    let total = Mutex::new(Outcome::default());
+    let workers = std::thread::available_parallelism().map_or(2, |count| count.get());
+    std::thread::scope(|scope| {
+        for _ in 0..workers {
+            scope.spawn(|| loop {
+                let seed = next.fetch_add(1, Ordering::SeqCst);
+                if seed >= first + seeds {
+                    break;
+                }
+                match std::panic::catch_unwind(|| run_seed(seed)) {
+                    Ok(outcome) => {
+                        let mut total = lock(&total);
+                        total.reads_checked += outcome.reads_checked;
+                        total.bytes_checked += outcome.bytes_checked;
+                    }
+                    Err(_) => lock(&failed).push(seed),
+                }
+            });
+        }
+    });
+    let mut failed = failed.into_inner().unwrap();
+    failed.sort_unstable();
+    if let Some(seed) = failed.first() {
+        panic!("concurrent simulation failed for seeds {failed:?}; replay with SIM_SEED={seed}");
     }
+    let total = total.into_inner().unwrap();
     assert!(total.reads_checked > seeds, "readers checked too little");
     println!(
         "concurrent simulation: {seeds} seeds from {first} passed; {} reads checked, {} MiB",
