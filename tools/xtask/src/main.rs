@@ -7,12 +7,13 @@ mod bench_fill;
 mod bench_serve;
 mod demo;
 mod image;
+mod sim;
 mod util;
 mod vm;
 
 use anyhow::{bail, Result};
 
-const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | \
+const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | sim [--seeds N] | \
                      bench <store-write|index|recovery|serve|fill|all>>";
 
 fn main() {
@@ -31,6 +32,7 @@ fn run(args: &[String]) -> Result<()> {
         ["demo"] => demo::run(),
         ["image"] => image::build(),
         ["vm-test"] => vm::test(),
+        ["sim", rest @ ..] => sim::run(rest),
         ["bench", name] => bench::run(name),
         ["populate", rest @ ..] => bench::populate_child(rest),
         _ => bail!("{USAGE}"),
