@@ -1,5 +1,6 @@
 //! The benchmarks: `store-write` (the store's sustained writes against fio on the same drive
-//! file), `index` (RAM per file and lookups per second) and `recovery` (start to ready after
+//! file), `index` (RAM per file, lookups per second, and lookups of absent paths after churn
+//! of ten times the capacity) and `recovery` (start to ready after
 //! SIGKILL and after a clean stop). Each prints a summary and writes target/bench/NAME.json.
 
 use crate::util::{self, output, resident_bytes, workspace_root};
@@ -443,5 +444,71 @@ fn index() -> Result<Map<String, Value>> {
         json!(index_lookups_per_s.round()),
     );
     figures.insert("goal_bytes_per_file".into(), json!(32));
+    drop(index);
+    index_churn(&mut figures, lookups)?;
     Ok(figures)
+}
+
+/// Lookups of absent paths on a table at 75% load, fresh and after remove/insert churn of ten
+/// times its capacity: removal must not leave probes longer (tombstones once made a miss scan
+/// the whole table).
+fn index_churn(figures: &mut Map<String, Value>, lookups: u64) -> Result<()> {
+    let capacity = env_u64("BENCH_CHURN_CAPACITY", 1_000_000);
+    let live = capacity * 3 / 4;
+    let index = Index::with_capacity(capacity);
+    let full = |_| anyhow::anyhow!("index full");
+    for number in 0..live {
+        index
+            .insert(tag_of(&bench_path(number)), (number + 1) * 4096)
+            .map_err(full)?;
+    }
+    let absent = |index: &Index| {
+        let started = Instant::now();
+        let mut slots = 0u64;
+        let mut found = 0u64;
+        for number in 0..lookups {
+            let tag = tag_of(&format!("/absent/{number}"));
+            found += u64::from(index.find(tag, Some).is_some());
+            slots += index.probe_length(tag);
+        }
+        let per_s = lookups as f64 / started.elapsed().as_secs_f64();
+        (per_s, slots as f64 / lookups as f64, found)
+    };
+    let (fresh_per_s, fresh_probe, _) = absent(&index);
+    let started = Instant::now();
+    for number in live..live + capacity * 10 {
+        let gone = number - live;
+        if !index.remove(tag_of(&bench_path(gone)), (gone + 1) * 4096) {
+            bail!("churn lost an entry");
+        }
+        index
+            .insert(tag_of(&bench_path(number)), (number + 1) * 4096)
+            .map_err(full)?;
+    }
+    let churn_ops_per_s = (capacity * 10) as f64 / started.elapsed().as_secs_f64();
+    let (churned_per_s, churned_probe, found) = absent(&index);
+    if found != 0 {
+        bail!("{found} absent paths were found");
+    }
+    let round = |value: f64| (value * 100.0).round() / 100.0;
+    figures.insert("churn_capacity".into(), json!(capacity));
+    figures.insert("churn_ops_per_s".into(), json!(churn_ops_per_s.round()));
+    figures.insert(
+        "absent_lookups_per_s_fresh".into(),
+        json!(fresh_per_s.round()),
+    );
+    figures.insert(
+        "absent_lookups_per_s_after_churn".into(),
+        json!(churned_per_s.round()),
+    );
+    figures.insert("absent_probe_slots_fresh".into(), json!(round(fresh_probe)));
+    figures.insert(
+        "absent_probe_slots_after_churn".into(),
+        json!(round(churned_probe)),
+    );
+    figures.insert(
+        "absent_after_churn_vs_fresh".into(),
+        json!(round(churned_per_s / fresh_per_s)),
+    );
+    Ok(())
 }
