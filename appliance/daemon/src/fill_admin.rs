@@ -74,6 +74,22 @@ fn encode_store_and_fill(store: &appliance_store::Store, fill: &serde_json::Valu
         "Memory of the index",
         stats.index_memory_bytes,
     );
+    for (name, help, value) in [
+        (
+            "store_relocated_files",
+            "Files reclaim moved since start",
+            stats.relocated_files,
+        ),
+        (
+            "store_corrupt_files_removed",
+            "Files reclaim took out since start because their bytes failed their checksums",
+            stats.corrupt_files_removed,
+        ),
+    ] {
+        let metric: Counter = Counter::default();
+        metric.inc_by(value);
+        registry.register(name, help, metric);
+    }
     let drive_families: Vec<(&str, &str, Family<Labels, Gauge>)> = vec![
         (
             "drive_up",
