@@ -10,7 +10,7 @@ use crate::reader::FileHandle;
 use crate::recovery::open_drive;
 use crate::writer::FileWriter;
 use appliance_device::Drive;
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
@@ -42,6 +42,9 @@ pub struct StoreConfig {
     pub write_buffer_wait_ms: u64,
     /// A checkpoint is due once this many log bytes were written since the last one.
     pub checkpoint_interval_log_bytes: u64,
+    /// How long a write or delete waits for reclaim to finish moving its path before it
+    /// fails with `PathBusy` (moving one file takes milliseconds).
+    pub relocation_wait_ms: u64,
     /// Reclaim runs when a drive has fewer free segments than this.
     pub reclaim_free_segments_min: usize,
     /// A sealed segment whose live share is below this percentage may be reclaimed.
@@ -68,6 +71,7 @@ impl Default for StoreConfig {
             writes_in_flight_max: 4,
             write_buffer_count: 64,
             write_buffer_wait_ms: 30_000,
+            relocation_wait_ms: 10_000,
             checkpoint_interval_log_bytes: 64 << 20,
             reclaim_free_segments_min: 8,
             reclaim_live_percent_max: 50,
@@ -104,8 +108,10 @@ pub(crate) struct Inner {
     pub config: StoreConfig,
     pub index: Index,
     pub drives: Vec<DriveSlot>,
-    /// Paths being written or deleted right now.
-    pub busy: Mutex<HashSet<String>>,
+    /// Paths being written, deleted or relocated right now; true for relocation's claims.
+    pub busy: Mutex<HashMap<String, bool>>,
+    /// Signalled when a relocation gives a path back.
+    pub released: std::sync::Condvar,
     pub files_max: u64,
     pub buffers: crate::buffers::BufferPool,
     /// Files taken out because reclaim found their bytes did not match their checksums.
@@ -196,7 +202,8 @@ impl Store {
                 config,
                 index,
                 drives,
-                busy: Mutex::new(HashSet::new()),
+                busy: Mutex::new(HashMap::new()),
+                released: std::sync::Condvar::new(),
                 files_max,
                 corrupt_files_removed: Default::default(),
                 relocated_files: Default::default(),
@@ -289,10 +296,8 @@ impl Store {
         rt: &Arc<DriveRt>,
         meta_offset_bytes: u64,
     ) -> Result<Option<(FileWriter, FileHandle)>, StoreError> {
-        let claim = match PathClaim::take(&self.inner, path) {
-            Ok(claim) => claim,
-            Err(StoreError::PathBusy(_)) => return Ok(None),
-            Err(error) => return Err(error),
+        let Some(claim) = PathClaim::take_for_relocation(&self.inner, path) else {
+            return Ok(None);
         };
         let Some(handle) = self.find(path)? else {
             return Ok(None);
@@ -721,11 +726,44 @@ pub(crate) struct PathClaim {
 }
 
 impl PathClaim {
+    /// Claims `path` for a writer or a delete; waits (bounded) while reclaim moves it, and
+    /// fails with `PathBusy` at once when another writer or delete holds it.
     fn take(inner: &Arc<Inner>, path: &str) -> Result<PathClaim, StoreError> {
-        if !lock(&inner.busy).insert(path.to_string()) {
-            return Err(StoreError::PathBusy(path.to_string()));
+        let wait = std::time::Duration::from_millis(inner.config.relocation_wait_ms);
+        let deadline = std::time::Instant::now() + wait;
+        let mut busy = lock(&inner.busy);
+        loop {
+            match busy.get(path) {
+                None => break,
+                Some(true) => {
+                    let left = deadline.saturating_duration_since(std::time::Instant::now());
+                    if left.is_zero() {
+                        return Err(StoreError::PathBusy(path.to_string()));
+                    }
+                    busy = inner
+                        .released
+                        .wait_timeout(busy, left)
+                        .unwrap_or_else(|poison| poison.into_inner())
+                        .0;
+                }
+                Some(false) => return Err(StoreError::PathBusy(path.to_string())),
+            }
         }
+        busy.insert(path.to_string(), false);
         Ok(PathClaim {
+            inner: Arc::clone(inner),
+            path: path.to_string(),
+        })
+    }
+
+    /// Claims `path` for relocation, which never waits: a busy path is skipped this pass.
+    fn take_for_relocation(inner: &Arc<Inner>, path: &str) -> Option<PathClaim> {
+        let mut busy = lock(&inner.busy);
+        if busy.contains_key(path) {
+            return None;
+        }
+        busy.insert(path.to_string(), true);
+        Some(PathClaim {
             inner: Arc::clone(inner),
             path: path.to_string(),
         })
@@ -734,6 +772,8 @@ impl PathClaim {
 
 impl Drop for PathClaim {
     fn drop(&mut self) {
-        lock(&self.inner.busy).remove(&self.path);
+        if lock(&self.inner.busy).remove(&self.path) == Some(true) {
+            self.inner.released.notify_all();
+        }
     }
 }

@@ -584,6 +584,8 @@ fn open_store(world: &Arc<World>) -> Store {
         // Every upkeep pass reclaims, so passes overlap as often as possible.
         reclaim_free_segments_min: usize::MAX,
         reclaim_live_percent_max: 70,
+        // One thread: a write nested in a pass must not wait for that pass's claim.
+        relocation_wait_ms: 0,
         clock: Arc::new(move || clock.fetch_add(1, Ordering::SeqCst)),
         interleave: Some(Arc::new(move |point| {
             if let Some(world) = hook_world.upgrade() {
