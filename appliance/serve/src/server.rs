@@ -9,8 +9,9 @@
 
 use crate::access_log::{AccessLog, AccessLogTarget};
 use crate::http::{
-    content_type, error_response, etag_from_sha256, http_date, parse_request, write_response_head,
-    HttpError, Limits, Method, Parse, Representation, RequestHead, ResponseHead, Selection,
+    content_type, error_response, etag_from_sha256, http_date, parse_request, request_method,
+    response_has_content, write_response_head, HttpError, Limits, Method, Parse, Representation,
+    RequestHead, ResponseHead, Selection,
 };
 use crate::metrics::Metrics;
 use crate::signed::UrlSigner;
@@ -244,6 +245,17 @@ enum ReadError {
     Closed,
 }
 
+/// How one request was answered: for the access log, and for the connection loop, which goes on
+/// only when the response did not say `Connection: close`.
+#[derive(Clone, Copy, Debug)]
+struct Answered {
+    status: u16,
+    bytes_sent: u64,
+    hit: bool,
+    /// What the response head said; false means the connection closes after it.
+    keep_alive: bool,
+}
+
 /// Counts an open connection for as long as it lives.
 struct ConnectionGuard<'a>(&'a Metrics);
 
@@ -267,12 +279,13 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Err(ReadError::Timeout) => {
                 shared.metrics.timeouts.inc();
                 if !buf.is_empty() {
-                    let _ = send_error(&mut stream, shared, 408, false).await;
+                    let _ = send_error(&mut stream, shared, 408, false, request_method(&buf)).await;
                 }
                 return;
             }
             Err(ReadError::Http(error)) => {
-                let _ = send_error(&mut stream, shared, error.status(), false).await;
+                let method = request_method(&buf);
+                let _ = send_error(&mut stream, shared, error.status(), false, method).await;
                 return;
             }
         };
@@ -282,12 +295,8 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             && !shared.is_draining();
         let started = Instant::now();
         let outcome = respond(&mut stream, &head, keep_alive, shared).await;
-        let (status, bytes, hit) = match &outcome {
-            Ok(done) => *done,
-            Err(_) => (0, 0, false),
-        };
-        if status != 0 {
-            log_access(shared, peer, &head, status, bytes, started, hit);
+        if let Ok(answered) = &outcome {
+            log_access(shared, peer, &head, answered, started);
         }
         if let Err(error) = &outcome {
             let aborted = matches!(
@@ -305,7 +314,7 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             return;
         }
         buf.drain(..consumed);
-        if !keep_alive {
+        if !outcome.is_ok_and(|answered| answered.keep_alive) {
             return;
         }
     }
@@ -363,26 +372,23 @@ fn now_unix_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// Answers one request; returns (status, bytes sent, hit).
+/// Answers one request. `keep_alive` is what the connection allows; the answer says whether
+/// the response kept the connection open (a server error closes it).
 async fn respond(
     stream: &mut TcpStream,
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
-) -> io::Result<(u16, u64, bool)> {
+) -> io::Result<Answered> {
     if head.method == Method::Other {
-        return send_error(stream, shared, 405, keep_alive)
-            .await
-            .map(|bytes| (405, bytes, false));
+        return send_error(stream, shared, 405, keep_alive, head.method).await;
     }
     if let Some(signer) = &shared.signer {
         if signer
             .verify(&head.path, head.query.as_deref(), now_unix_s())
             .is_err()
         {
-            return send_error(stream, shared, 403, keep_alive)
-                .await
-                .map(|bytes| (403, bytes, false));
+            return send_error(stream, shared, 403, keep_alive, head.method).await;
         }
     }
     let handle = match shared.store.open_file(&head.path) {
@@ -393,9 +399,7 @@ async fn respond(
         }
         Err(error) => {
             tracing::error!(path = %head.path, %error, "lookup failed");
-            return send_error(stream, shared, 500, false)
-                .await
-                .map(|bytes| (500, bytes, false));
+            return send_error(stream, shared, 500, false, head.method).await;
         }
     };
     shared.metrics.hits.inc();
@@ -429,9 +433,11 @@ async fn respond(
         }
         Selection::NotModified => (304, None),
         Selection::PreconditionFailed => {
-            return send_error(stream, shared, 412, keep_alive)
-                .await
-                .map(|bytes| (412, bytes, true));
+            let answered = send_error(stream, shared, 412, keep_alive, head.method).await?;
+            return Ok(Answered {
+                hit: true,
+                ..answered
+            });
         }
         Selection::RangeNotSatisfiable => {
             extra.push(("Content-Range", format!("bytes */{size}")));
@@ -451,14 +457,19 @@ async fn respond(
         },
         &mut out,
     );
-    let send_body = head.method == Method::Get && content_length > 0;
+    let send_body = response_has_content(head.method, status) && content_length > 0;
     let mut sent = send_all(stream, &out, send_body, shared).await? as u64;
     if send_body {
         let (start, length) = body.expect("a body was selected");
         sent += send_file_range(stream, &handle, start, length, shared).await?;
     }
     shared.metrics.count_status(status);
-    Ok((status, sent, true))
+    Ok(Answered {
+        status,
+        bytes_sent: sent,
+        hit: true,
+        keep_alive,
+    })
 }
 
 /// A path the box does not hold: 404, or a 302 to the configured upstream.
@@ -467,11 +478,9 @@ async fn miss(
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
-) -> io::Result<(u16, u64, bool)> {
+) -> io::Result<Answered> {
     let Some(base) = &shared.config.miss_redirect_base else {
-        return send_error(stream, shared, 404, keep_alive)
-            .await
-            .map(|bytes| (404, bytes, false));
+        return send_error(stream, shared, 404, keep_alive, head.method).await;
     };
     let mut location = base.trim_end_matches('/').to_string();
     location.extend(percent_encoding::utf8_percent_encode(
@@ -498,7 +507,12 @@ async fn miss(
     );
     let sent = send_all(stream, &out, false, shared).await?;
     shared.metrics.count_status(302);
-    Ok((302, sent as u64, false))
+    Ok(Answered {
+        status: 302,
+        bytes_sent: sent as u64,
+        hit: false,
+        keep_alive,
+    })
 }
 
 /// Characters escaped when a decoded path goes back into a URL.
@@ -514,17 +528,24 @@ const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'{')
     .add(b'}');
 
+/// Sends an error response (no content after it for HEAD); a miss, as nothing was served.
 async fn send_error(
     stream: &mut TcpStream,
     shared: &Shared,
     status: u16,
     keep_alive: bool,
-) -> io::Result<u64> {
+    method: Method,
+) -> io::Result<Answered> {
     let mut out = Vec::with_capacity(256);
-    error_response(status, keep_alive, &date_now(), &mut out);
+    error_response(status, keep_alive, method, &date_now(), &mut out);
     shared.metrics.count_status(status);
     let sent = send_all(stream, &out, false, shared).await?;
-    Ok(sent as u64)
+    Ok(Answered {
+        status,
+        bytes_sent: sent as u64,
+        hit: false,
+        keep_alive,
+    })
 }
 
 /// Writes all of `bytes`, giving up when the client accepts nothing for the send timeout.
@@ -608,10 +629,8 @@ fn log_access(
     shared: &Shared,
     peer: SocketAddr,
     head: &RequestHead,
-    status: u16,
-    bytes: u64,
+    answered: &Answered,
     started: Instant,
-    hit: bool,
 ) {
     if !shared.access_log.enabled() {
         return;
@@ -628,10 +647,10 @@ fn log_access(
         method,
         head.path,
         head.range.as_deref().unwrap_or("-"),
-        status,
-        bytes,
+        answered.status,
+        answered.bytes_sent,
         started.elapsed().as_secs_f64() * 1000.0,
-        if hit { "hit" } else { "miss" }
+        if answered.hit { "hit" } else { "miss" }
     );
     if !shared.access_log.log(line) {
         shared.metrics.access_log_dropped.inc();
