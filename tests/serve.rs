@@ -666,3 +666,95 @@ fn error_answers_to_head_carry_no_content_and_close_when_they_say_so() {
     assert!(head.contains("connection: close"), "{answer}");
     assert_eq!(content_length(&head), content_length(&get_head), "{answer}");
 }
+
+/// The URL-signing key is the key file's bytes, exactly: keys that begin and end with a
+/// whitespace or NUL byte validate URLs signed with the whole key, and refuse URLs signed with
+/// the key stripped of those bytes. `check-config` refuses empty and short keys.
+#[test]
+fn signing_keys_are_the_key_files_bytes_exactly() {
+    let scratch = Scratch::new("serve-signing-keys");
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 8);
+    let source = scratch.path("src");
+    std::fs::create_dir_all(source.join("video")).unwrap();
+    std::fs::write(source.join("video/a.mp4"), b"0123456789").unwrap();
+    let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let key_file = scratch.path("key");
+    let key_line = format!(
+        "url_signing_key_file = {:?}",
+        key_file.display().to_string()
+    );
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for edge in [b'\n', b' ', b'\t', b'\r', b'\0'] {
+        let mut key = vec![edge];
+        for _ in 0..30 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            key.push(state.to_le_bytes()[0]);
+        }
+        key.push(edge);
+        std::fs::write(&key_file, &key).unwrap();
+        let daemon = Daemon::start(&scratch, &drives, &key_line);
+        let url = |signing_key: &[u8]| {
+            let signer = appliance_serve::signed::UrlSigner::new(signing_key);
+            daemon.url(&format!(
+                "/video/a.mp4?{}",
+                signer.sign("/video/a.mp4", expires)
+            ))
+        };
+        let (status, _, body) = curl(&[&url(&key)]);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"0123456789"[..]),
+            "{key:?}"
+        );
+        let stripped = &key[1..key.len() - 1];
+        assert_eq!(curl(&[&url(stripped)]).0, 403, "stripped {key:?}");
+        assert_eq!(
+            curl(&[&url(&key[1..])]).0,
+            403,
+            "without the first byte {key:?}"
+        );
+    }
+    let config = scratch.path("check.toml");
+    std::fs::write(
+        &config,
+        format!("drives = [\"/dev/null\"]\n[serve]\n{key_line}\n"),
+    )
+    .unwrap();
+    let cases: &[(&[u8], Option<&str>)] = &[
+        (b"", Some("the key file is empty")),
+        (
+            b"\n",
+            Some("too short: 16 bytes at least, the file holds 1"),
+        ),
+        (
+            b" 0123456789abcd",
+            Some("too short: 16 bytes at least, the file holds 15"),
+        ),
+        (b" 0123456789abcd\n", None),
+        (b"\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n", None),
+    ];
+    for (key, expected_error) in cases {
+        std::fs::write(&key_file, key).unwrap();
+        let out = util::applianced(&["check-config", config.to_str().unwrap()]);
+        match expected_error {
+            None => assert!(out.status.success(), "{key:?}: {}", out.stderr),
+            Some(expected) => {
+                assert!(!out.status.success(), "{key:?} accepted");
+                assert!(out.stderr.contains(expected), "{key:?}: {}", out.stderr);
+                assert!(
+                    out.stderr.contains("serve.url_signing_key_file"),
+                    "{key:?}: {}",
+                    out.stderr
+                );
+            }
+        }
+    }
+}
