@@ -758,3 +758,83 @@ fn signing_keys_are_the_key_files_bytes_exactly() {
         }
     }
 }
+
+/// A counter or gauge from the admin listener's metrics (0 when absent).
+fn metric(daemon: &Daemon, name: &str) -> f64 {
+    let (_, metrics) = daemon.admin("GET", "/metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A client with a tiny receive buffer that takes 64 bytes every 100 ms of a large file makes
+/// progress all the time, so the send timeout never cuts it; the minimum send rate does, within
+/// a few windows, and frees its slot. A normal client on the same server gets the whole file.
+#[test]
+fn clients_taking_less_than_the_minimum_send_rate_are_cut_off() {
+    let scratch = Scratch::new("serve-slow-reader");
+    let drives = formatted_drives(&scratch, 1, 128 << 20, 8);
+    let source = scratch.path("src");
+    std::fs::create_dir_all(source.join("video")).unwrap();
+    // Far more than the kernel buffers between the daemon and a client can hold.
+    let big: Vec<u8> = (0..24u32 << 20)
+        .map(|at| (at.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(source.join("video/big.mp4"), &big).unwrap();
+    let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let daemon = Daemon::start(
+        &scratch,
+        &drives,
+        "send_rate_min_bytes_per_s = 65536\nsend_rate_window_ms = 1000\nsend_timeout_ms = 60000",
+    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    socket.connect(&address.into()).unwrap();
+    let mut slow: TcpStream = socket.into();
+    slow.write_all(b"GET /video/big.mp4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let (status, _, body) = curl(&[&daemon.url("/video/big.mp4")]);
+    assert_eq!(status, 200);
+    assert!(body == big, "the normal client's body differs");
+    let mut taken = 0;
+    while metric(&daemon, "appliance_http_slow_clients_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "a client taking ~640 bytes/s still served after {:?}",
+            started.elapsed()
+        );
+        let mut bytes = [0u8; 64];
+        if let Ok(count) = slow.read(&mut bytes) {
+            taken += count;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The connection is gone: what is left in the client's buffer, then reset or end.
+    slow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = vec![0u8; 1 << 20];
+    loop {
+        match slow.read(&mut rest) {
+            Ok(0) => break,
+            Ok(count) => taken += count,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("the slow client's connection is still open: {error}"),
+        }
+    }
+    assert!(taken < big.len() / 2, "{taken} bytes taken before the cut");
+    assert_eq!(metric(&daemon, "appliance_http_timeouts_total"), 0.0);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while metric(&daemon, "appliance_http_connections_active") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow client's slot is still taken"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -103,6 +103,18 @@ pub struct Serve {
     pub idle_timeout_ms: u64,
     /// Time a send may make no progress before the connection is closed. Default 30000.
     pub send_timeout_ms: u64,
+    /// The least a client must take while a response is sent to it, in bytes per second
+    /// averaged over each `send_rate_window_ms`; a client below it is cut (connection reset,
+    /// counted in `appliance_http_slow_clients_total`, logged). Progress resets the send
+    /// timeout, so without this a client reading a byte a second would hold its slot for
+    /// hours. Only a window that ends while a response is still being sent is judged. 0 turns
+    /// the check off. Default 4096: far below any video bitrate, so a player on a bad network
+    /// stays, and a paused player is cut no sooner than by the send timeout.
+    pub send_rate_min_bytes_per_s: u64,
+    /// The window of `send_rate_min_bytes_per_s`: a client is judged on what it took over
+    /// each whole window, so bursts and short stalls even out. Must be greater than 0.
+    /// Default 30000.
+    pub send_rate_window_ms: u64,
     /// Connections served at once; more wait in the listen backlog. Default 20000.
     pub connections_max: usize,
     /// Requests on one connection before it is closed. Default 10000.
@@ -138,6 +150,8 @@ impl Default for Serve {
             header_read_timeout_ms: millis(defaults.header_read_timeout),
             idle_timeout_ms: millis(defaults.idle_timeout),
             send_timeout_ms: millis(defaults.send_timeout),
+            send_rate_min_bytes_per_s: defaults.send_rate_min.bytes_per_s,
+            send_rate_window_ms: millis(defaults.send_rate_min.window),
             connections_max: defaults.connections_max,
             requests_per_connection_max: defaults.requests_per_connection_max,
             miss_redirect_base: None,
@@ -246,7 +260,7 @@ impl Config {
             );
         }
         let serve = &self.serve;
-        let positive: [(&str, u64); 7] = [
+        let positive: [(&str, u64); 8] = [
             (
                 "serve.request_line_bytes_max",
                 serve.request_line_bytes_max as u64,
@@ -255,6 +269,7 @@ impl Config {
             ("serve.header_read_timeout_ms", serve.header_read_timeout_ms),
             ("serve.idle_timeout_ms", serve.idle_timeout_ms),
             ("serve.send_timeout_ms", serve.send_timeout_ms),
+            ("serve.send_rate_window_ms", serve.send_rate_window_ms),
             ("serve.connections_max", serve.connections_max as u64),
             (
                 "serve.requests_per_connection_max",
@@ -357,6 +372,10 @@ impl Config {
             header_read_timeout: Duration::from_millis(serve.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(serve.idle_timeout_ms),
             send_timeout: Duration::from_millis(serve.send_timeout_ms),
+            send_rate_min: appliance_serve::SendRateMin {
+                bytes_per_s: serve.send_rate_min_bytes_per_s,
+                window: Duration::from_millis(serve.send_rate_window_ms),
+            },
             connections_max: serve.connections_max,
             requests_per_connection_max: serve.requests_per_connection_max,
             miss_redirect_base: serve.miss_redirect_base.clone(),
@@ -402,6 +421,18 @@ mod tests {
         check(
             "drives = [\"/a\"]\n[serve]\nidle_timeout_ms = 0",
             Some("serve.idle_timeout_ms"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_window_ms = 0",
+            Some("serve.send_rate_window_ms"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_min_bytes_per_s = 0",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_min_bytes_per_s = -1",
+            Some("send_rate_min_bytes_per_s"),
         );
         check(
             "drives = [\"/a\"]\n[serve]\nconnections_max = -1",
