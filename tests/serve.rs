@@ -19,6 +19,7 @@ use util::{formatted_drives, Catalog, Daemon, Scratch};
 struct Appliance {
     daemon: Daemon,
     catalog: Catalog,
+    drives: Vec<PathBuf>,
     _scratch: Scratch,
 }
 
@@ -43,6 +44,7 @@ impl Appliance {
         Appliance {
             daemon,
             catalog,
+            drives,
             _scratch: scratch,
         }
     }
@@ -218,23 +220,32 @@ fn served_bytes_equal_stored_bytes_for_random_ranges() {
 
 /// Reads one keep-alive response and returns its body.
 fn read_response(stream: &mut TcpStream) -> Vec<u8> {
+    let head = read_head(stream);
+    let mut body = vec![0u8; content_length(&head)];
+    stream.read_exact(&mut body).unwrap();
+    body
+}
+
+/// Reads one response head, byte by byte up to its blank line, and returns it lowercased: not
+/// one byte of what follows is consumed.
+fn read_head(stream: &mut TcpStream) -> String {
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
         stream.read_exact(&mut byte).unwrap();
         head.push(byte[0]);
     }
-    let text = String::from_utf8_lossy(&head).to_ascii_lowercase();
-    let length: usize = text
-        .lines()
+    String::from_utf8_lossy(&head).to_ascii_lowercase()
+}
+
+/// The Content-Length of a lowercased response head.
+fn content_length(head: &str) -> usize {
+    head.lines()
         .find_map(|line| line.strip_prefix("content-length: "))
-        .unwrap()
+        .unwrap_or_else(|| panic!("no content-length: {head}"))
         .trim()
         .parse()
-        .unwrap();
-    let mut body = vec![0u8; length];
-    stream.read_exact(&mut body).unwrap();
-    body
+        .unwrap()
 }
 
 #[test]
@@ -504,4 +515,326 @@ fn drain_tells_steering_and_reports_drained_when_idle() {
         metrics.contains("appliance_http_requests_total{status=\"206\"}"),
         "{metrics}"
     );
+}
+
+/// Flips the last byte of each of `paths` wherever it is written on the drives (only in its
+/// Publish record: paths live nowhere else), so that the record fails its checksum the next
+/// time the daemon reads it. The store reports that lookup as an error, which is answered 500.
+/// The drives are mostly holes: all-zero chunks are skipped with one comparison each.
+fn corrupt_records(drives: &[PathBuf], paths: &[&str]) {
+    use std::os::unix::fs::FileExt;
+    const CHUNK_BYTES: usize = 1 << 20;
+    const OVERLAP_BYTES: usize = 4096;
+    let zeros = vec![0u8; CHUNK_BYTES + OVERLAP_BYTES];
+    let mut chunk = vec![0u8; CHUNK_BYTES + OVERLAP_BYTES];
+    let mut flipped = vec![0; paths.len()];
+    for drive in drives {
+        let file = std::fs::File::open(drive).unwrap();
+        let size_bytes = file.metadata().unwrap().len() as usize;
+        for offset in (0..size_bytes).step_by(CHUNK_BYTES) {
+            let length = (CHUNK_BYTES + OVERLAP_BYTES).min(size_bytes - offset);
+            file.read_exact_at(&mut chunk[..length], offset as u64)
+                .unwrap();
+            if chunk[..length] == zeros[..length] {
+                continue;
+            }
+            let starts = (0..length.min(CHUNK_BYTES)).filter(|at| chunk[*at] == b'/');
+            for at in starts {
+                for (path, count) in paths.iter().zip(&mut flipped) {
+                    if chunk[at..length].starts_with(path.as_bytes()) {
+                        let last = at + path.len() - 1;
+                        let position = (offset + last) as u64;
+                        util::write_at(drive, position, &[chunk[last] ^ 0x20]);
+                        *count += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert!(
+        flipped.iter().all(|count| *count > 0),
+        "{paths:?}: {flipped:?}"
+    );
+}
+
+/// A HEAD answered with an error on a keep-alive connection, followed by a pipelined GET over a
+/// raw socket: the error head must end the first response exactly (its Content-Length saying
+/// what a GET would get, and nothing after it), so that the GET's 206 is read intact. A 500
+/// says `Connection: close` and the connection closes: the pipelined GET is never answered.
+#[test]
+fn error_answers_to_head_carry_no_content_and_close_when_they_say_so() {
+    const KEY: &[u8] = b"head-errors-key-0123456789abcdef";
+    let key_scratch = Scratch::new("serve-head-errors-key");
+    let key_file = key_scratch.path("key");
+    std::fs::write(&key_file, KEY).unwrap();
+    let appliance = Appliance::start(
+        "head-errors",
+        &format!(
+            "url_signing_key_file = {:?}",
+            key_file.display().to_string()
+        ),
+    );
+    let signer = appliance_serve::signed::UrlSigner::new(KEY);
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let signed = |path: &str| format!("{path}?{}", signer.sign(path, expires));
+    let (path, bytes) = appliance.big_file();
+    let pipelined_get = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n",
+        signed(&path)
+    );
+    let cases: Vec<(u16, String, &str)> = vec![
+        (
+            403,
+            format!("{path}?expires={expires}&signature={}", "0".repeat(64)),
+            "",
+        ),
+        (404, signed("/not/stored.mp4"), ""),
+        (412, signed(&path), "If-Match: \"other\"\r\n"),
+    ];
+    for (status, target, fields) in cases {
+        // What a GET of the same target gets: its Content-Length and as many content bytes.
+        let mut stream = appliance.connect();
+        let answer = raw(
+            &mut stream,
+            format!("GET {target} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n{fields}\r\n")
+                .as_bytes(),
+        );
+        let (get_head, get_content) = answer.split_once("\r\n\r\n").unwrap();
+        let get_length = content_length(&get_head.to_ascii_lowercase());
+        assert_eq!(get_content.len(), get_length, "GET {status}");
+        assert!(get_length > 0, "GET {status} has content");
+        let mut stream = appliance.connect();
+        let request = format!("HEAD {target} HTTP/1.1\r\nHost: x\r\n{fields}\r\n{pipelined_get}");
+        stream.write_all(request.as_bytes()).unwrap();
+        let head = read_head(&mut stream);
+        assert!(head.starts_with(&format!("http/1.1 {status} ")), "{head}");
+        assert_eq!(content_length(&head), get_length, "HEAD {status}: {head}");
+        assert!(!head.contains("connection: close"), "{head}");
+        let next = read_head(&mut stream);
+        assert!(
+            next.starts_with("http/1.1 206 "),
+            "after HEAD {status}: {next}"
+        );
+        assert_eq!(content_length(&next), 10, "{next}");
+        let mut content = [0u8; 10];
+        stream.read_exact(&mut content).unwrap();
+        assert_eq!(content, bytes[..10], "after HEAD {status}");
+        // Nothing more: the connection stays open and silent.
+        stream
+            .set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut stray = [0u8; 64];
+        match stream.read(&mut stray) {
+            Err(error) if error.kind() == std::io::ErrorKind::WouldBlock => {}
+            other => panic!("after HEAD {status}: expected silence, got {other:?}"),
+        }
+    }
+    // 500: a file whose record no longer passes its checksum, once with GET, once with HEAD.
+    let (get_broken, head_broken) = (&appliance.catalog.files[1].0, &appliance.catalog.files[2].0);
+    corrupt_records(&appliance.drives, &[get_broken, head_broken]);
+    let mut stream = appliance.connect();
+    let request = format!(
+        "GET {} HTTP/1.1\r\nHost: x\r\n\r\n{pipelined_get}",
+        signed(get_broken)
+    );
+    let answer = raw(&mut stream, request.as_bytes());
+    let (get_head, get_content) = answer.split_once("\r\n\r\n").unwrap();
+    let get_head = get_head.to_ascii_lowercase();
+    assert!(get_head.starts_with("http/1.1 500 "), "{answer}");
+    assert!(get_head.contains("connection: close"), "{answer}");
+    assert_eq!(
+        get_content.len(),
+        content_length(&get_head),
+        "the 500 is the last response; the pipelined GET is not answered: {answer:?}"
+    );
+    let mut stream = appliance.connect();
+    let request = format!(
+        "HEAD {} HTTP/1.1\r\nHost: x\r\n\r\n{pipelined_get}",
+        signed(head_broken)
+    );
+    let answer = raw(&mut stream, request.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 500 "), "{answer}");
+    assert!(
+        answer.ends_with("\r\n\r\n"),
+        "the head alone, then the connection closes: {answer:?}"
+    );
+    let head = answer.to_ascii_lowercase();
+    assert!(head.contains("connection: close"), "{answer}");
+    assert_eq!(content_length(&head), content_length(&get_head), "{answer}");
+}
+
+/// The URL-signing key is the key file's bytes, exactly: keys that begin and end with a
+/// whitespace or NUL byte validate URLs signed with the whole key, and refuse URLs signed with
+/// the key stripped of those bytes. `check-config` refuses empty and short keys.
+#[test]
+fn signing_keys_are_the_key_files_bytes_exactly() {
+    let scratch = Scratch::new("serve-signing-keys");
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 8);
+    let source = scratch.path("src");
+    std::fs::create_dir_all(source.join("video")).unwrap();
+    std::fs::write(source.join("video/a.mp4"), b"0123456789").unwrap();
+    let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let key_file = scratch.path("key");
+    let key_line = format!(
+        "url_signing_key_file = {:?}",
+        key_file.display().to_string()
+    );
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    for edge in [b'\n', b' ', b'\t', b'\r', b'\0'] {
+        let mut key = vec![edge];
+        for _ in 0..30 {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            key.push(state.to_le_bytes()[0]);
+        }
+        key.push(edge);
+        std::fs::write(&key_file, &key).unwrap();
+        let daemon = Daemon::start(&scratch, &drives, &key_line);
+        let url = |signing_key: &[u8]| {
+            let signer = appliance_serve::signed::UrlSigner::new(signing_key);
+            daemon.url(&format!(
+                "/video/a.mp4?{}",
+                signer.sign("/video/a.mp4", expires)
+            ))
+        };
+        let (status, _, body) = curl(&[&url(&key)]);
+        assert_eq!(
+            (status, body.as_slice()),
+            (200, &b"0123456789"[..]),
+            "{key:?}"
+        );
+        let stripped = &key[1..key.len() - 1];
+        assert_eq!(curl(&[&url(stripped)]).0, 403, "stripped {key:?}");
+        assert_eq!(
+            curl(&[&url(&key[1..])]).0,
+            403,
+            "without the first byte {key:?}"
+        );
+    }
+    let config = scratch.path("check.toml");
+    std::fs::write(
+        &config,
+        format!("drives = [\"/dev/null\"]\n[serve]\n{key_line}\n"),
+    )
+    .unwrap();
+    let cases: &[(&[u8], Option<&str>)] = &[
+        (b"", Some("the key file is empty")),
+        (
+            b"\n",
+            Some("too short: 16 bytes at least, the file holds 1"),
+        ),
+        (
+            b" 0123456789abcd",
+            Some("too short: 16 bytes at least, the file holds 15"),
+        ),
+        (b" 0123456789abcd\n", None),
+        (b"\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n\n", None),
+    ];
+    for (key, expected_error) in cases {
+        std::fs::write(&key_file, key).unwrap();
+        let out = util::applianced(&["check-config", config.to_str().unwrap()]);
+        match expected_error {
+            None => assert!(out.status.success(), "{key:?}: {}", out.stderr),
+            Some(expected) => {
+                assert!(!out.status.success(), "{key:?} accepted");
+                assert!(out.stderr.contains(expected), "{key:?}: {}", out.stderr);
+                assert!(
+                    out.stderr.contains("serve.url_signing_key_file"),
+                    "{key:?}: {}",
+                    out.stderr
+                );
+            }
+        }
+    }
+}
+
+/// A counter or gauge from the admin listener's metrics (0 when absent).
+fn metric(daemon: &Daemon, name: &str) -> f64 {
+    let (_, metrics) = daemon.admin("GET", "/metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A client with a tiny receive buffer that takes 64 bytes every 100 ms of a large file makes
+/// progress all the time, so the send timeout never cuts it; the minimum send rate does, within
+/// a few windows, and frees its slot. A normal client on the same server gets the whole file.
+#[test]
+fn clients_taking_less_than_the_minimum_send_rate_are_cut_off() {
+    let scratch = Scratch::new("serve-slow-reader");
+    let drives = formatted_drives(&scratch, 1, 128 << 20, 8);
+    let source = scratch.path("src");
+    std::fs::create_dir_all(source.join("video")).unwrap();
+    // Far more than the kernel buffers between the daemon and a client can hold.
+    let big: Vec<u8> = (0..24u32 << 20)
+        .map(|at| (at.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(source.join("video/big.mp4"), &big).unwrap();
+    let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let daemon = Daemon::start(
+        &scratch,
+        &drives,
+        "send_rate_min_bytes_per_s = 65536\nsend_rate_window_ms = 1000\nsend_timeout_ms = 60000",
+    );
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
+    socket.set_recv_buffer_size(4096).unwrap();
+    let address = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));
+    socket.connect(&address.into()).unwrap();
+    let mut slow: TcpStream = socket.into();
+    slow.write_all(b"GET /video/big.mp4 HTTP/1.1\r\nHost: x\r\n\r\n")
+        .unwrap();
+    slow.set_read_timeout(Some(Duration::from_millis(100)))
+        .unwrap();
+    let started = Instant::now();
+    let (status, _, body) = curl(&[&daemon.url("/video/big.mp4")]);
+    assert_eq!(status, 200);
+    assert!(body == big, "the normal client's body differs");
+    let mut taken = 0;
+    while metric(&daemon, "appliance_http_slow_clients_total") < 1.0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(6),
+            "a client taking ~640 bytes/s still served after {:?}",
+            started.elapsed()
+        );
+        let mut bytes = [0u8; 64];
+        if let Ok(count) = slow.read(&mut bytes) {
+            taken += count;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // The connection is gone: what is left in the client's buffer, then reset or end.
+    slow.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut rest = vec![0u8; 1 << 20];
+    loop {
+        match slow.read(&mut rest) {
+            Ok(0) => break,
+            Ok(count) => taken += count,
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => break,
+            Err(error) => panic!("the slow client's connection is still open: {error}"),
+        }
+    }
+    assert!(taken < big.len() / 2, "{taken} bytes taken before the cut");
+    assert_eq!(metric(&daemon, "appliance_http_timeouts_total"), 0.0);
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while metric(&daemon, "appliance_http_connections_active") > 0.0 {
+        assert!(
+            Instant::now() < deadline,
+            "the slow client's slot is still taken"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

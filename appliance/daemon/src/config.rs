@@ -103,13 +103,33 @@ pub struct Serve {
     pub idle_timeout_ms: u64,
     /// Time a send may make no progress before the connection is closed. Default 30000.
     pub send_timeout_ms: u64,
+    /// The least a client must take while a response is sent to it, in bytes per second
+    /// averaged over each `send_rate_window_ms`; a client below it is cut (connection reset,
+    /// counted in `appliance_http_slow_clients_total`, logged). Progress resets the send
+    /// timeout, so without this a client reading a byte a second would hold its slot for
+    /// hours. Only a window that ends while a response is still being sent is judged. 0 turns
+    /// the check off. Default 4096: far below any video bitrate, so a player on a bad network
+    /// stays, and a paused player is cut no sooner than by the send timeout.
+    pub send_rate_min_bytes_per_s: u64,
+    /// The window of `send_rate_min_bytes_per_s`: a client is judged on what it took over
+    /// each whole window, so bursts and short stalls even out. Must be greater than 0.
+    /// Default 30000.
+    pub send_rate_window_ms: u64,
     /// Connections served at once; more wait in the listen backlog. Default 20000.
     pub connections_max: usize,
     /// Requests on one connection before it is closed. Default 10000.
     pub requests_per_connection_max: u64,
     /// On a miss, 302 to this base URL with the same path and query. Default: 404 instead.
     pub miss_redirect_base: Option<String>,
-    /// File holding the key of signed URLs; when set, every request must be signed.
+    /// File holding the key of signed URLs; when set, every request must be signed (the token
+    /// format is in `appliance/serve/src/signed.rs`). Default: none, no signing.
+    ///
+    /// Key file format: the key is the file's bytes, exactly. Nothing is trimmed, decoded or
+    /// ended: any byte value may be part of the key (a random binary key often begins or ends
+    /// with a whitespace or NUL byte), and a final line break is part of the key too, so write
+    /// the file with `head -c 32 /dev/random > FILE` or `printf '%s' "$key" > FILE`, not with
+    /// `echo`. The key must be 16 to 4096 bytes long; `check-config` and start refuse anything
+    /// else, and warn about a key that reads as one line of text ending in a line break.
     pub url_signing_key_file: Option<PathBuf>,
     /// `off`, `-` (standard error) or a file path. Default `off`.
     pub access_log: String,
@@ -130,6 +150,8 @@ impl Default for Serve {
             header_read_timeout_ms: millis(defaults.header_read_timeout),
             idle_timeout_ms: millis(defaults.idle_timeout),
             send_timeout_ms: millis(defaults.send_timeout),
+            send_rate_min_bytes_per_s: defaults.send_rate_min.bytes_per_s,
+            send_rate_window_ms: millis(defaults.send_rate_min.window),
             connections_max: defaults.connections_max,
             requests_per_connection_max: defaults.requests_per_connection_max,
             miss_redirect_base: None,
@@ -139,6 +161,63 @@ impl Default for Serve {
             shutdown_grace_ms: millis(defaults.shutdown_grace),
         }
     }
+}
+
+/// Shortest URL-signing key accepted: shorter keys are guessable.
+const URL_SIGNING_KEY_BYTES_MIN: usize = 16;
+/// Longest URL-signing key accepted. HMAC-SHA256 hashes a key longer than its 64-byte block,
+/// so length adds nothing past that; a longer file is a wrong path (a log, a device).
+const URL_SIGNING_KEY_BYTES_MAX: usize = 4096;
+
+/// Reads a URL-signing key file (format: `Serve::url_signing_key_file`): its bytes, exactly.
+pub fn read_url_signing_key(path: &Path) -> Result<Vec<u8>> {
+    use std::io::Read;
+    let context = || format!("serve.url_signing_key_file: reading {}", path.display());
+    let file = std::fs::File::open(path).with_context(context)?;
+    let mut key = Vec::with_capacity(URL_SIGNING_KEY_BYTES_MAX);
+    file.take(u64::try_from(URL_SIGNING_KEY_BYTES_MAX).unwrap_or(u64::MAX) + 1)
+        .read_to_end(&mut key)
+        .with_context(context)?;
+    check_url_signing_key(&key).with_context(|| {
+        format!(
+            "serve.url_signing_key_file: {} (the key is the file's bytes, exactly)",
+            path.display()
+        )
+    })?;
+    if reads_as_a_text_line(&key) {
+        tracing::warn!(
+            path = %path.display(),
+            "serve.url_signing_key_file: the key reads as a line of text; its final line break \
+             is part of the key, and steering must sign with it too"
+        );
+    }
+    Ok(key)
+}
+
+fn check_url_signing_key(key: &[u8]) -> Result<()> {
+    let length = key.len();
+    if length == 0 {
+        bail!("the key file is empty");
+    }
+    if length < URL_SIGNING_KEY_BYTES_MIN {
+        bail!(
+            "the key is too short: {URL_SIGNING_KEY_BYTES_MIN} bytes at least, the file holds \
+             {length}"
+        );
+    }
+    if length > URL_SIGNING_KEY_BYTES_MAX {
+        bail!("the key is longer than {URL_SIGNING_KEY_BYTES_MAX} bytes");
+    }
+    Ok(())
+}
+
+/// Printable ASCII ending in one line break: what `echo "$key" > FILE` writes. A random
+/// binary key looks like this about once in 10^9 at 16 bytes, once in 10^16 at 32.
+fn reads_as_a_text_line(key: &[u8]) -> bool {
+    let text = key
+        .strip_suffix(b"\r\n")
+        .or_else(|| key.strip_suffix(b"\n"));
+    text.is_some_and(|text| text.iter().all(|byte| (b' '..=b'~').contains(byte)))
 }
 
 fn millis(duration: Duration) -> u64 {
@@ -181,7 +260,7 @@ impl Config {
             );
         }
         let serve = &self.serve;
-        let positive: [(&str, u64); 7] = [
+        let positive: [(&str, u64); 8] = [
             (
                 "serve.request_line_bytes_max",
                 serve.request_line_bytes_max as u64,
@@ -190,6 +269,7 @@ impl Config {
             ("serve.header_read_timeout_ms", serve.header_read_timeout_ms),
             ("serve.idle_timeout_ms", serve.idle_timeout_ms),
             ("serve.send_timeout_ms", serve.send_timeout_ms),
+            ("serve.send_rate_window_ms", serve.send_rate_window_ms),
             ("serve.connections_max", serve.connections_max as u64),
             (
                 "serve.requests_per_connection_max",
@@ -273,16 +353,7 @@ impl Config {
     pub fn serve_config(&self) -> Result<ServeConfig> {
         let serve = &self.serve;
         let url_signing_key = match &serve.url_signing_key_file {
-            Some(path) => {
-                let key = std::fs::read(path).with_context(|| {
-                    format!("serve.url_signing_key_file: reading {}", path.display())
-                })?;
-                let key = key.trim_ascii().to_vec();
-                if key.len() < 16 {
-                    bail!("serve.url_signing_key_file: the key must be at least 16 bytes");
-                }
-                Some(key)
-            }
+            Some(path) => Some(read_url_signing_key(path)?),
             None => None,
         };
         let access_log = match serve.access_log.as_str() {
@@ -301,6 +372,10 @@ impl Config {
             header_read_timeout: Duration::from_millis(serve.header_read_timeout_ms),
             idle_timeout: Duration::from_millis(serve.idle_timeout_ms),
             send_timeout: Duration::from_millis(serve.send_timeout_ms),
+            send_rate_min: appliance_serve::SendRateMin {
+                bytes_per_s: serve.send_rate_min_bytes_per_s,
+                window: Duration::from_millis(serve.send_rate_window_ms),
+            },
             connections_max: serve.connections_max,
             requests_per_connection_max: serve.requests_per_connection_max,
             miss_redirect_base: serve.miss_redirect_base.clone(),
@@ -348,6 +423,18 @@ mod tests {
             Some("serve.idle_timeout_ms"),
         );
         check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_window_ms = 0",
+            Some("serve.send_rate_window_ms"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_min_bytes_per_s = 0",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\nsend_rate_min_bytes_per_s = -1",
+            Some("send_rate_min_bytes_per_s"),
+        );
+        check(
             "drives = [\"/a\"]\n[serve]\nconnections_max = -1",
             Some("connections_max"),
         );
@@ -380,5 +467,64 @@ mod tests {
             "drives = [\"/a\"]\n[fill]\nconcurrency = 0",
             Some("fill.concurrency"),
         );
+    }
+
+    /// The key file's bytes are the key: whitespace and NUL at either end included.
+    #[test]
+    fn url_signing_keys_are_the_files_bytes_exactly() {
+        let folder = std::env::temp_dir().join(format!("applianced-keys-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let middle = b"0123456789abcdef0123456789abcd";
+        let mut cases: Vec<(Vec<u8>, Option<&str>)> = Vec::new();
+        for edge in [b'\n', b' ', b'\t', b'\r', b'\0'] {
+            cases.push(([&[edge][..], middle, &[edge]].concat(), None));
+            cases.push(([&[edge][..], middle].concat(), None));
+            cases.push(([middle, &[edge][..]].concat(), None));
+        }
+        cases.push((vec![b'\n'; 16], None));
+        cases.push((vec![0; 16], None));
+        cases.push((vec![0xff; URL_SIGNING_KEY_BYTES_MAX], None));
+        cases.push((Vec::new(), Some("the key file is empty")));
+        cases.push((
+            vec![b'k'; 15],
+            Some("the key is too short: 16 bytes at least, the file holds 15"),
+        ));
+        cases.push((
+            vec![b'k'; URL_SIGNING_KEY_BYTES_MAX + 1],
+            Some("longer than 4096 bytes"),
+        ));
+        for (number, (key, expected_error)) in cases.into_iter().enumerate() {
+            let path = folder.join(format!("key-{number}"));
+            std::fs::write(&path, &key).unwrap();
+            match (read_url_signing_key(&path), expected_error) {
+                (Ok(read), None) => assert_eq!(read, key, "{key:?}"),
+                (Err(error), Some(expected)) => {
+                    let text = format!("{error:#}");
+                    assert!(text.contains(expected), "{text:?} lacks {expected:?}");
+                    assert!(text.contains("serve.url_signing_key_file"), "{text:?}");
+                }
+                (Ok(_), Some(expected)) => panic!("{key:?} accepted, expected {expected:?}"),
+                (Err(error), None) => panic!("{key:?} refused: {error:#}"),
+            }
+        }
+        let missing = read_url_signing_key(&folder.join("missing")).unwrap_err();
+        assert!(format!("{missing:#}").contains("missing"), "{missing:#}");
+        std::fs::remove_dir_all(&folder).unwrap();
+    }
+
+    #[test]
+    fn keys_that_read_as_a_text_line_are_recognised() {
+        let cases: &[(&[u8], bool)] = &[
+            (b"0123456789abcdef\n", true),
+            (b"0123456789abcdef\r\n", true),
+            (b"0123456789abcdef", false),
+            (b"0123456789abcdef\n\n", false),
+            (b"\n0123456789abcdef", false),
+            (b"0123456789abcde\xff\n", false),
+            (b"0123456789abcde\0\n", false),
+        ];
+        for (key, expected) in cases {
+            assert_eq!(reads_as_a_text_line(key), *expected, "{key:?}");
+        }
     }
 }

@@ -76,9 +76,11 @@ fn main() {
         Command::Store(args) => store_commands::run(args),
         Command::Run { config } => run::run(&config),
         Command::Fill { config, manifest } => run::fill_once(&config, manifest.as_deref()),
-        Command::CheckConfig { config } => config::Config::load(&config).map(|_| {
-            println!("{}: ok", config.display());
-        }),
+        Command::CheckConfig { config } => config::Config::load(&config)
+            .and_then(|loaded| loaded.serve_config())
+            .map(|_| {
+                println!("{}: ok", config.display());
+            }),
     };
     if let Err(error) = result {
         eprintln!("applianced: {error:#}");

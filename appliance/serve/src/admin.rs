@@ -3,7 +3,8 @@
 //! `POST /drain` / `POST /undrain` for maintenance. One request per connection.
 
 use crate::http::{
-    error_response, http_date, parse_request, write_response_head, Limits, Parse, ResponseHead,
+    error_response, http_date, parse_request, request_method, write_response_head, Limits, Parse,
+    ResponseHead,
 };
 use crate::server::Shared;
 use appliance_store::DriveStatus;
@@ -108,7 +109,7 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
     let head = match head {
         Ok(head) => head,
         Err(status) => {
-            error_response(status, false, &date, &mut out);
+            error_response(status, false, request_method(&buf), &date, &mut out);
             return stream.write_all(&out).await;
         }
     };
@@ -165,11 +166,11 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
                 )
             }
             (_, "/health" | "/metrics" | "/drain" | "/undrain") => {
-                error_response(405, false, &date, &mut out);
+                error_response(405, false, head.method, &date, &mut out);
                 return stream.write_all(&out).await;
             }
             _ => {
-                error_response(404, false, &date, &mut out);
+                error_response(404, false, head.method, &date, &mut out);
                 return stream.write_all(&out).await;
             }
         },

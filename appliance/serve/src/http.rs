@@ -784,11 +784,37 @@ pub fn reason(status: u16) -> &'static str {
     }
 }
 
-/// Appends a complete error response with a small text body ("404 Not Found\n") to `out`.
+/// Whether a response carries content after its head: never one to HEAD (RFC 9110 §9.3.2: the
+/// head is the one GET would get, `Content-Length` included, and nothing follows it), nor a
+/// 1xx, 204 or 304 (RFC 9110 §6.4.1). A byte sent where the client expects none would be read
+/// as the start of the next response on a keep-alive connection.
+pub fn response_has_content(method: Method, status: u16) -> bool {
+    method != Method::Head && !(status < 200 || status == 204 || status == 304)
+}
+
+/// The method named by the request line at the start of `buf`, complete or not, for answering
+/// a request that did not parse: `Other` when it is neither GET nor HEAD, or not there yet.
+pub fn request_method(buf: &[u8]) -> Method {
+    let line = first_line(buf);
+    match line.bytes.split(|byte| *byte == b' ').next() {
+        Some(b"GET") => Method::Get,
+        Some(b"HEAD") => Method::Head,
+        _ => Method::Other,
+    }
+}
+
+/// Appends a complete error response with a small text body ("404 Not Found\n") to `out`; to a
+/// HEAD (`method`), the same head with nothing after it (`response_has_content`).
 /// 405 carries `Allow: GET, HEAD`. 416 needs `Content-Range`, so the caller builds it with
 /// `write_response_head`. `Connection: keep-alive` is always explicit here, as the request's
 /// version may be unknown (a request that did not parse).
-pub fn error_response(status: u16, keep_alive: bool, date: &str, out: &mut Vec<u8>) {
+pub fn error_response(
+    status: u16,
+    keep_alive: bool,
+    method: Method,
+    date: &str,
+    out: &mut Vec<u8>,
+) {
     let body = format!("{status} {}\n", reason(status));
     let mut extra = vec![("Content-Type", "text/plain; charset=utf-8".to_owned())];
     if status == 405 {
@@ -803,7 +829,7 @@ pub fn error_response(status: u16, keep_alive: bool, date: &str, out: &mut Vec<u
         extra: &extra,
     };
     write_response_head(&head, out);
-    if !(status < 200 || status == 204 || status == 304) {
+    if response_has_content(method, status) {
         out.extend_from_slice(body.as_bytes());
     }
 }
@@ -1664,41 +1690,145 @@ mod tests {
     fn error_responses() {
         const DATE: &str = "Sun, 09 Sep 2001 01:46:40 GMT";
         let common = format!("Server: applianced\r\nDate: {DATE}\r\n");
-        let cases: &[(u16, bool, String)] = &[
+        let text = "Content-Type: text/plain; charset=utf-8\r\n";
+        let cases: &[(u16, bool, Method, String)] = &[
             (
                 404,
                 true,
+                Method::Get,
                 format!(
                     "HTTP/1.1 404 Not Found\r\n{common}Content-Length: 14\r\n\
-                     Connection: keep-alive\r\nAccept-Ranges: bytes\r\n\
-                     Content-Type: text/plain; charset=utf-8\r\n\r\n404 Not Found\n"
+                     Connection: keep-alive\r\nAccept-Ranges: bytes\r\n{text}\r\n\
+                     404 Not Found\n"
                 ),
             ),
             (
                 405,
                 false,
+                Method::Other,
                 format!(
                     "HTTP/1.1 405 Method Not Allowed\r\n{common}Content-Length: 23\r\n\
-                     Connection: close\r\nAccept-Ranges: bytes\r\n\
-                     Content-Type: text/plain; charset=utf-8\r\nAllow: GET, HEAD\r\n\r\n\
-                     405 Method Not Allowed\n"
+                     Connection: close\r\nAccept-Ranges: bytes\r\n{text}\
+                     Allow: GET, HEAD\r\n\r\n405 Method Not Allowed\n"
                 ),
             ),
             (
                 431,
                 false,
+                Method::Get,
                 format!(
                     "HTTP/1.1 431 Request Header Fields Too Large\r\n{common}\
                      Content-Length: 36\r\nConnection: close\r\nAccept-Ranges: bytes\r\n\
-                     Content-Type: text/plain; charset=utf-8\r\n\r\n\
-                     431 Request Header Fields Too Large\n"
+                     {text}\r\n431 Request Header Fields Too Large\n"
+                ),
+            ),
+            // To HEAD: the head GET would get, Content-Length included, and not one byte more.
+            (
+                404,
+                true,
+                Method::Head,
+                format!(
+                    "HTTP/1.1 404 Not Found\r\n{common}Content-Length: 14\r\n\
+                     Connection: keep-alive\r\nAccept-Ranges: bytes\r\n{text}\r\n"
+                ),
+            ),
+            (
+                403,
+                true,
+                Method::Head,
+                format!(
+                    "HTTP/1.1 403 Forbidden\r\n{common}Content-Length: 14\r\n\
+                     Connection: keep-alive\r\nAccept-Ranges: bytes\r\n{text}\r\n"
+                ),
+            ),
+            (
+                412,
+                true,
+                Method::Head,
+                format!(
+                    "HTTP/1.1 412 Precondition Failed\r\n{common}Content-Length: 24\r\n\
+                     Connection: keep-alive\r\nAccept-Ranges: bytes\r\n{text}\r\n"
+                ),
+            ),
+            (
+                500,
+                false,
+                Method::Head,
+                format!(
+                    "HTTP/1.1 500 Internal Server Error\r\n{common}Content-Length: 26\r\n\
+                     Connection: close\r\nAccept-Ranges: bytes\r\n{text}\r\n"
+                ),
+            ),
+            (
+                400,
+                false,
+                Method::Head,
+                format!(
+                    "HTTP/1.1 400 Bad Request\r\n{common}Content-Length: 16\r\n\
+                     Connection: close\r\nAccept-Ranges: bytes\r\n{text}\r\n"
                 ),
             ),
         ];
-        for (status, keep_alive, expected) in cases {
+        for (status, keep_alive, method, expected) in cases {
             let mut out = Vec::new();
-            error_response(*status, *keep_alive, DATE, &mut out);
-            assert_eq!(String::from_utf8_lossy(&out), *expected, "{status}");
+            error_response(*status, *keep_alive, *method, DATE, &mut out);
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                *expected,
+                "{status} {method:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn content_follows_a_head_only_where_allowed() {
+        let cases: &[(Method, u16, bool)] = &[
+            (Method::Get, 200, true),
+            (Method::Get, 206, true),
+            (Method::Get, 404, true),
+            (Method::Get, 500, true),
+            (Method::Other, 405, true),
+            (Method::Get, 100, false),
+            (Method::Get, 204, false),
+            (Method::Get, 304, false),
+            (Method::Head, 200, false),
+            (Method::Head, 206, false),
+            (Method::Head, 403, false),
+            (Method::Head, 404, false),
+            (Method::Head, 412, false),
+            (Method::Head, 500, false),
+        ];
+        for (method, status, expected) in cases {
+            assert_eq!(
+                response_has_content(*method, *status),
+                *expected,
+                "{method:?} {status}"
+            );
+        }
+    }
+
+    #[test]
+    fn request_methods_of_unparsed_heads() {
+        let cases: &[(&[u8], Method)] = &[
+            (b"HEAD /x HTTP/1.1\r\n\r\n", Method::Head),
+            (b"HEAD /x HTT", Method::Head),
+            (b"\r\nHEAD /x HTTP/1.1\r\n", Method::Head),
+            (b"GET /x HTTP/1.1\r\n", Method::Get),
+            (b"GET", Method::Get),
+            (b"HEA", Method::Other),
+            (b"HEADER /x HTTP/1.1\r\n", Method::Other),
+            (b"head /x HTTP/1.1\r\n", Method::Other),
+            (b"POST /x HTTP/1.1\r\n", Method::Other),
+            (b"", Method::Other),
+            (b"\x00\xff\r\n", Method::Other),
+        ];
+        for (buf, expected) in cases {
+            assert_eq!(
+                request_method(buf),
+                *expected,
+                "{:?}",
+                String::from_utf8_lossy(buf)
+            );
         }
     }
 

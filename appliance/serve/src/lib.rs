@@ -1,16 +1,19 @@
 //! Serving: HTTP/1.1 GET and HEAD of stored files with byte ranges, validators and keep-alive,
 //! the body sent zero-copy with sendfile(2) from the drive the store names.
 //!
-//! `http` (request parsing, ranges, conditionals, response heads) and `signed` (signed URLs)
-//! are pure; the connection loop, limits, drain and counters live in `server`.
+//! `http` (request parsing, ranges, conditionals, response heads), `signed` (signed URLs) and
+//! `send_rate` (the send timeout and minimum send rate of a response) are pure; the connection
+//! loop, limits, drain and counters live in `server`.
 
 pub mod access_log;
 pub mod admin;
 pub mod http;
 pub mod metrics;
+pub mod send_rate;
 pub mod server;
 pub mod signed;
 
 pub use access_log::AccessLogTarget;
 pub use admin::AdminExtension;
+pub use send_rate::SendRateMin;
 pub use server::{ServeConfig, Server, Shared};

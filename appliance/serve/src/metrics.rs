@@ -32,6 +32,8 @@ pub struct Metrics {
     pub connections_total: Counter,
     pub connections_refused: Counter,
     pub timeouts: Counter,
+    /// Connections cut for taking less than the minimum send rate over a window.
+    pub slow_clients: Counter,
     pub access_log_dropped: Counter<u64, AtomicU64>,
 }
 
@@ -65,6 +67,7 @@ impl Metrics {
             connections_total: Counter::default(),
             connections_refused: Counter::default(),
             timeouts: Counter::default(),
+            slow_clients: Counter::default(),
             access_log_dropped: Counter::default(),
             registry,
         };
@@ -114,6 +117,11 @@ impl Metrics {
             "http_timeouts",
             "Connections closed by a header, idle or send timeout",
             metrics.timeouts.clone(),
+        );
+        registry.register(
+            "http_slow_clients",
+            "Connections closed for taking less than the minimum send rate over a window",
+            metrics.slow_clients.clone(),
         );
         registry.register(
             "access_log_dropped_lines",

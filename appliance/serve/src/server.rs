@@ -4,18 +4,24 @@
 //! header limits and a header timeout), answers it in order (pipelining), and sends the body
 //! with sendfile(2) from the drive's buffered descriptor at the store's device offsets, after
 //! asking the kernel to read the range ahead. The head goes out with MSG_MORE so it shares a
-//! packet with the first body bytes. No body byte passes through user space. Nothing here
-//! takes a lock shared by all connections: counters are atomics, the access log a channel.
+//! packet with the first body bytes. No body byte passes through user space. Every write,
+//! head or body, runs under the response's `SendMeter`: a client that takes nothing for the
+//! send timeout, or less than the minimum send rate over a window, is cut (the connection is
+//! reset, so the kernel drops what it still held for it). Nothing here takes a lock shared by
+//! all connections: counters are atomics, the access log a channel.
 
 use crate::access_log::{AccessLog, AccessLogTarget};
 use crate::http::{
-    content_type, error_response, etag_from_sha256, http_date, parse_request, write_response_head,
-    HttpError, Limits, Method, Parse, Representation, RequestHead, ResponseHead, Selection,
+    content_type, error_response, etag_from_sha256, http_date, parse_request, request_method,
+    response_has_content, write_response_head, HttpError, Limits, Method, Parse, Representation,
+    RequestHead, ResponseHead, Selection,
 };
 use crate::metrics::Metrics;
+use crate::send_rate::{SendCut, SendMeter, SendRateMin};
 use crate::signed::UrlSigner;
 use appliance_device::zerocopy;
 use appliance_store::{FileHandle, Store};
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -60,6 +66,9 @@ pub struct ServeConfig {
     pub idle_timeout: Duration,
     /// How long a send may make no progress (a client that stopped reading).
     pub send_timeout: Duration,
+    /// The least a client must take, over each window, while a response is sent to it (a
+    /// client reading a trickle, which the send timeout alone never cuts).
+    pub send_rate_min: SendRateMin,
     /// Connections served at once; further ones wait in the listen backlog.
     pub connections_max: usize,
     /// Requests on one connection before it is closed.
@@ -82,6 +91,10 @@ impl Default for ServeConfig {
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
             send_timeout: Duration::from_secs(30),
+            send_rate_min: SendRateMin {
+                bytes_per_s: 4096,
+                window: Duration::from_secs(30),
+            },
             connections_max: 20_000,
             requests_per_connection_max: 10_000,
             miss_redirect_base: None,
@@ -129,6 +142,15 @@ impl Shared {
     /// Asks the access-log writer to reopen its file (after rotation).
     pub fn reopen_access_log(&self) {
         self.access_log.reopen();
+    }
+
+    /// The send limits of a response whose sending starts now.
+    fn send_meter(&self) -> SendMeter {
+        SendMeter::start(
+            self.config.send_timeout,
+            self.config.send_rate_min,
+            Instant::now(),
+        )
     }
 }
 
@@ -237,11 +259,42 @@ impl Server {
     }
 }
 
+/// Why a response could not be sent to its end.
+#[derive(Debug)]
+enum SendError {
+    Io(io::Error),
+    /// The send timeout or the minimum send rate cut the client off.
+    Cut(SendCut),
+}
+
+impl From<io::Error> for SendError {
+    fn from(error: io::Error) -> SendError {
+        SendError::Io(error)
+    }
+}
+
+impl From<SendCut> for SendError {
+    fn from(cut: SendCut) -> SendError {
+        SendError::Cut(cut)
+    }
+}
+
 /// Why reading a request head stopped.
 enum ReadError {
     Http(HttpError),
     Timeout,
     Closed,
+}
+
+/// How one request was answered: for the access log, and for the connection loop, which goes on
+/// only when the response did not say `Connection: close`.
+#[derive(Clone, Copy, Debug)]
+struct Answered {
+    status: u16,
+    bytes_sent: u64,
+    hit: bool,
+    /// What the response head said; false means the connection closes after it.
+    keep_alive: bool,
 }
 
 /// Counts an open connection for as long as it lives.
@@ -267,12 +320,13 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Err(ReadError::Timeout) => {
                 shared.metrics.timeouts.inc();
                 if !buf.is_empty() {
-                    let _ = send_error(&mut stream, shared, 408, false).await;
+                    let _ = send_error(&mut stream, shared, 408, false, request_method(&buf)).await;
                 }
                 return;
             }
             Err(ReadError::Http(error)) => {
-                let _ = send_error(&mut stream, shared, error.status(), false).await;
+                let method = request_method(&buf);
+                let _ = send_error(&mut stream, shared, error.status(), false, method).await;
                 return;
             }
         };
@@ -282,14 +336,48 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             && !shared.is_draining();
         let started = Instant::now();
         let outcome = respond(&mut stream, &head, keep_alive, shared).await;
-        let (status, bytes, hit) = match &outcome {
-            Ok(done) => *done,
-            Err(_) => (0, 0, false),
-        };
-        if status != 0 {
-            log_access(shared, peer, &head, status, bytes, started, hit);
+        if let Ok(answered) = &outcome {
+            log_access(shared, peer, &head, answered, started);
         }
         if let Err(error) = &outcome {
+            count_send_error(shared, peer, &head, error);
+            if matches!(error, SendError::Cut(_)) {
+                // Reset rather than close: a FIN would queue behind the bytes the client is
+                // not taking, and the kernel would hold them (and the socket) for minutes.
+                let _ = stream.set_zero_linger();
+            }
+            return;
+        }
+        buf.drain(..consumed);
+        if !outcome.is_ok_and(|answered| answered.keep_alive) {
+            return;
+        }
+    }
+}
+
+/// Counts a response that could not be sent to its end; a cut client is also traced.
+fn count_send_error(shared: &Shared, peer: SocketAddr, head: &RequestHead, error: &SendError) {
+    match error {
+        SendError::Cut(SendCut::NoProgress) => {
+            shared.metrics.timeouts.inc();
+            shared.metrics.client_aborts.inc();
+        }
+        SendError::Cut(SendCut::TooSlow {
+            window_bytes,
+            window_bytes_min,
+        }) => {
+            shared.metrics.slow_clients.inc();
+            tracing::info!(
+                %peer,
+                path = %head.path,
+                window_bytes,
+                window_bytes_min,
+                window_ms = u64::try_from(shared.config.send_rate_min.window.as_millis())
+                    .unwrap_or(u64::MAX),
+                "cut a client taking less than the minimum send rate"
+            );
+        }
+        SendError::Io(error) => {
             let aborted = matches!(
                 error.kind(),
                 io::ErrorKind::BrokenPipe
@@ -302,11 +390,6 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             } else {
                 shared.metrics.errors.inc();
             }
-            return;
-        }
-        buf.drain(..consumed);
-        if !keep_alive {
-            return;
         }
     }
 }
@@ -363,26 +446,23 @@ fn now_unix_s() -> u64 {
         .unwrap_or(0)
 }
 
-/// Answers one request; returns (status, bytes sent, hit).
+/// Answers one request. `keep_alive` is what the connection allows; the answer says whether
+/// the response kept the connection open (a server error closes it).
 async fn respond(
     stream: &mut TcpStream,
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
-) -> io::Result<(u16, u64, bool)> {
+) -> Result<Answered, SendError> {
     if head.method == Method::Other {
-        return send_error(stream, shared, 405, keep_alive)
-            .await
-            .map(|bytes| (405, bytes, false));
+        return send_error(stream, shared, 405, keep_alive, head.method).await;
     }
     if let Some(signer) = &shared.signer {
         if signer
             .verify(&head.path, head.query.as_deref(), now_unix_s())
             .is_err()
         {
-            return send_error(stream, shared, 403, keep_alive)
-                .await
-                .map(|bytes| (403, bytes, false));
+            return send_error(stream, shared, 403, keep_alive, head.method).await;
         }
     }
     let handle = match shared.store.open_file(&head.path) {
@@ -393,9 +473,7 @@ async fn respond(
         }
         Err(error) => {
             tracing::error!(path = %head.path, %error, "lookup failed");
-            return send_error(stream, shared, 500, false)
-                .await
-                .map(|bytes| (500, bytes, false));
+            return send_error(stream, shared, 500, false, head.method).await;
         }
     };
     shared.metrics.hits.inc();
@@ -429,9 +507,11 @@ async fn respond(
         }
         Selection::NotModified => (304, None),
         Selection::PreconditionFailed => {
-            return send_error(stream, shared, 412, keep_alive)
-                .await
-                .map(|bytes| (412, bytes, true));
+            let answered = send_error(stream, shared, 412, keep_alive, head.method).await?;
+            return Ok(Answered {
+                hit: true,
+                ..answered
+            });
         }
         Selection::RangeNotSatisfiable => {
             extra.push(("Content-Range", format!("bytes */{size}")));
@@ -451,14 +531,20 @@ async fn respond(
         },
         &mut out,
     );
-    let send_body = head.method == Method::Get && content_length > 0;
-    let mut sent = send_all(stream, &out, send_body, shared).await? as u64;
+    let send_body = response_has_content(head.method, status) && content_length > 0;
+    let mut meter = shared.send_meter();
+    let mut sent = send_all(stream, &out, send_body, shared, &mut meter).await? as u64;
     if send_body {
         let (start, length) = body.expect("a body was selected");
-        sent += send_file_range(stream, &handle, start, length, shared).await?;
+        sent += send_file_range(stream, &handle, start, length, shared, &mut meter).await?;
     }
     shared.metrics.count_status(status);
-    Ok((status, sent, true))
+    Ok(Answered {
+        status,
+        bytes_sent: sent,
+        hit: true,
+        keep_alive,
+    })
 }
 
 /// A path the box does not hold: 404, or a 302 to the configured upstream.
@@ -467,11 +553,9 @@ async fn miss(
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
-) -> io::Result<(u16, u64, bool)> {
+) -> Result<Answered, SendError> {
     let Some(base) = &shared.config.miss_redirect_base else {
-        return send_error(stream, shared, 404, keep_alive)
-            .await
-            .map(|bytes| (404, bytes, false));
+        return send_error(stream, shared, 404, keep_alive, head.method).await;
     };
     let mut location = base.trim_end_matches('/').to_string();
     location.extend(percent_encoding::utf8_percent_encode(
@@ -496,9 +580,14 @@ async fn miss(
         },
         &mut out,
     );
-    let sent = send_all(stream, &out, false, shared).await?;
+    let sent = send_all(stream, &out, false, shared, &mut shared.send_meter()).await?;
     shared.metrics.count_status(302);
-    Ok((302, sent as u64, false))
+    Ok(Answered {
+        status: 302,
+        bytes_sent: sent as u64,
+        hit: false,
+        keep_alive,
+    })
 }
 
 /// Characters escaped when a decoded path goes back into a URL.
@@ -514,39 +603,68 @@ const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
     .add(b'{')
     .add(b'}');
 
+/// Sends an error response (no content after it for HEAD); a miss, as nothing was served.
 async fn send_error(
     stream: &mut TcpStream,
     shared: &Shared,
     status: u16,
     keep_alive: bool,
-) -> io::Result<u64> {
+    method: Method,
+) -> Result<Answered, SendError> {
     let mut out = Vec::with_capacity(256);
-    error_response(status, keep_alive, &date_now(), &mut out);
+    error_response(status, keep_alive, method, &date_now(), &mut out);
     shared.metrics.count_status(status);
-    let sent = send_all(stream, &out, false, shared).await?;
-    Ok(sent as u64)
+    let sent = send_all(stream, &out, false, shared, &mut shared.send_meter()).await?;
+    Ok(Answered {
+        status,
+        bytes_sent: sent as u64,
+        hit: false,
+        keep_alive,
+    })
 }
 
-/// Writes all of `bytes`, giving up when the client accepts nothing for the send timeout.
+/// Waits for one write that makes progress, within the send limits `meter` keeps: the count
+/// written, or `None` when the meter's deadline passed first and the client may go on.
+async fn metered_write(
+    meter: &mut SendMeter,
+    attempt: impl Future<Output = io::Result<usize>>,
+) -> Result<Option<usize>, SendError> {
+    let outcome = match meter.deadline() {
+        Some(deadline) => {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            tokio::time::timeout_at(deadline, attempt).await.ok()
+        }
+        None => Some(attempt.await),
+    };
+    match outcome {
+        Some(result) => {
+            let count = result?;
+            meter.record(count as u64, Instant::now())?;
+            Ok(Some(count))
+        }
+        None => {
+            meter.check(Instant::now())?;
+            Ok(None)
+        }
+    }
+}
+
+/// Writes all of `bytes`, within the send limits `meter` keeps.
 async fn send_all(
     stream: &TcpStream,
     bytes: &[u8],
     more_follows: bool,
     shared: &Shared,
-) -> io::Result<usize> {
+    meter: &mut SendMeter,
+) -> Result<usize, SendError> {
     let mut written = 0;
     while written < bytes.len() {
         let attempt = stream.async_io(Interest::WRITABLE, || {
             zerocopy::send(stream_fd(stream), &bytes[written..], more_follows)
         });
-        let count = match tokio::time::timeout(shared.config.send_timeout, attempt).await {
-            Ok(result) => result?,
-            Err(_) => {
-                shared.metrics.timeouts.inc();
-                return Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout"));
-            }
-        };
-        written += count;
+        if let Some(count) = metered_write(meter, attempt).await? {
+            written += count;
+        }
     }
     shared.metrics.bytes_sent.inc_by(written as u64);
     Ok(written)
@@ -557,16 +675,19 @@ fn stream_fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
     stream.as_fd()
 }
 
-/// Sends file bytes `start..start + length` with sendfile(2), extent by extent.
+/// Sends file bytes `start..start + length` with sendfile(2), extent by extent, within the send
+/// limits `meter` keeps.
 async fn send_file_range(
     stream: &TcpStream,
     handle: &FileHandle,
     start: u64,
     length: u64,
     shared: &Shared,
-) -> io::Result<u64> {
+    meter: &mut SendMeter,
+) -> Result<u64, SendError> {
     let Some(source) = handle.serve_fd() else {
-        return Err(io::Error::other("the drive has no descriptor to send from"));
+        let error = io::Error::other("the drive has no descriptor to send from");
+        return Err(error.into());
     };
     let ranges = handle.ranges(start, length);
     if length >= PREFETCH_BYTES_MIN {
@@ -584,18 +705,15 @@ async fn send_file_range(
             let attempt = stream.async_io(Interest::WRITABLE, || {
                 zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
             });
-            let sent = match tokio::time::timeout(shared.config.send_timeout, attempt).await {
-                Ok(result) => result?,
-                Err(_) => {
-                    shared.metrics.timeouts.inc();
-                    return Err(io::Error::new(io::ErrorKind::TimedOut, "send timeout"));
-                }
+            let Some(sent) = metered_write(meter, attempt).await? else {
+                continue;
             };
             if sent == 0 {
-                return Err(io::Error::new(
+                let error = io::Error::new(
                     io::ErrorKind::UnexpectedEof,
                     "the drive ended inside a stored extent",
-                ));
+                );
+                return Err(error.into());
             }
             total += sent as u64;
             shared.metrics.bytes_sent.inc_by(sent as u64);
@@ -608,10 +726,8 @@ fn log_access(
     shared: &Shared,
     peer: SocketAddr,
     head: &RequestHead,
-    status: u16,
-    bytes: u64,
+    answered: &Answered,
     started: Instant,
-    hit: bool,
 ) {
     if !shared.access_log.enabled() {
         return;
@@ -628,10 +744,10 @@ fn log_access(
         method,
         head.path,
         head.range.as_deref().unwrap_or("-"),
-        status,
-        bytes,
+        answered.status,
+        answered.bytes_sent,
         started.elapsed().as_secs_f64() * 1000.0,
-        if hit { "hit" } else { "miss" }
+        if answered.hit { "hit" } else { "miss" }
     );
     if !shared.access_log.log(line) {
         shared.metrics.access_log_dropped.inc();

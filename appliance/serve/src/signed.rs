@@ -19,8 +19,10 @@
 //!   empty and `.` segments removed (`/a//./b/` is signed as `/a/b`), and `<expires>` is
 //!   the same decimal text as in the query.
 //!
-//! Example for a steering service (shell): `printf '%s\n%s' "$path" "$expires" |
-//! openssl dgst -sha256 -hmac "$key"`.
+//! Example for a steering service (shell), with the key in the file the appliance reads (whose
+//! bytes are the key, exactly; a binary key cannot go through `-hmac`, so pass it as hex):
+//! `printf '%s\n%s' "$path" "$expires" | openssl dgst -sha256 -mac HMAC -macopt
+//! hexkey:"$(od -An -v -tx1 KEYFILE | tr -d ' \n')"`.
 
 use hmac::digest::KeyInit;
 use hmac::{Hmac, Mac};
