@@ -1,12 +1,15 @@
 //! Black-box tests of the fill: the real `applianced` filling from nginx (a real origin) and
 //! from a fault-injecting origin, from a sibling appliance first, across a SIGKILL, onto a
-//! drive that fills up, and with a broken manifest. Every byte is checked through serving or
-//! the store, and no file that does not match its manifest checksum is ever visible.
+//! drive that fills up, and with a broken manifest; paths that need percent-encoding, SIGTERM
+//! during `applianced fill`, manifest size caps (files, endless bodies), redirects, and signed
+//! manifests. Every byte is checked through serving or the store, and no file that does not
+//! match its manifest checksum is ever visible.
 
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation)]
 
 mod origin;
+mod signing;
 mod util;
 
 use origin::{write_catalog, Fault, FaultOrigin, Nginx};
@@ -407,4 +410,442 @@ fn a_drive_that_fills_up_is_reported_not_a_crash() {
         let expected = &files.iter().find(|(known, _)| *known == path).unwrap().1;
         assert!(bytes == *expected, "{path}");
     }
+}
+
+/// A path as a URL path: every byte but RFC 3986's unreserved characters percent-encoded.
+fn encode_path(path: &str) -> String {
+    path.split('/')
+        .map(|segment| {
+            segment
+                .bytes()
+                .map(|byte| match byte {
+                    b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'.' | b'_' | b'~' => {
+                        char::from(byte).to_string()
+                    }
+                    _ => format!("%{byte:02X}"),
+                })
+                .collect::<String>()
+        })
+        .collect::<Vec<_>>()
+        .join("/")
+}
+
+#[test]
+fn paths_that_need_encoding_come_byte_exact_from_nginx_and_a_sibling() {
+    let scratch = Scratch::new("fill-odd-paths");
+    let names = [
+        "/odd/50% off.mp4",
+        "/odd/part#2.mp4",
+        "/odd/what?.mp4",
+        "/odd/été/ü ñ.mp4",
+        "/odd/a+b;c=d&e.mp4",
+        "/odd/%41%2F.mp4",
+        "/odd/%41/.mp4",
+    ];
+    // A file named by what a wrong URL would decode to, so a wrong fetch finds other bytes.
+    let files: Vec<(String, Vec<u8>)> = catalog(names.len() as u64, 300_000, 11)
+        .into_iter()
+        .zip(names)
+        .map(|((_, bytes), name)| (name.to_string(), bytes))
+        .collect();
+    let root = scratch.path("origin");
+    write_catalog(&root, &files);
+    std::fs::create_dir_all(root.join("odd/A")).unwrap();
+    for decoy in ["odd/A/.mp4", "odd/part", "odd/what"] {
+        std::fs::write(root.join(decoy), b"decoy").unwrap();
+    }
+    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
+    let manifest = format!("{}/manifest.json", nginx.url());
+    // Appliance A fills from nginx.
+    let scratch_a = Scratch::new("fill-odd-paths-a");
+    let drives_a = formatted_drives(&scratch_a, 1, 64 << 20, 4);
+    let sibling = Daemon::start(
+        &scratch_a,
+        &drives_a,
+        &fill_section(&manifest, &[nginx.url()], ""),
+    );
+    let status = fill_and_wait(&sibling);
+    assert_eq!(status["last"]["files_fetched"], 7, "{status}");
+    // Appliance B fills from A, which serves what it stores at the decoded path.
+    let drives_b = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let sibling_url = format!("http://127.0.0.1:{}", sibling.port);
+    let daemon = Daemon::start(
+        &scratch,
+        &drives_b,
+        &fill_section(&manifest, &[sibling_url, nginx.url()], ""),
+    );
+    let status = fill_and_wait(&daemon);
+    assert_eq!(status["last"]["files_fetched"], 7, "{status}");
+    assert_eq!(
+        status["sources"][0]["files_ok"], 7,
+        "all from the sibling: {status}"
+    );
+    for appliance in [&sibling, &daemon] {
+        for (path, _) in &files {
+            let on_disk = std::fs::read(root.join(&path[1..])).unwrap();
+            let served = appliance
+                .get(&encode_path(path))
+                .unwrap_or_else(|| panic!("{path} not served"));
+            assert!(
+                served == on_disk,
+                "{path}: stored bytes differ from the origin's"
+            );
+        }
+    }
+}
+
+/// Starts `applianced fill`, sends SIGTERM after `delay`; returns (success, report, how long
+/// it took to end after the signal).
+fn fill_then_sigterm(
+    config: &Path,
+    manifest: &str,
+    delay: Duration,
+) -> (bool, serde_json::Value, Duration) {
+    let child = std::process::Command::new(env!("CARGO_BIN_EXE_applianced"))
+        .args([
+            "fill",
+            "--config",
+            config.to_str().unwrap(),
+            "--manifest",
+            manifest,
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(delay);
+    let signalled = Instant::now();
+    let _ = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let out = child.wait_with_output().unwrap();
+    let took = signalled.elapsed();
+    let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+    (out.status.success(), report, took)
+}
+
+#[test]
+fn sigterm_cancels_applianced_fill_promptly_and_leaves_a_clean_store() {
+    let scratch = Scratch::new("fill-sigterm");
+    let files = catalog(16, 2 << 20, 7);
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    let manifest_bytes = origin::manifest_json(&files).into_bytes();
+    served.insert("/manifest.json".into(), manifest_bytes.clone());
+    served.insert("/stalled.json".into(), manifest_bytes);
+    let stall = Fault::Stall {
+        bytes: 10,
+        pause: Duration::from_secs(30),
+        times: 100,
+    };
+    let faults = [("/stalled.json".to_string(), stall)].into_iter().collect();
+    let origin = FaultOrigin::start(served, faults);
+    let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
+    // Timeouts longer than the test: only the signal ends these fills in time. 16 Mbit/s
+    // after a 4 MiB burst makes the downloads last several seconds.
+    let config = offline_config(
+        &scratch,
+        &drives,
+        &fill_section(
+            &format!("{}/manifest.json", origin.url()),
+            &[origin.url()],
+            "bandwidth_bits_per_s = 16000000\nstall_timeout_ms = 60000\n\
+             response_timeout_ms = 60000",
+        )
+        .replace("stall_timeout_ms = 700\n", "")
+        .replace("response_timeout_ms = 3000\n", ""),
+    );
+    // During the manifest download.
+    let stalled = format!("{}/stalled.json", origin.url());
+    let (succeeded, report, took) = fill_then_sigterm(&config, &stalled, Duration::from_secs(1));
+    assert!(!succeeded, "{report}");
+    assert_eq!(report["cancelled"], true, "{report}");
+    assert!(
+        took < Duration::from_secs(3),
+        "ended {took:?} after SIGTERM"
+    );
+    assert!(stored(&scratch, &drives).is_empty());
+    // During the downloads.
+    let manifest = format!("{}/manifest.json", origin.url());
+    let (succeeded, report, took) =
+        fill_then_sigterm(&config, &manifest, Duration::from_millis(1500));
+    assert!(!succeeded, "{report}");
+    assert_eq!(report["cancelled"], true, "{report}");
+    assert!(
+        took < Duration::from_secs(3),
+        "ended {took:?} after SIGTERM"
+    );
+    let held = stored(&scratch, &drives);
+    assert!(
+        !held.is_empty() && held.len() < files.len(),
+        "cancelled mid-fill: {report}"
+    );
+    assert_eq!(report["files_fetched"].as_u64(), Some(held.len() as u64));
+    for (path, bytes) in &held {
+        let expected = &files.iter().find(|(known, _)| known == path).unwrap().1;
+        assert!(bytes == expected, "{path}: not intact after SIGTERM");
+    }
+    let refs: Vec<&Path> = drives.iter().map(PathBuf::as_path).collect();
+    let verify = scratch.store(&refs, &["verify"]);
+    assert!(
+        verify.status.success(),
+        "{}{}",
+        verify.stdout,
+        verify.stderr
+    );
+    // The next fill completes.
+    let (succeeded, report) = fill_offline(&config);
+    assert!(succeeded, "{report}");
+    assert_eq!(stored(&scratch, &drives).len(), files.len());
+}
+
+#[test]
+fn manifests_are_capped_while_they_are_read() {
+    let scratch = Scratch::new("fill-manifest-cap");
+    let files = catalog(3, 100_000, 12);
+    let big = catalog(20_000, 10, 13);
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    served.insert(
+        "/manifest.json".into(),
+        origin::manifest_json(&files).into_bytes(),
+    );
+    served.insert("/big.json".into(), origin::manifest_json(&big).into_bytes());
+    served.insert("/endless.json".into(), Vec::new());
+    let faults = [("/endless.json".to_string(), Fault::Endless)]
+        .into_iter()
+        .collect();
+    let origin = FaultOrigin::start(served, faults);
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let cap = "manifest_bytes_max = 1048576";
+    let manifest = format!("{}/manifest.json", origin.url());
+    let config = offline_config(
+        &scratch,
+        &drives,
+        &fill_section(&manifest, &[origin.url()], cap),
+    );
+    let config_text = config.to_str().unwrap();
+    for too_large in [
+        "/dev/zero".to_string(),
+        format!("{}/endless.json", origin.url()),
+        format!("{}/big.json", origin.url()),
+    ] {
+        let started = Instant::now();
+        let out = applianced(&["fill", "--config", config_text, "--manifest", &too_large]);
+        let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(!out.status.success(), "{report}");
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("larger than manifest_bytes_max (1048576 bytes)"),
+            "{too_large}: {report}"
+        );
+        assert!(started.elapsed() < Duration::from_secs(10), "{too_large}");
+        assert_eq!(report["files_fetched"], 0);
+    }
+    assert!(fill_offline(&config).0, "a manifest under the cap is read");
+    // Through the admin listener of a serving appliance: refused, memory bounded.
+    let daemon = Daemon::start(
+        &scratch,
+        &drives,
+        &fill_section(&manifest, &[origin.url()], cap),
+    );
+    assert_eq!(daemon.admin("POST", "/fill?manifest=%2Fdev%2Fzero").0, 202);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        let (_, body) = daemon.admin("GET", "/fill");
+        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
+        if status["running"] == false && !status["last"]["error"].is_null() {
+            break status;
+        }
+        assert!(Instant::now() < deadline, "{status}");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(
+        status["last"]["error"]
+            .as_str()
+            .unwrap()
+            .contains("/dev/zero is larger than manifest_bytes_max"),
+        "{status}"
+    );
+    let process = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
+    let peak_kib: u64 = process
+        .lines()
+        .find_map(|line| line.strip_prefix("VmHWM:"))
+        .and_then(|value| value.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    assert!(peak_kib < 300 << 10, "peak memory {peak_kib} KiB");
+    assert_eq!(daemon.admin("GET", "/health").0, 200);
+}
+
+#[test]
+fn redirects_are_followed_only_within_the_origin() {
+    let scratch = Scratch::new("fill-redirects");
+    let files = catalog(3, 100_000, 14);
+    let manifest = origin::manifest_json(&files).into_bytes();
+    let mut elsewhere_files: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    elsewhere_files.insert("/manifest.json".into(), manifest.clone());
+    let elsewhere = FaultOrigin::start(elsewhere_files, HashMap::new());
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    served.insert("/real.json".into(), manifest);
+    let redirect = |location: String| Fault::Redirect { location };
+    let faults = [
+        (
+            "/manifest.json".to_string(),
+            redirect(format!("{}/manifest.json", elsewhere.url())),
+        ),
+        ("/moved.json".to_string(), redirect("/real.json".into())),
+        (
+            files[2].0.clone(),
+            redirect(format!("{}{}", elsewhere.url(), files[2].0)),
+        ),
+    ]
+    .into_iter()
+    .collect();
+    let origin = FaultOrigin::start(served, faults);
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let config = offline_config(
+        &scratch,
+        &drives,
+        &fill_section(
+            &format!("{}/manifest.json", origin.url()),
+            &[origin.url()],
+            "",
+        ),
+    );
+    // The manifest redirected to another origin: refused, that origin never asked.
+    let (succeeded, report) = fill_offline(&config);
+    assert!(!succeeded);
+    let error = report["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("HTTP 302") && error.contains("not followed"),
+        "{report}"
+    );
+    assert_eq!(elsewhere.requests_for("/manifest.json"), 0);
+    // A redirect within the origin is followed; a file redirected elsewhere is not.
+    let moved = format!("{}/moved.json", origin.url());
+    let out = applianced(&[
+        "fill",
+        "--config",
+        config.to_str().unwrap(),
+        "--manifest",
+        &moved,
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert_eq!(report["files_fetched"], 2, "{report}");
+    assert_eq!(report["files_failed"], 1, "{report}");
+    assert!(
+        report["failures"][0]["error"]
+            .as_str()
+            .unwrap()
+            .contains("to another origin, not followed"),
+        "{report}"
+    );
+    assert_eq!(elsewhere.requests_for(&files[2].0), 0);
+    assert_eq!(stored(&scratch, &drives).len(), 2);
+}
+
+#[test]
+fn with_keys_configured_only_a_signed_manifest_is_used() {
+    let scratch = Scratch::new("fill-signed");
+    let files = catalog(5, 100_000, 15);
+    let (old, new) = files.split_at(3);
+    let key = signing::TestKey::from_seed(1);
+    let other_key = signing::TestKey::from_seed(2);
+    // The first manifest is a signed file on the box.
+    let root = scratch.path("manifests");
+    std::fs::create_dir_all(&root).unwrap();
+    let first = origin::manifest_json(old);
+    std::fs::write(root.join("first.json"), &first).unwrap();
+    std::fs::write(root.join("first.json.minisig"), key.sign(first.as_bytes())).unwrap();
+    // The second drops the first's files (deleted at once: no grace) and adds two.
+    let second = origin::manifest_json(new);
+    let tampered = second.replacen("\"rank\":1", "\"rank\":9", 1);
+    assert_ne!(tampered, second);
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+    for (path, text) in [
+        ("/unsigned.json", second.clone()),
+        ("/wrong-key.json", second.clone()),
+        ("/wrong-key.json.minisig", other_key.sign(second.as_bytes())),
+        ("/tampered.json", tampered),
+        ("/tampered.json.minisig", key.sign(second.as_bytes())),
+        ("/garbage.json", second.clone()),
+        (
+            "/garbage.json.minisig",
+            "untrusted comment: x\nnot base64\n".into(),
+        ),
+        ("/second.json", second.clone()),
+        ("/second.json.minisig", key.sign(second.as_bytes())),
+    ] {
+        served.insert(path.into(), text.into_bytes());
+    }
+    let origin = FaultOrigin::start(served, HashMap::new());
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let keys = format!(
+        "delete_grace_s = 0\nmanifest_public_keys = [{:?}]",
+        key.public()
+    );
+    let config = offline_config(
+        &scratch,
+        &drives,
+        &fill_section(
+            root.join("first.json").to_str().unwrap(),
+            &[origin.url()],
+            &keys,
+        ),
+    );
+    let (succeeded, report) = fill_offline(&config);
+    assert!(succeeded, "{report}");
+    assert_eq!(report["files_fetched"], 3);
+    let old_paths: Vec<&String> = old.iter().map(|(path, _)| path).collect();
+    let refusals = [
+        ("/unsigned.json", "no signature"),
+        (
+            "/wrong-key.json",
+            "signed with a key that is not configured",
+        ),
+        ("/tampered.json", "does not match the manifest"),
+        ("/garbage.json", "not a minisign signature"),
+    ];
+    for (path, expected) in refusals {
+        let url = format!("{}{path}", origin.url());
+        let out = applianced(&[
+            "fill",
+            "--config",
+            config.to_str().unwrap(),
+            "--manifest",
+            &url,
+        ]);
+        let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+        assert!(!out.status.success(), "{path}: {report}");
+        let error = report["error"].as_str().unwrap_or_default();
+        assert!(
+            error.contains("manifest refused") && error.contains(expected),
+            "{path}: {report}"
+        );
+        let mut held: Vec<String> = stored(&scratch, &drives).into_keys().collect();
+        held.sort();
+        assert_eq!(
+            held.iter().collect::<Vec<_>>(),
+            old_paths,
+            "{path}: nothing deleted"
+        );
+        for (new_path, _) in new {
+            assert_eq!(origin.requests_for(new_path), 0, "{path}: nothing fetched");
+        }
+    }
+    let url = format!("{}/second.json", origin.url());
+    let out = applianced(&[
+        "fill",
+        "--config",
+        config.to_str().unwrap(),
+        "--manifest",
+        &url,
+    ]);
+    let report: serde_json::Value = serde_json::from_str(&out.stdout).unwrap();
+    assert!(out.status.success(), "{report}");
+    assert_eq!(report["files_deleted"], 3, "{report}");
+    assert_eq!(report["files_fetched"], 2, "{report}");
+    let held = stored(&scratch, &drives);
+    for (path, bytes) in new {
+        assert!(held.get(path) == Some(bytes), "{path}");
+    }
+    assert_eq!(held.len(), 2);
 }

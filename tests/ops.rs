@@ -1,7 +1,8 @@
 //! Black-box tests of operations: `appliance-ctl` against the real daemon through the control
 //! socket (status, drives, fill --wait, drain, undrain, verify finding a damaged file), the
 //! CLI's errors with no daemon, malformed control requests, SIGHUP reload, SIGTERM with a
-//! response in flight, and /metrics in the Prometheus text format.
+//! response in flight, /metrics in the Prometheus text format, and cancelled fills (mid-fill
+//! and during a stalled manifest download) that leave later fills unaffected.
 
 mod origin;
 mod util;
@@ -51,26 +52,48 @@ struct Ops {
     scratch: Scratch,
 }
 
-fn start(name: &str) -> Ops {
-    let scratch = Scratch::new(&format!("ops-{name}"));
-    let files: Vec<(String, Vec<u8>)> = (0..6u64)
+/// `count` files of about `size_bytes` under `/ops/{folder}/`.
+fn ops_files(folder: &str, count: u64, size_bytes: u64) -> Vec<(String, Vec<u8>)> {
+    (0..count)
         .map(|number| {
-            let bytes = (0..300_000u64 + number * 1000)
+            let bytes = (0..size_bytes + number * 1000)
                 .map(|at| (at.wrapping_mul(31).wrapping_add(number)).to_le_bytes()[0])
                 .collect();
-            (format!("/ops/title-{number}.mp4"), bytes)
+            (format!("/ops/{folder}title-{number}.mp4"), bytes)
         })
-        .collect();
-    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
+        .collect()
+}
+
+fn start(name: &str) -> Ops {
+    start_with(
+        name,
+        ops_files("", 6, 300_000),
+        Vec::new(),
+        HashMap::new(),
+        "",
+    )
+}
+
+/// A daemon filled from an origin that serves `files` (listed in /manifest.json) and `more`
+/// with `faults`; `fill` adds lines to `[fill]`.
+fn start_with(
+    name: &str,
+    files: Vec<(String, Vec<u8>)>,
+    more: Vec<(String, Vec<u8>)>,
+    faults: HashMap<String, origin::Fault>,
+    fill: &str,
+) -> Ops {
+    let scratch = Scratch::new(&format!("ops-{name}"));
+    let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().chain(more).collect();
     served.insert(
         "/manifest.json".into(),
         origin::manifest_json(&files).into_bytes(),
     );
-    let origin = origin::FaultOrigin::start(served, HashMap::new());
+    let origin = origin::FaultOrigin::start(served, faults);
     let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
     let socket = scratch.path("control.sock");
     let extra = format!(
-        "[fill]\nmanifest = \"{}/manifest.json\"\nsources = [\"{}\"]\n",
+        "[fill]\nmanifest = \"{}/manifest.json\"\nsources = [\"{}\"]\n{fill}\n",
         origin.url(),
         origin.url()
     );
@@ -348,4 +371,123 @@ fn metrics_are_in_the_prometheus_text_format() {
         .map(|(_, value)| *value);
     assert_eq!(fill_ok, Some(6.0), "{metrics}");
     assert_eq!(metrics.matches("# EOF").count(), 1);
+}
+
+fn fill_status(ops: &Ops) -> serde_json::Value {
+    let out = ctl(&ops.socket, &["status", "--json"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    status["fill"].clone()
+}
+
+/// Waits until no fill runs; returns the fill status and how long it took.
+fn wait_idle(ops: &Ops, limit: Duration) -> (serde_json::Value, Duration) {
+    let started = Instant::now();
+    loop {
+        let fill = fill_status(ops);
+        if fill["running"] == false {
+            return (fill, started.elapsed());
+        }
+        assert!(started.elapsed() < limit, "the fill still runs: {fill}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_cancel_stops_only_its_own_fill() {
+    // 12 MB at 8 Mbit/s (after a 4 MiB burst): the first fill lasts about 8 s.
+    let files = ops_files("", 12, 1_000_000);
+    let later = ops_files("later/", 4, 50_000);
+    let mut more = later.clone();
+    more.push((
+        "/manifest-2.json".into(),
+        origin::manifest_json(&later).into_bytes(),
+    ));
+    let ops = start_with(
+        "cancel",
+        files.clone(),
+        more,
+        HashMap::new(),
+        "bandwidth_bits_per_s = 8000000",
+    );
+    let out = ctl(&ops.socket, &["fill"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(fill_status(&ops)["running"], true, "still filling");
+    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
+    let (fill, took) = wait_idle(&ops, Duration::from_secs(5));
+    let last = &fill["last"];
+    assert_eq!(last["cancelled"], true, "{fill}");
+    let fetched_first = last["files_fetched"].as_u64().unwrap();
+    assert!(fetched_first < 12, "cancelled mid-fill: {fill}");
+    assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
+    // The next fill is not cancelled by the earlier cancel: it fetches the rest.
+    let out = ctl(&ops.socket, &["fill", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let last = &fill_status(&ops)["last"];
+    assert_eq!(last["cancelled"], false, "{last}");
+    assert_eq!(last["files_deleted"], 0, "{last}");
+    assert_eq!(last["files_fetched"].as_u64().unwrap(), 12 - fetched_first);
+    assert_eq!(last["files_held_ok"].as_u64().unwrap(), fetched_first);
+    // And the one after it fetches everything its manifest lists.
+    let manifest_2 = format!("{}/manifest-2.json", ops._origin.url());
+    let out = ctl(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(text(&out.stdout).contains("4 fetched, 0 failed, 0 deleted"));
+    for (path, bytes) in files.iter().chain(&later) {
+        assert!(ops.daemon.get(path).as_ref() == Some(bytes), "{path}");
+    }
+}
+
+#[test]
+fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
+    let faults = [(
+        "/manifest.json".to_string(),
+        origin::Fault::Stall {
+            bytes: 10,
+            pause: Duration::from_secs(30),
+            times: 1,
+        },
+    )]
+    .into_iter()
+    .collect();
+    // Timeouts far longer than the test: only the cancel can end the first fill in time.
+    let ops = start_with(
+        "cancel-manifest",
+        ops_files("", 6, 100_000),
+        Vec::new(),
+        faults,
+        "stall_timeout_ms = 60000\nresponse_timeout_ms = 60000",
+    );
+    assert!(ctl(&ops.socket, &["fill"]).status.success());
+    std::thread::sleep(Duration::from_millis(700));
+    let fill = fill_status(&ops);
+    assert_eq!(fill["running"], true, "waiting for the manifest: {fill}");
+    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
+    let (fill, took) = wait_idle(&ops, Duration::from_secs(10));
+    assert!(took < Duration::from_secs(2), "the cancel took {took:?}");
+    assert_eq!(fill["last"]["cancelled"], true, "{fill}");
+    assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
+    let out = ctl(&ops.socket, &["fill", "--wait"]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    assert!(
+        text(&out.stdout).contains("6 fetched"),
+        "{}",
+        text(&out.stdout)
+    );
 }

@@ -1,6 +1,6 @@
 //! Test origins: nginx from Debian serving a folder, and a fault-injecting origin of our own
-//! (500s, bodies cut short, wrong bytes, stalls, 200 where 206 was asked, missing files),
-//! both on loopback and stopped when dropped.
+//! (500s, bodies cut short, wrong bytes, stalls, 200 where 206 was asked, missing files,
+//! redirects, endless bodies), both on loopback and stopped when dropped.
 
 #![allow(dead_code)]
 
@@ -139,6 +139,10 @@ pub enum Fault {
     CutThenIgnoreRange { bytes: usize },
     /// 404.
     Missing,
+    /// 302 to `location`.
+    Redirect { location: String },
+    /// 200 without a length, then zeros until the client goes away (`/dev/zero` over HTTP).
+    Endless,
 }
 
 /// A small HTTP/1.1 origin with per-path faults; counts requests per path.
@@ -248,6 +252,20 @@ fn serve(
         let fault = faults.lock().unwrap().get(&path).cloned();
         let body = files.lock().unwrap().get(&path).cloned();
         let mut out = stream.try_clone().unwrap();
+        if let Some(Fault::Redirect { location }) = &fault {
+            let head =
+                format!("HTTP/1.1 302 Found\r\nLocation: {location}\r\nContent-Length: 0\r\n\r\n");
+            let _ = out.write_all(head.as_bytes());
+            continue;
+        }
+        if let Some(Fault::Endless) = fault {
+            let _ = out.write_all(b"HTTP/1.1 200 OK\r\nConnection: close\r\n\r\n");
+            let zeros = vec![0u8; 64 << 10];
+            while out.write_all(&zeros).is_ok() {
+                sent.fetch_add(zeros.len() as u64, Ordering::Relaxed);
+            }
+            return;
+        }
         let Some(mut body) = body.filter(|_| !matches!(fault, Some(Fault::Missing))) else {
             let _ = out.write_all(b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n");
             continue;

@@ -36,6 +36,14 @@ pub struct Config {
 pub struct Fill {
     /// The manifest: an http(s) URL or a file path. Default: none (fills need one given).
     pub manifest: Option<String>,
+    /// Largest manifest accepted, in bytes, for URLs and files alike; reading stops past it
+    /// and the fill is refused. Default 1073741824 (1 GiB).
+    pub manifest_bytes_max: u64,
+    /// minisign public keys (the `RWQ...` line of a `minisign.pub`). When any is set, a
+    /// manifest is accepted only with a valid signature by one of them at the manifest's
+    /// URL or path plus `.minisig`; otherwise refused as a whole. Default: none (unsigned
+    /// manifests are accepted).
+    pub manifest_public_keys: Vec<String>,
     /// Base URLs in order: sibling appliances first, then the origin. Default: none.
     pub sources: Vec<String>,
     /// Downloads at once. Default 4.
@@ -68,6 +76,8 @@ impl Default for Fill {
     fn default() -> Fill {
         Fill {
             manifest: None,
+            manifest_bytes_max: 1 << 30,
+            manifest_public_keys: Vec::new(),
             sources: Vec::new(),
             concurrency: 4,
             bandwidth_bits_per_s: 0,
@@ -296,7 +306,9 @@ impl Config {
         if fill.attempts_per_source == 0 {
             bail!("fill.attempts_per_source: must be greater than 0");
         }
+        self.manifest_public_keys()?;
         for (key, value) in [
+            ("fill.manifest_bytes_max", fill.manifest_bytes_max),
             ("fill.stall_timeout_ms", fill.stall_timeout_ms),
             ("fill.response_timeout_ms", fill.response_timeout_ms),
             ("fill.refetch_interval_s", fill.refetch_interval_s),
@@ -323,6 +335,17 @@ impl Config {
             .map_err(|error| anyhow::anyhow!("fill.window / fill.time_zone: {error}"))
     }
 
+    fn manifest_public_keys(&self) -> Result<Vec<appliance_fill::ManifestKey>> {
+        let keys = &self.fill.manifest_public_keys;
+        keys.iter()
+            .enumerate()
+            .map(|(index, text)| {
+                appliance_fill::ManifestKey::parse(text)
+                    .map_err(|error| anyhow::anyhow!("fill.manifest_public_keys[{index}]: {error}"))
+            })
+            .collect()
+    }
+
     /// The fill settings.
     pub fn fill_config(&self) -> Result<appliance_fill::FillConfig> {
         let fill = &self.fill;
@@ -331,6 +354,10 @@ impl Config {
                 .manifest
                 .as_deref()
                 .map(appliance_fill::ManifestLocation::parse),
+            manifest_load: appliance_fill::LoadConfig {
+                bytes_max: fill.manifest_bytes_max,
+                public_keys: self.manifest_public_keys()?,
+            },
             sources: fill.sources.clone(),
             concurrency: fill.concurrency,
             bandwidth_bits_per_s: fill.bandwidth_bits_per_s,
@@ -466,6 +493,20 @@ mod tests {
         check(
             "drives = [\"/a\"]\n[fill]\nconcurrency = 0",
             Some("fill.concurrency"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nmanifest_bytes_max = 0",
+            Some("fill.manifest_bytes_max"),
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nmanifest_bytes_max = 4096\nmanifest_public_keys = \
+             [\"RWQ8Y0zeLVoz61tyPDjcyhw/O02YKE/3mI8ySn3mv+VHM1mzMUcQNdCt\"]",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[fill]\nmanifest_public_keys = \
+             [\"RWQ8Y0zeLVoz61tyPDjcyhw/O02YKE/3mI8ySn3mv+VHM1mzMUcQNdCt\", \"RWQnope\"]",
+            Some("fill.manifest_public_keys[1]: \"RWQnope\" is not a minisign public key"),
         );
     }
 

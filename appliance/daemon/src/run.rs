@@ -15,6 +15,8 @@ use tokio::signal::unix::{signal, SignalKind};
 
 /// How often the store's upkeep runs.
 const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
+/// How long a stop waits for a cancelled fill to record its report.
+const FILL_STOP_WAIT: Duration = Duration::from_secs(5);
 
 pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
@@ -108,6 +110,11 @@ async fn serve(
     filler.cancel();
     serving.await.context("the serving task failed")?;
     let _ = schedule.await;
+    // An operator's fill, cancelled above, records its report before the runtime stops.
+    let cancelled_by = Instant::now() + FILL_STOP_WAIT;
+    while filler.is_running() && Instant::now() < cancelled_by {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     for task in [control_task, sampler, watchdog] {
         task.abort();
     }
@@ -224,10 +231,12 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         .context("starting the runtime")?;
     let location = manifest.map(appliance_fill::ManifestLocation::parse);
     let report: Result<appliance_fill::FillReport> = runtime.block_on(async {
-        let run = Arc::clone(&filler);
-        let mut task = tokio::spawn(async move { run.run_once(location).await });
+        // Handlers first, so a signal that comes early cancels the fill instead of killing
+        // the process.
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
+        let run = Arc::clone(&filler);
+        let mut task = tokio::spawn(async move { run.run_once(location).await });
         loop {
             tokio::select! {
                 done = &mut task => return done.context("the fill task failed"),

@@ -2,6 +2,11 @@
 //! jitter, resume with `Range` + `If-Range`, a stall timeout, the shared bandwidth cap, and the
 //! SHA-256 check before publish. Bytes stream straight into a store writer; nothing touches
 //! the OS disk, and a file whose bytes do not match the manifest is never published.
+//!
+//! Also the fill's HTTP client: redirects are followed only within the origin of the first
+//! request (same scheme, host and port), so neither a manifest nor a file can be steered to
+//! another host or from https to http. A file's URL is its source's base URL followed by its
+//! manifest path with each segment percent-encoded (the manifest path is the decoded path).
 
 use crate::bucket::SharedBucket;
 use crate::manifest::ManifestFile;
@@ -10,7 +15,65 @@ use sha2::{Digest, Sha256};
 use std::fmt;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+/// Redirect hops followed within one origin before the response is taken as it is.
+pub const REDIRECTS_MAX: usize = 5;
+
+/// Bytes of a path segment that are sent as they are; every other byte is percent-encoded.
+/// Only RFC 3986's unreserved characters: a reserved character in a segment (`?`, `#`, `;`,
+/// `+`, ...) means something to some server, its escape means only the character.
+const SEGMENT_ENCODE: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'.')
+    .remove(b'_')
+    .remove(b'~');
+
+/// The URL of a manifest path at a source: each segment percent-encoded, `/` kept.
+pub fn file_url(base_url: &str, path: &str) -> String {
+    let mut url = String::with_capacity(base_url.len() + path.len() * 3);
+    url.push_str(base_url);
+    for (index, segment) in path.split('/').enumerate() {
+        if index > 0 {
+            url.push('/');
+        }
+        url.extend(percent_encoding::utf8_percent_encode(
+            segment,
+            SEGMENT_ENCODE,
+        ));
+    }
+    url
+}
+
+/// Whether a redirect from a request that started at `first` may go to `next`: only within
+/// the same origin (scheme, host and port), so never to another host nor to a weaker scheme.
+pub fn redirect_allowed(first: &reqwest::Url, next: &reqwest::Url) -> bool {
+    first.scheme() == next.scheme()
+        && first.host_str() == next.host_str()
+        && first.port_or_known_default() == next.port_or_known_default()
+}
+
+/// The fill's HTTP client: rustls, connect timeout, same-origin redirects only.
+pub fn http_client(connect_timeout: Duration) -> Result<reqwest::Client, String> {
+    let policy = reqwest::redirect::Policy::custom(|attempt| {
+        let allowed = attempt.previous().len() <= REDIRECTS_MAX
+            && attempt
+                .previous()
+                .first()
+                .is_some_and(|first| redirect_allowed(first, attempt.url()));
+        if allowed {
+            attempt.follow()
+        } else {
+            attempt.stop()
+        }
+    });
+    reqwest::Client::builder()
+        .connect_timeout(connect_timeout)
+        .redirect(policy)
+        .user_agent(concat!("applianced-fill/", env!("CARGO_PKG_VERSION")))
+        .build()
+        .map_err(|error| format!("HTTP client: {error}"))
+}
 
 /// Where files come from: sibling appliances first, then the origin.
 #[derive(Debug)]
@@ -126,18 +189,21 @@ pub async fn fetch_file(
     sources: &[Source],
     bucket: &SharedBucket,
     config: &FetchConfig,
-    cancel: &watch::Receiver<bool>,
+    cancel: &CancellationToken,
 ) -> Result<usize, FetchError> {
     let mut errors = Vec::new();
     for (number, source) in sources.iter().enumerate() {
         let mut partial = Partial::new();
         let mut backoff = config.backoff_initial;
         for attempt in 0..config.attempts_per_source.max(1) {
-            if *cancel.borrow() {
+            if cancel.is_cancelled() {
                 return Err(FetchError::Cancelled);
             }
             if attempt > 0 {
-                tokio::time::sleep(jittered(backoff, &file.path, attempt)).await;
+                tokio::select! {
+                    _ = tokio::time::sleep(jittered(backoff, &file.path, attempt)) => {}
+                    _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+                }
                 backoff = (backoff * 2).min(config.backoff_max);
             }
             match attempt_once(
@@ -191,9 +257,9 @@ async fn attempt_once(
     partial: &mut Partial,
     bucket: &SharedBucket,
     config: &FetchConfig,
-    cancel: &watch::Receiver<bool>,
+    cancel: &CancellationToken,
 ) -> Result<Attempt, FetchError> {
-    let url = format!("{}{}", source.base_url, file.path);
+    let url = file_url(&source.base_url, &file.path);
     let mut request = client.get(&url);
     if partial.received_bytes > 0 {
         request = request.header("Range", format!("bytes={}-", partial.received_bytes));
@@ -201,7 +267,11 @@ async fn attempt_once(
             request = request.header("If-Range", validator.clone());
         }
     }
-    let response = match tokio::time::timeout(config.response_timeout, request.send()).await {
+    let sent = tokio::select! {
+        sent = tokio::time::timeout(config.response_timeout, request.send()) => sent,
+        _ = cancel.cancelled() => return Err(FetchError::Cancelled),
+    };
+    let response = match sent {
         Err(_) => return Ok(Attempt::Retry("no response in time".into())),
         Ok(Err(error)) => return Ok(Attempt::Retry(format!("request failed: {error}"))),
         Ok(Ok(response)) => response,
@@ -242,6 +312,15 @@ async fn attempt_once(
             source.missing.fetch_add(1, Ordering::Relaxed);
             return Ok(Attempt::NextSource(format!("HTTP {status}")));
         }
+        300..=399 => {
+            // A redirect the client did not follow: it leaves the source's origin.
+            source.errors.fetch_add(1, Ordering::Relaxed);
+            let location = header(&response, "location").unwrap_or_default();
+            return Ok(Attempt::NextSource(format!(
+                "HTTP {status} to another origin, not followed ({})",
+                crate::manifest::excerpt(&location)
+            )));
+        }
         _ => return Ok(Attempt::Retry(format!("HTTP {status}"))),
     }
     if partial.validator.is_none() {
@@ -273,14 +352,17 @@ async fn stream_body(
     partial: &mut Partial,
     bucket: &SharedBucket,
     config: &FetchConfig,
-    cancel: &watch::Receiver<bool>,
+    cancel: &CancellationToken,
 ) -> Result<Attempt, FetchError> {
     loop {
-        if *cancel.borrow() {
-            partial.restart();
-            return Err(FetchError::Cancelled);
-        }
-        let chunk = match tokio::time::timeout(config.stall_timeout, response.chunk()).await {
+        let next = tokio::select! {
+            next = tokio::time::timeout(config.stall_timeout, response.chunk()) => next,
+            _ = cancel.cancelled() => {
+                partial.restart();
+                return Err(FetchError::Cancelled);
+            }
+        };
+        let chunk = match next {
             Err(_) => return Ok(Attempt::Retry("stalled".into())),
             Ok(Err(error)) => return Ok(Attempt::Retry(format!("body cut: {error}"))),
             Ok(Ok(None)) => break,
@@ -292,7 +374,13 @@ async fn stream_body(
             source.bad_bytes.fetch_add(1, Ordering::Relaxed);
             return Ok(Attempt::NextSource("longer than the manifest says".into()));
         }
-        bucket.acquire(length).await;
+        tokio::select! {
+            _ = bucket.acquire(length) => {}
+            _ = cancel.cancelled() => {
+                partial.restart();
+                return Err(FetchError::Cancelled);
+            }
+        }
         partial.hasher.update(&chunk);
         let writer = partial.writer.as_mut().expect("created before the body");
         let appended = tokio::task::block_in_place(|| writer.append(&chunk));
@@ -322,4 +410,49 @@ async fn stream_body(
     partial.restart();
     published.map_err(FetchError::Store)?;
     Ok(Attempt::Published)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_urls_encode_each_segment() {
+        let cases = [
+            ("/title/1080p.mp4", "http://o/title/1080p.mp4"),
+            ("/a b/c", "http://o/a%20b/c"),
+            ("/50%/x#1?.mp4", "http://o/50%25/x%231%3F.mp4"),
+            ("/été/ü", "http://o/%C3%A9t%C3%A9/%C3%BC"),
+            ("/a+b;c=d&e:f@g", "http://o/a%2Bb%3Bc%3Dd%26e%3Af%40g"),
+            ("/-._~", "http://o/-._~"),
+            ("/%2e%2e", "http://o/%252e%252e"),
+        ];
+        for (path, expected) in cases {
+            assert_eq!(file_url("http://o", path), expected, "{path}");
+            let parsed = reqwest::Url::parse(&file_url("http://o", path)).expect(path);
+            assert_eq!(parsed.as_str(), expected, "the URL parser keeps it: {path}");
+        }
+    }
+
+    #[test]
+    fn redirects_stay_within_the_origin() {
+        let url = |text: &str| reqwest::Url::parse(text).expect(text);
+        let cases = [
+            ("http://o/m.json", "http://o/other.json", true),
+            ("http://o/m.json", "http://o:80/x", true),
+            ("https://o/m.json", "https://o:443/x", true),
+            ("https://o/m.json", "http://o/m.json", false),
+            ("http://o/m.json", "https://o/m.json", false),
+            ("http://o/m.json", "http://evil/m.json", false),
+            ("http://o:8080/m.json", "http://o:8081/m.json", false),
+            ("http://127.0.0.1/m", "http://localhost/m", false),
+        ];
+        for (first, next, expected) in cases {
+            assert_eq!(
+                redirect_allowed(&url(first), &url(next)),
+                expected,
+                "{first} -> {next}"
+            );
+        }
+    }
 }

@@ -2,14 +2,18 @@
 //! from sibling appliances and then the origin, verified against the manifest's SHA-256 before
 //! anything becomes visible.
 //!
-//! `manifest`, `plan`, `schedule` and `bucket` are pure and table-tested; `fetch` and `runner`
-//! do the network and store work.
+//! `manifest`, `signature`, `plan`, `schedule` and `bucket` are pure and table-tested; `load`,
+//! `fetch` and `runner` do the network and store work.
 
 pub mod bucket;
 pub mod fetch;
+pub mod load;
 pub mod manifest;
 pub mod plan;
 pub mod runner;
 pub mod schedule;
+pub mod signature;
 
+pub use load::LoadConfig;
 pub use runner::{FillConfig, FillReport, Filler, ManifestLocation};
+pub use signature::ManifestKey;

@@ -35,7 +35,9 @@
 //!   when space is short, the least popular ones are left out. Ranks need not be unique.
 //!
 //! The manifest is accepted or refused as a whole: the first problem refuses it, with its
-//! location (`files[12].sha256`, or `line 3 column 5` for malformed JSON).
+//! location (`files[12].sha256`, or `line 3 column 5` for malformed JSON). An error quotes at
+//! most `EXCERPT_CHARS_MAX` characters of any piece of the manifest, with control and
+//! direction-changing characters escaped, so a hostile manifest cannot flood or forge logs.
 
 use serde::de::value::MapAccessDeserializer;
 use serde::de::{IgnoredAny, MapAccess, SeqAccess, Visitor};
@@ -50,6 +52,10 @@ pub const FILE_SIZE_BYTES_MAX: u64 = 1 << 40;
 pub const FILES_MAX: usize = 10_000_000;
 /// The longest path a manifest may name, in bytes.
 pub const PATH_BYTES_MAX: usize = 1024;
+/// The most characters of outside text (manifest content, a header) an error message quotes.
+pub const EXCERPT_CHARS_MAX: usize = 40;
+/// The longest error message, in characters, once its quotes are shortened.
+pub const MESSAGE_CHARS_MAX: usize = 300;
 
 const _: () = assert!(PATH_BYTES_MAX <= appliance_store::layout::PATH_BYTES_MAX);
 
@@ -88,8 +94,72 @@ impl std::error::Error for ManifestError {}
 fn error(location: impl Into<String>, message: impl Into<String>) -> ManifestError {
     ManifestError {
         location: location.into(),
-        message: message.into(),
+        message: shorten_quotes(&message.into()),
     }
+}
+
+/// Outside text made safe to quote in a message or a log: at most `limit` characters (then
+/// `…`), control and direction-changing characters escaped (`\u{1b}`).
+fn escaped_prefix(text: &str, limit: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(limit * 4));
+    for (count, character) in text.chars().enumerate() {
+        if count == limit {
+            out.push('…');
+            break;
+        }
+        let invisible = matches!(character,
+            '\u{200b}'..='\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}');
+        if character.is_control() || invisible {
+            out.extend(character.escape_default());
+        } else {
+            out.push(character);
+        }
+    }
+    out
+}
+
+/// A short excerpt of outside text: at most `EXCERPT_CHARS_MAX` characters, escaped.
+pub fn excerpt(text: &str) -> String {
+    escaped_prefix(text, EXCERPT_CHARS_MAX)
+}
+
+/// Shortens every quoted piece (between backticks or double quotes, as serde quotes what it
+/// read) to an excerpt, escapes what is left, and caps the whole at `MESSAGE_CHARS_MAX`.
+fn shorten_quotes(message: &str) -> String {
+    let mut out = String::with_capacity(message.len().min(MESSAGE_CHARS_MAX * 2));
+    let mut rest = message;
+    while let Some(start) = rest.find(['`', '"']) {
+        let quote = if rest[start..].starts_with('`') {
+            '`'
+        } else {
+            '"'
+        };
+        out.push_str(&rest[..start]);
+        out.push(quote);
+        let body = &rest[start + 1..];
+        let end = closing_quote(body, quote).unwrap_or(body.len());
+        out.push_str(&excerpt(&body[..end]));
+        rest = &body[end..];
+        if let Some(after) = rest.strip_prefix(quote) {
+            out.push(quote);
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    escaped_prefix(&out, MESSAGE_CHARS_MAX)
+}
+
+/// Where `quote` closes in `body`; a backslash escapes the next character inside `"`.
+fn closing_quote(body: &str, quote: char) -> Option<usize> {
+    let mut escaped = false;
+    for (at, character) in body.char_indices() {
+        match character {
+            '\\' if quote == '"' && !escaped => escaped = true,
+            found if found == quote && !escaped => return Some(at),
+            _ => escaped = false,
+        }
+    }
+    None
 }
 
 /// Parses and validates a manifest; refuses it as a whole on the first problem.
@@ -715,6 +785,54 @@ mod tests {
         assert_eq!(
             parse(5),
             Err(error("files", "5 files, more than the limit of 3"))
+        );
+    }
+
+    #[test]
+    fn errors_quote_only_short_escaped_excerpts() {
+        let long = "A".repeat(1 << 20);
+        let cases = [
+            format!(r#"{{"{long}": 1}}"#),
+            format!(r#"{{"version": "{long}"}}"#),
+            format!(r#"{{"version": 1, "generated_at": "{long}", "files": []}}"#),
+            r#"{"\u001b[31mred\u202e": 1}"#.to_string(),
+            format!("{{\"version\": 1, \"generated_at\": \"x\", \"files\": [{{\"pa\\\"th{long}\": 1}}]}}"),
+        ];
+        for input in cases {
+            let refused = parse_manifest(input.as_bytes()).expect_err("refused");
+            let message = refused.message.clone();
+            assert!(
+                message.chars().count() <= MESSAGE_CHARS_MAX + 1,
+                "{} characters",
+                message.len()
+            );
+            assert!(
+                !message.contains(&"A".repeat(EXCERPT_CHARS_MAX + 1)),
+                "{message}"
+            );
+            assert!(
+                !message.chars().any(|c| c.is_control() || c == '\u{202e}'),
+                "{message:?}"
+            );
+        }
+        let refused = parse_manifest(br#"{"\u001b[31m": 1}"#).expect_err("refused");
+        assert_eq!(
+            refused.message,
+            "unknown field `\\u{1b}[31m`, expected one of `version`, `generated_at`, `files`"
+        );
+        let refused = parse_manifest(format!(r#"{{"{long}": 1}}"#).as_bytes()).expect_err("x");
+        assert!(
+            refused.message.starts_with(&format!(
+                "unknown field `{}…`, expected one of",
+                "A".repeat(EXCERPT_CHARS_MAX)
+            )),
+            "{}",
+            refused.message
+        );
+        assert_eq!(excerpt("a\nb"), "a\\nb");
+        assert_eq!(
+            excerpt(&"é".repeat(50)),
+            format!("{}…", "é".repeat(EXCERPT_CHARS_MAX))
         );
     }
 

@@ -2,12 +2,15 @@
 //! fetch what is missing (most popular first, a bounded number at once, under the shared
 //! bandwidth cap), persist the fill state (dropped files, last result) in the state directory,
 //! and run on schedule inside the fill window. An operator can start or cancel a fill at any
-//! time; only one fill runs at once.
+//! time; only one fill runs at once. Each fill gets its own cancellation token when it starts:
+//! a cancel reaches only the fill that is running (manifest download, planning, deletes and
+//! downloads alike), never a later one.
 
 use crate::bucket::SharedBucket;
-use crate::fetch::{fetch_file, FetchConfig, FetchError, Source};
-use crate::manifest::{parse_manifest, Manifest};
-use crate::plan::{plan, Dropped, HeldFile, PlanInput};
+use crate::fetch::{fetch_file, http_client, FetchConfig, FetchError, Source};
+use crate::load::{load_manifest, LoadConfig};
+use crate::manifest::{Manifest, ManifestFile};
+use crate::plan::{plan, Dropped, HeldFile, Plan, PlanInput};
 use crate::schedule::{start_delay_s, FillWindow};
 use appliance_store::Store;
 use serde::{Deserialize, Serialize};
@@ -16,9 +19,8 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
 
-/// Largest manifest accepted, in bytes.
-const MANIFEST_BYTES_MAX: usize = 1 << 30;
 /// Failures remembered in a report.
 const FAILURES_KEPT: usize = 100;
 /// How often the schedule looks at the clock.
@@ -46,6 +48,8 @@ impl ManifestLocation {
 #[derive(Clone, Debug)]
 pub struct FillConfig {
     pub manifest: Option<ManifestLocation>,
+    /// The manifest's size cap and the keys that must have signed it (none: unsigned is fine).
+    pub manifest_load: LoadConfig,
     /// Base URLs in order: sibling appliances first, the origin last.
     pub sources: Vec<String>,
     /// Downloads at once.
@@ -137,7 +141,8 @@ pub struct Filler {
     bucket: SharedBucket,
     state: Mutex<FillState>,
     progress: Progress,
-    cancel: watch::Sender<bool>,
+    /// The cancellation token of the running fill; `None` while no fill runs.
+    current: Mutex<Option<CancellationToken>>,
     window: Mutex<Option<FillWindow>>,
 }
 
@@ -151,11 +156,7 @@ fn now_unix_s() -> u64 {
 impl Filler {
     /// A filler; the state file is loaded (a damaged one is set aside and reported).
     pub fn new(store: Store, config: FillConfig) -> Result<Filler, String> {
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.fetch.response_timeout)
-            .user_agent(concat!("applianced-fill/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|error| format!("HTTP client: {error}"))?;
+        let client = http_client(config.fetch.response_timeout)?;
         let state = load_state(&config.state_path);
         let sources = config
             .sources
@@ -170,16 +171,37 @@ impl Filler {
             bucket,
             state: Mutex::new(state),
             progress: Progress::default(),
-            cancel: watch::channel(false).0,
+            current: Mutex::new(None),
             window: Mutex::new(config.window.clone()),
             config,
         })
     }
 
-    /// Asks the running fill to stop; files in flight are abandoned (nothing half-written is
-    /// ever visible).
+    /// Asks the running fill to stop, if one runs; files in flight are abandoned (nothing
+    /// half-written is ever visible) and no delete starts after it. Later fills are not
+    /// affected: each has a token of its own.
     pub fn cancel(&self) {
-        let _ = self.cancel.send(true);
+        if let Some(token) = self.lock_current().as_ref() {
+            token.cancel();
+        }
+    }
+
+    fn lock_current(&self) -> std::sync::MutexGuard<'_, Option<CancellationToken>> {
+        self.current
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Marks a fill running with a fresh token; `None` when one already runs.
+    fn begin(&self) -> Option<CancellationToken> {
+        let mut current = self.lock_current();
+        if current.is_some() {
+            return None;
+        }
+        let token = CancellationToken::new();
+        *current = Some(token.clone());
+        self.progress.running.store(true, Ordering::SeqCst);
+        Some(token)
     }
 
     pub fn is_running(&self) -> bool {
@@ -262,13 +284,13 @@ impl Filler {
     /// Runs one fill now (from `manifest`, or the configured one). Returns its report, which
     /// is also kept in the state file.
     pub async fn run_once(self: &Arc<Self>, manifest: Option<ManifestLocation>) -> FillReport {
-        if self.progress.running.swap(true, Ordering::SeqCst) {
+        let Some(cancel) = self.begin() else {
             return FillReport {
                 error: Some("a fill is already running".into()),
                 ..FillReport::default()
             };
-        }
-        let _ = self.cancel.send(false);
+        };
+        let _running = RunningGuard(self);
         let started = now_unix_s();
         self.progress
             .started_unix_s
@@ -289,9 +311,17 @@ impl Filler {
             ..FillReport::default()
         };
         let location = manifest.or_else(|| self.config.manifest.clone());
-        match self.load_manifest(location).await {
-            Ok(manifest) => self.fill(&manifest, &mut report).await,
-            Err(error) => {
+        let loaded = tokio::select! {
+            loaded = self.load_manifest(location) => Some(loaded),
+            _ = cancel.cancelled() => None,
+        };
+        match loaded {
+            None => {
+                tracing::info!("fill cancelled while loading the manifest");
+                report.cancelled = true;
+            }
+            Some(Ok(manifest)) => self.fill(manifest, &mut report, &cancel).await,
+            Some(Err(error)) => {
                 tracing::error!(%error, "fill: manifest refused; keeping what the box holds");
                 report.error = Some(error);
             }
@@ -306,56 +336,35 @@ impl Filler {
             deleted = report.files_deleted,
             cannot_fit = report.cannot_fit.len(),
             bytes = report.bytes_fetched,
+            cancelled = report.cancelled,
             "fill finished"
         );
         self.lock_state().last = Some(report.clone());
         self.save_state();
-        self.progress.running.store(false, Ordering::SeqCst);
         report
     }
 
     async fn load_manifest(&self, location: Option<ManifestLocation>) -> Result<Manifest, String> {
-        let bytes = match location {
-            None => return Err("no manifest configured".into()),
-            Some(ManifestLocation::File(path)) => std::fs::read(&path)
-                .map_err(|error| format!("reading manifest {}: {error}", path.display()))?,
-            Some(ManifestLocation::Url(url)) => self.download_manifest(&url).await?,
+        let Some(location) = location else {
+            return Err("no manifest configured".into());
         };
-        if bytes.len() > MANIFEST_BYTES_MAX {
-            return Err(format!("manifest of {} bytes is too large", bytes.len()));
-        }
-        parse_manifest(&bytes).map_err(|error| format!("manifest refused: {error}"))
+        load_manifest(
+            &self.client,
+            &location,
+            &self.config.manifest_load,
+            &self.config.fetch,
+        )
+        .await
     }
 
-    async fn download_manifest(&self, url: &str) -> Result<Vec<u8>, String> {
-        let request = self.client.get(url).send();
-        let response = tokio::time::timeout(self.config.fetch.response_timeout, request)
-            .await
-            .map_err(|_| format!("manifest {url}: no response in time"))?
-            .map_err(|error| format!("manifest {url}: {error}"))?;
-        if !response.status().is_success() {
-            return Err(format!(
-                "manifest {url}: HTTP {}",
-                response.status().as_u16()
-            ));
-        }
-        let body = tokio::time::timeout(self.config.fetch.stall_timeout * 4, response.bytes())
-            .await
-            .map_err(|_| format!("manifest {url}: body too slow"))?
-            .map_err(|error| format!("manifest {url}: {error}"))?;
-        Ok(body.to_vec())
-    }
-
-    async fn fill(self: &Arc<Self>, manifest: &Manifest, report: &mut FillReport) {
+    async fn fill(
+        self: &Arc<Self>,
+        manifest: Manifest,
+        report: &mut FillReport,
+        cancel: &CancellationToken,
+    ) {
         report.manifest_generated_at = manifest.generated_at.clone();
         report.files_in_manifest = manifest.files.len() as u64;
-        let held = match self.held_files() {
-            Ok(held) => held,
-            Err(error) => {
-                report.error = Some(error);
-                return;
-            }
-        };
         let dropped: Vec<Dropped> = self
             .lock_state()
             .dropped
@@ -366,23 +375,22 @@ impl Filler {
                 last_rank: row.last_rank,
             })
             .collect();
-        let planned = plan(&PlanInput {
-            manifest,
-            held: &held,
-            dropped: &dropped,
-            free_bytes: self.store.free_bytes(),
-            now_unix_s: now_unix_s(),
-            delete_grace_s: self.config.delete_grace_s,
-        });
+        let planned = match self.plan_off_workers(manifest, dropped.clone()).await {
+            Ok(planned) => planned,
+            Err(error) => {
+                report.error = Some(error);
+                return;
+            }
+        };
+        if cancel.is_cancelled() {
+            report.cancelled = true;
+            return;
+        }
         report.files_held_ok = planned.held_ok;
         report.cannot_fit = planned.cannot_fit.clone();
-        for path in &planned.delete {
-            match self.store.delete(path) {
-                Ok(_) => report.files_deleted += 1,
-                Err(error) => tracing::warn!(%path, %error, "fill: delete failed"),
-            }
-        }
-        if report.files_deleted > 0 {
+        let (deleted, attempted) = self.delete(planned.delete.clone(), cancel).await;
+        report.files_deleted = deleted;
+        if deleted > 0 {
             // The planner counted the deleted bytes as free: reclaim now so they are.
             let store = self.store.clone();
             match tokio::task::block_in_place(|| store.reclaim_now()) {
@@ -392,55 +400,111 @@ impl Filler {
                 Err(error) => tracing::warn!(%error, "fill: reclaim after deletes failed"),
             }
         }
+        // Deletes a cancel stopped stay pending, with the time they left the manifest.
+        let now = now_unix_s();
+        let not_attempted = planned.delete.iter().skip(attempted).map(|path| {
+            dropped
+                .iter()
+                .find(|row| row.path == *path)
+                .cloned()
+                .unwrap_or(Dropped {
+                    path: path.clone(),
+                    since_unix_s: now,
+                    last_rank: u64::MAX,
+                })
+        });
         self.lock_state().dropped = planned
             .keep_dropped
             .iter()
+            .cloned()
+            .chain(not_attempted)
             .map(|dropped| DroppedRow {
-                path: dropped.path.clone(),
+                path: dropped.path,
                 since_unix_s: dropped.since_unix_s,
                 last_rank: dropped.last_rank,
             })
             .collect();
         self.save_state();
+        if cancel.is_cancelled() {
+            report.cancelled = true;
+            return;
+        }
         report.files_planned = planned.fetch.len() as u64;
         self.progress
             .files_total
             .store(report.files_planned, Ordering::Relaxed);
         let total: u64 = planned.fetch.iter().map(|file| file.size_bytes).sum();
         self.progress.bytes_total.store(total, Ordering::Relaxed);
-        self.fetch_all(planned.fetch, report).await;
+        self.fetch_all(planned.fetch, report, cancel).await;
     }
 
-    fn held_files(&self) -> Result<Vec<HeldFile>, String> {
-        let files = self
-            .store
-            .list_files()
-            .map_err(|error| format!("listing the store: {error}"))?;
-        Ok(files
-            .into_iter()
-            .map(|file| HeldFile {
-                path: file.path,
-                size_bytes: file.size_bytes,
-                sha256: file.sha256,
-            })
-            .collect())
+    /// Lists the store and plans, on the blocking pool (both are long for a large catalog).
+    async fn plan_off_workers(
+        &self,
+        manifest: Manifest,
+        dropped: Vec<Dropped>,
+    ) -> Result<Plan, String> {
+        let store = self.store.clone();
+        let delete_grace_s = self.config.delete_grace_s;
+        tokio::task::spawn_blocking(move || {
+            let held = held_files(&store)?;
+            Ok(plan(&PlanInput {
+                manifest: &manifest,
+                held: &held,
+                dropped: &dropped,
+                free_bytes: store.free_bytes(),
+                now_unix_s: now_unix_s(),
+                delete_grace_s,
+            }))
+        })
+        .await
+        .map_err(|error| format!("planning failed: {error}"))?
+    }
+
+    /// Deletes `paths` in order on the blocking pool, none once `cancel` is set. Returns how
+    /// many were deleted and how many were attempted.
+    async fn delete(&self, paths: Vec<String>, cancel: &CancellationToken) -> (u64, usize) {
+        let store = self.store.clone();
+        let cancel = cancel.clone();
+        let deleting = tokio::task::spawn_blocking(move || {
+            let mut deleted = 0u64;
+            for (attempted, path) in paths.iter().enumerate() {
+                if cancel.is_cancelled() {
+                    tracing::info!(
+                        pending = paths.len() - attempted,
+                        "fill cancelled: remaining deletes left for the next fill"
+                    );
+                    return (deleted, attempted);
+                }
+                match store.delete(path) {
+                    Ok(_) => deleted += 1,
+                    Err(error) => tracing::warn!(%path, %error, "fill: delete failed"),
+                }
+            }
+            (deleted, paths.len())
+        });
+        deleting.await.unwrap_or_else(|error| {
+            tracing::error!(%error, "fill: the delete task failed");
+            (0, 0)
+        })
     }
 
     async fn fetch_all(
         self: &Arc<Self>,
-        files: Vec<crate::manifest::ManifestFile>,
+        files: Vec<ManifestFile>,
         report: &mut FillReport,
+        cancel: &CancellationToken,
     ) {
         let mut tasks = tokio::task::JoinSet::new();
         let mut queue = files.into_iter();
         let concurrency = self.config.concurrency.max(1);
         loop {
-            while tasks.len() < concurrency && !*self.cancel.borrow() {
+            while tasks.len() < concurrency && !cancel.is_cancelled() {
                 let Some(file) = queue.next() else {
                     break;
                 };
                 let filler = Arc::clone(self);
-                let cancel = self.cancel.subscribe();
+                let cancel = cancel.clone();
                 tasks.spawn(async move {
                     let result = fetch_file(
                         &filler.client,
@@ -484,7 +548,7 @@ impl Filler {
                 }
             }
         }
-        if *self.cancel.borrow() {
+        if cancel.is_cancelled() {
             report.cancelled = true;
         }
     }
@@ -528,13 +592,17 @@ impl Filler {
                         }
                     }
                     last_run = Some(now_unix_s());
-                    let filler = Arc::clone(&self);
-                    tokio::select! {
-                        _ = filler.run_once(None) => {}
-                        _ = stop.wait_for(|stop| *stop) => {
-                            self.cancel();
-                            return;
-                        }
+                    let run = self.run_once(None);
+                    tokio::pin!(run);
+                    let stopped = tokio::select! {
+                        _ = &mut run => false,
+                        _ = stop.wait_for(|stop| *stop) => true,
+                    };
+                    if stopped {
+                        // Cancel, then let the fill record its report before returning.
+                        self.cancel();
+                        run.await;
+                        return;
                     }
                 }
             } else {
@@ -546,6 +614,31 @@ impl Filler {
             }
         }
     }
+}
+
+/// Marks the fill stopped when `run_once` ends, or when its future is dropped mid-way.
+struct RunningGuard<'a>(&'a Filler);
+
+impl Drop for RunningGuard<'_> {
+    fn drop(&mut self) {
+        let mut current = self.0.lock_current();
+        *current = None;
+        self.0.progress.running.store(false, Ordering::SeqCst);
+    }
+}
+
+fn held_files(store: &Store) -> Result<Vec<HeldFile>, String> {
+    let files = store
+        .list_files()
+        .map_err(|error| format!("listing the store: {error}"))?;
+    Ok(files
+        .into_iter()
+        .map(|file| HeldFile {
+            path: file.path,
+            size_bytes: file.size_bytes,
+            sha256: file.sha256,
+        })
+        .collect())
 }
 
 fn load_state(path: &std::path::Path) -> FillState {
