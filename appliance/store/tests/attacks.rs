@@ -1323,7 +1323,6 @@ fn a_drive_failing_in_the_middle_of_a_reclaim_pass() {
 /// index update that follows ("replaced version not indexed", "deleted file not indexed") --
 /// and the other drive keeps serving.
 #[test]
-#[ignore = "open defect: fail_drive during a commit makes the commit's index update panic"]
 fn a_read_error_on_a_drive_while_one_of_its_commits_is_in_flight() {
     for operation in ["replace", "delete", "new file", "relocation"] {
         let hook = Arc::new(Hook::default());
