@@ -1577,7 +1577,6 @@ fn listing_after_a_drive_failure_mid_pass_shows_only_live_files() {
 /// moving a file on it. Relocation replaces a file, it never adds one, so the new file fits; a
 /// spurious `IndexFull` (not retryable) would make a fill give the file up.
 #[test]
-#[ignore = "open defect: a relocation writer counts as a new file against files_max"]
 fn relocation_does_not_count_against_files_max() {
     let hook = Arc::new(Hook::default());
     let drive = Arc::new(SimDrive::new(&SimConfig {
