@@ -55,7 +55,8 @@ pub(crate) struct Space {
     pub pending_free: Vec<u32>,
     /// Files published on this drive.
     pub files: u64,
-    /// Writers placed on this drive and not yet finished.
+    /// Writers of new files (not replacements) placed on this drive and not yet finished: each
+    /// may add a file.
     pub writers: u64,
 }
 

@@ -236,6 +236,12 @@ fn append_batch(
                 .unwrap_or_else(|why| panic!("drive {}: {why}", rt.path().display()));
         }
     }
+    // Another thread's I/O error may have taken the drive out while this commit was in
+    // flight (its writes and flushes still worked): its files left the index, so this commit
+    // did not make anything visible either.
+    if rt.is_failed() {
+        return Err(StoreError::DriveFailed(rt.path()));
+    }
     Ok(offsets)
 }
 
@@ -257,7 +263,9 @@ fn link_new_segment(rt: &DriveRt, layout: &mut Layout) -> Result<(), StoreError>
     Ok(())
 }
 
-/// Applies one durable mutation to the segment table and the index.
+/// Applies one durable mutation to the segment table and the index. On a drive taken out of
+/// service meanwhile (`fail_drive` removed its entries) a missing entry is expected, not a
+/// broken invariant, and no entry of the drive is left behind.
 pub(crate) fn apply(
     index: &Index,
     rt: &DriveRt,
@@ -292,7 +300,7 @@ pub(crate) fn apply(
                     }
                     space.remove_live(meta_segment(replaced.meta_offset_bytes)?, 1)?;
                     let old = location(rt.number, replaced.meta_offset_bytes);
-                    if !index.replace(*tag, old, new_location) {
+                    if !index.replace(*tag, old, new_location) && !rt.is_failed() {
                         return Err(format!("replaced version of {} not indexed", meta.path));
                     }
                 }
@@ -301,6 +309,11 @@ pub(crate) fn apply(
                         .insert(*tag, new_location)
                         .map_err(|_| "index full while applying a publish".to_string())?;
                     space.files += 1;
+                    // `fail_drive` marks the drive before emptying its entries, so an entry
+                    // added after that sweep is seen here and taken out again.
+                    if rt.is_failed() {
+                        index.remove(*tag, new_location);
+                    }
                 }
             }
         }
@@ -310,7 +323,7 @@ pub(crate) fn apply(
             }
             space.remove_live(meta_segment(deletion.retired.meta_offset_bytes)?, 1)?;
             let old = location(rt.number, deletion.retired.meta_offset_bytes);
-            if !index.remove(*tag, old) {
+            if !index.remove(*tag, old) && !rt.is_failed() {
                 return Err(format!("deleted file {} not indexed", deletion.path));
             }
             space.files -= 1;

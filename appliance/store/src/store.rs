@@ -306,7 +306,6 @@ impl Store {
         {
             return Ok(None);
         }
-        lock(&rt.space).writers += 1;
         let writer = FileWriter::new(
             Arc::clone(&self.inner),
             Arc::clone(rt),
@@ -346,11 +345,11 @@ impl Store {
             None => self.place(path, size_hint_bytes)?,
         };
         let replaced = existing.map(|handle| handle.replaced());
-        {
+        // Only writers of new files can add a file; a replacing writer (or relocation) cannot.
+        if replaced.is_none() {
             let mut space = lock(&rt.space);
-            if replaced.is_none()
-                && (space.files + space.writers >= rt.superblock.files_max
-                    || self.inner.index.len() >= self.inner.files_max)
+            if space.files + space.writers >= rt.superblock.files_max
+                || self.inner.index.len() >= self.inner.files_max
             {
                 return Err(StoreError::IndexFull);
             }

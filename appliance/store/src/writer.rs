@@ -34,6 +34,8 @@ pub struct FileWriter {
     size_bytes: u64,
     pinned: Vec<u32>,
     reserve_segments: usize,
+    /// A writer of a new file counts in `Space::writers` (see `Store::create`).
+    new_file: bool,
     finished: bool,
 }
 
@@ -45,6 +47,7 @@ impl FileWriter {
         replaced: Option<Replaced>,
         reserve_segments: usize,
     ) -> FileWriter {
+        let new_file = replaced.is_none();
         FileWriter {
             inner,
             rt,
@@ -61,6 +64,7 @@ impl FileWriter {
             size_bytes: 0,
             pinned: Vec::new(),
             reserve_segments,
+            new_file,
             finished: false,
         }
     }
@@ -337,7 +341,9 @@ impl Drop for FileWriter {
             for segment in self.pinned.drain(..) {
                 self.rt.unpin(segment);
             }
-            lock(&self.rt.space).writers -= 1;
+            if self.new_file {
+                lock(&self.rt.space).writers -= 1;
+            }
         }
     }
 }
