@@ -133,6 +133,9 @@ pub(crate) struct DriveRt {
     /// Held for a whole reclaim pass: one pass per drive at a time, whoever starts it (the
     /// upkeep thread, the fill, an operator).
     pub reclaim: Mutex<()>,
+    /// Record offsets whose index entries were dropped at run time because the record no
+    /// longer reads back (see `quarantine`); a commit retiring one of them finds it here.
+    pub quarantined: Mutex<std::collections::HashSet<u64>>,
     pub recovery_ms: u64,
     /// Told once when this drive is taken out of service.
     pub on_failed: crate::DriveFailureHook,
@@ -230,6 +233,17 @@ impl DriveRt {
             .check_payload(&payload)
             .map_err(|error| self.meta_corrupt(offset_bytes, error))?;
         FileMeta::decode(&payload).map_err(|error| self.meta_corrupt(offset_bytes, error))
+    }
+
+    /// Drops the index entry of a record that fails its checks, so lookups stop tripping on
+    /// it; the file counts as gone until a restart finds the record again (and drops it again)
+    /// or a writer that opened the version before the rot replaces it.
+    pub fn quarantine(&self, index: &crate::index::Index, tag: u64, location: u64) {
+        let mut space = lock(&self.space);
+        if index.remove(tag, location) {
+            space.files -= 1;
+            lock(&self.quarantined).insert(location & OFFSET_MASK);
+        }
     }
 
     fn meta_corrupt(&self, offset_bytes: u64, error: DecodeError) -> StoreError {

@@ -300,8 +300,17 @@ pub(crate) fn apply(
                     }
                     space.remove_live(meta_segment(replaced.meta_offset_bytes)?, 1)?;
                     let old = location(rt.number, replaced.meta_offset_bytes);
-                    if !index.replace(*tag, old, new_location) && !rt.is_failed() {
-                        return Err(format!("replaced version of {} not indexed", meta.path));
+                    if !index.replace(*tag, old, new_location) {
+                        if lock(&rt.quarantined).remove(&replaced.meta_offset_bytes) {
+                            // The replaced record rotted and was dropped; the new version
+                            // comes back as a file.
+                            index
+                                .insert(*tag, new_location)
+                                .map_err(|_| "index full while applying a publish".to_string())?;
+                            space.files += 1;
+                        } else if !rt.is_failed() {
+                            return Err(format!("replaced version of {} not indexed", meta.path));
+                        }
                     }
                 }
                 None => {
@@ -323,10 +332,15 @@ pub(crate) fn apply(
             }
             space.remove_live(meta_segment(deletion.retired.meta_offset_bytes)?, 1)?;
             let old = location(rt.number, deletion.retired.meta_offset_bytes);
-            if !index.remove(*tag, old) && !rt.is_failed() {
+            if index.remove(*tag, old) {
+                space.files -= 1;
+            } else if lock(&rt.quarantined).remove(&deletion.retired.meta_offset_bytes) {
+                // Dropped when its record rotted: already uncounted.
+            } else if rt.is_failed() {
+                space.files -= 1;
+            } else {
                 return Err(format!("deleted file {} not indexed", deletion.path));
             }
-            space.files -= 1;
         }
     }
     Ok(())

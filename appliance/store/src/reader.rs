@@ -78,7 +78,7 @@ impl FileHandle {
             }
             Err(error) => {
                 tracing::error!(%error, "dropping an unreadable file record from the index");
-                inner.index.remove(tag, location);
+                rt.quarantine(&inner.index, tag, location);
                 return Err(OpenError::Store(error));
             }
         };

@@ -67,6 +67,7 @@ pub(crate) fn open_drive(
         queue: Mutex::new(Default::default()),
         committed: Condvar::new(),
         reclaim: Mutex::new(()),
+        quarantined: Mutex::new(Default::default()),
         recovery_ms: 0,
         on_failed,
     };
