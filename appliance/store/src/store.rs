@@ -401,7 +401,8 @@ impl Store {
                 return Ok(None);
             }
         }
-        panic!("lookup of {path} kept racing relocation");
+        // The path was republished under the lookup 64 times in a row: transient, not broken.
+        Err(StoreError::PathBusy(path.to_string()))
     }
 
     /// Deletes a file: invisible at once, durable when this returns; false when absent.
