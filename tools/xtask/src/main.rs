@@ -1,11 +1,13 @@
 //! `cargo xtask`: the project's automation in Rust: `test` (every test tier, what CI runs),
-//! `demo` (the appliance's main job on file-backed drives) and `bench <name>` (figures beside
-//! the peer measured in the same run, written to target/bench/<name>.json).
+//! `demo` (the appliance's main job on file-backed drives), `bench <name>` (figures beside
+//! the peer measured in the same run, written to target/bench/<name>.json) and `fuzz` (build
+//! or run the cargo-fuzz targets).
 
 mod bench;
 mod bench_fill;
 mod bench_serve;
 mod demo;
+mod fuzz;
 mod image;
 mod util;
 mod vm;
@@ -13,7 +15,8 @@ mod vm;
 use anyhow::{bail, Result};
 
 const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | \
-                     bench <store-write|index|recovery|serve|fill|all>>";
+                     bench <store-write|index|recovery|serve|fill|all> | \
+                     fuzz <build | TARGET --seconds N | TARGET --runs N>>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -33,6 +36,7 @@ fn run(args: &[String]) -> Result<()> {
         ["vm-test"] => vm::test(),
         ["bench", name] => bench::run(name),
         ["populate", rest @ ..] => bench::populate_child(rest),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
         _ => bail!("{USAGE}"),
     }
 }
@@ -89,6 +93,8 @@ fn test() -> Result<()> {
     )?;
     util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
     util::run_in(&root, "cargo", &["test", "--workspace"])?;
+    // The fuzz targets are built (not run) so an API change cannot leave them broken.
+    fuzz::build()?;
     if util::is_root() {
         println!("$ cargo xtask vm-test");
         vm::test()?;
