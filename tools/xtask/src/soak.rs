@@ -307,6 +307,8 @@ struct Counts {
     kills: u64,
     kills_mid_fill: u64,
     fills_completed: u64,
+    /// Deletes the completed fills reported (deletes of killed fills are not reported).
+    files_deleted: u64,
     files_checked: u64,
     bytes_compared: u64,
     failures: Vec<String>,
@@ -491,6 +493,7 @@ impl Soak {
         self.counts.fills_completed += 1;
         self.rounds_since_completion = 0;
         let last = self.fill_status()?["last"].clone();
+        self.counts.files_deleted += last["files_deleted"].as_u64().unwrap_or(0);
         let clean = last["error"].is_null()
             && last["cancelled"] == false
             && last["files_failed"] == 0
@@ -675,6 +678,7 @@ impl Soak {
             "kills": counts.kills,
             "kills_mid_fill": counts.kills_mid_fill,
             "fills_completed": counts.fills_completed,
+            "files_deleted_by_completed_fills": counts.files_deleted,
             "files_checked": counts.files_checked,
             "bytes_compared": counts.bytes_compared,
             "failures": counts.failures.len() + usize::from(error.is_some()),
