@@ -1,6 +1,7 @@
 //! The daemon's admin routes and metrics beyond serving's: `GET /fill` (progress, last result,
 //! per-source counts), `POST /fill[?manifest=URL-or-path]` (start an out-of-window fill),
-//! `POST /fill/cancel`, and the store, drive and fill metrics on `/metrics`.
+//! `POST /fill/cancel`, the store, drive and fill metrics on `/metrics`, and `GET /health`
+//! with the upkeep thread's state added (503 while the upkeep thread is stalled or gone).
 
 use appliance_fill::{Filler, ManifestLocation};
 use appliance_serve::AdminExtension;
@@ -9,6 +10,9 @@ use std::sync::Arc;
 pub struct FillAdmin {
     pub filler: Arc<Filler>,
     pub store: appliance_store::Store,
+    pub upkeep: Arc<crate::upkeep::Heartbeat>,
+    /// Serving's shared state, set once the server is bound (health reads it).
+    pub shared: std::sync::OnceLock<Arc<appliance_serve::Shared>>,
 }
 
 impl AdminExtension for FillAdmin {
@@ -19,6 +23,7 @@ impl AdminExtension for FillAdmin {
         query: Option<&str>,
     ) -> Option<(u16, serde_json::Value)> {
         match (method, path) {
+            ("GET", "/health") => self.health(),
             ("GET", "/fill") => Some((200, self.filler.status_json())),
             ("POST", "/fill") => Some(self.start(query)),
             ("POST", "/fill/cancel") => {
@@ -180,6 +185,17 @@ fn encode_store_and_fill(store: &appliance_store::Store, fill: &serde_json::Valu
 }
 
 impl FillAdmin {
+    /// Serving's health document plus `upkeep`; 503 unless serving with the upkeep thread
+    /// making progress. `None` (serving's own answer) until the server is bound.
+    fn health(&self) -> Option<(u16, serde_json::Value)> {
+        let shared = self.shared.get()?;
+        let mut health = appliance_serve::admin::health_json(shared);
+        let upkeep = self.upkeep.health_json();
+        let healthy = health["state"] == "serving" && upkeep["state"] == "ok";
+        health["upkeep"] = upkeep;
+        Some((if healthy { 200 } else { 503 }, health))
+    }
+
     fn start(&self, query: Option<&str>) -> (u16, serde_json::Value) {
         if self.filler.is_running() {
             return (

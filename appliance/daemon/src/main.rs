@@ -4,11 +4,14 @@
 
 mod config;
 mod control;
+mod crash;
 mod drives;
 mod fill_admin;
 mod logging;
 mod run;
 mod store_commands;
+mod test_faults;
+mod upkeep;
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -69,6 +72,7 @@ struct FormatArgs {
 }
 
 fn main() {
+    crash::abort_on_panic();
     logging::init();
     let cli = Cli::parse();
     let result: Result<()> = match cli.command {

@@ -1,10 +1,14 @@
 //! `applianced run`: the serving appliance. Opens and recovers the store, keeps it up (periodic
-//! checkpoints and reclaim on a thread of its own), serves until SIGTERM or SIGINT, then stops
-//! accepting, lets responses in flight finish, checkpoints and exits 0. SIGHUP reopens the
-//! access log. systemd is told READY once recovery is done and the listeners are bound.
+//! checkpoints and reclaim on a thread of its own, `upkeep.rs`), serves until SIGTERM or SIGINT,
+//! then stops accepting, lets responses in flight finish, checkpoints and exits 0. SIGHUP
+//! reopens the access log. systemd is told READY once recovery is done and the listeners are
+//! bound, and WATCHDOG=1 only while the event loop, every drive's ring thread and the upkeep
+//! thread make progress.
 
 use crate::config::Config;
 use crate::drives;
+use crate::test_faults::{Place, TestFaults};
+use crate::upkeep::{Heartbeat, Upkeep, UpkeepState};
 use anyhow::{Context, Result};
 use appliance_serve::Server;
 use appliance_store::Store;
@@ -13,8 +17,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::signal::unix::{signal, SignalKind};
 
-/// How often the store's upkeep runs.
-const UPKEEP_INTERVAL: Duration = Duration::from_secs(1);
 /// How long a stop waits for a cancelled fill to record its report.
 const FILL_STOP_WAIT: Duration = Duration::from_secs(5);
 
@@ -22,6 +24,8 @@ pub fn run(config_path: &Path) -> Result<()> {
     let config = Config::load(config_path)?;
     crate::logging::set_level(&config.log_level).map_err(|error| anyhow::anyhow!(error))?;
     let serve_config = config.serve_config()?;
+    let faults = TestFaults::from_env();
+    let watchdog_interval = watchdog_interval();
     let started = Instant::now();
     let store = Store::open(
         drives::open_all(&config.drives),
@@ -34,7 +38,13 @@ pub fn run(config_path: &Path) -> Result<()> {
         ready_ms = u64::try_from(started.elapsed().as_millis()).unwrap_or(u64::MAX),
         "store recovered"
     );
-    let upkeep = spawn_upkeep(store.clone());
+    // Under the watchdog an upkeep pass may last two watchdog intervals before it counts as
+    // stuck; then the keep-alives stop and systemd kills the daemon one interval later.
+    let upkeep = Upkeep::spawn(
+        store.clone(),
+        watchdog_interval.map(|every| every * 2),
+        faults,
+    );
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.serve.worker_threads > 0 {
         runtime.worker_threads(config.serve.worker_threads);
@@ -48,9 +58,14 @@ pub fn run(config_path: &Path) -> Result<()> {
             .map_err(|error| anyhow::anyhow!(error))?,
     );
     let served = runtime.block_on(serve(
-        store.clone(),
-        serve_config,
-        filler,
+        Serving {
+            store: store.clone(),
+            serve_config,
+            filler,
+            heartbeat: Arc::clone(&upkeep.heartbeat),
+            watchdog_interval,
+            faults,
+        },
         &config.control_socket,
         config_path,
     ));
@@ -63,20 +78,41 @@ pub fn run(config_path: &Path) -> Result<()> {
     served
 }
 
-async fn serve(
+/// What the serving event loop runs with.
+struct Serving {
     store: Store,
     serve_config: appliance_serve::ServeConfig,
     filler: Arc<appliance_fill::Filler>,
-    control_socket: &Path,
-    config_path: &Path,
-) -> Result<()> {
+    heartbeat: Arc<Heartbeat>,
+    /// WATCHDOG_USEC, when systemd (or a test) expects keep-alives.
+    watchdog_interval: Option<Duration>,
+    faults: TestFaults,
+}
+
+async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> Result<()> {
+    let Serving {
+        store,
+        serve_config,
+        filler,
+        heartbeat,
+        watchdog_interval,
+        faults,
+    } = serving;
     let seed = drive_seed(&store);
     let control_listener = crate::control::bind(control_socket)?;
     let extension = Arc::new(crate::fill_admin::FillAdmin {
         filler: Arc::clone(&filler),
         store: store.clone(),
+        upkeep: Arc::clone(&heartbeat),
+        shared: std::sync::OnceLock::new(),
     });
-    let server = Server::bind_with(store.clone(), serve_config, Some(extension)).await?;
+    let server = Server::bind_with(
+        store.clone(),
+        serve_config,
+        Some(Arc::clone(&extension) as _),
+    )
+    .await?;
+    let _ = extension.shared.set(server.shared());
     tracing::info!(
         listen = %server.local_addr()?,
         admin = %server.admin_addr()?,
@@ -84,12 +120,19 @@ async fn serve(
     );
     let shared = server.shared();
     let control = crate::control::Control::new(store, Arc::clone(&shared), Arc::clone(&filler));
-    let control_task = tokio::spawn(crate::control::serve(
-        control_listener,
-        Arc::clone(&control),
-    ));
+    let control_serve = crate::control::serve(control_listener, Arc::clone(&control));
+    let control_task = tokio::spawn(async move {
+        if faults.panics_in(Place::Control) {
+            panic!("test fault: the control-socket task panics (APPLIANCED_TEST_PANIC=control)");
+        }
+        control_serve.await;
+    });
     let sampler = tokio::spawn(Arc::clone(&control).sample());
-    let watchdog = tokio::spawn(keep_watchdog_alive(control.store.clone()));
+    let watchdog = tokio::spawn(keep_watchdog_alive(
+        control.store.clone(),
+        heartbeat,
+        watchdog_interval,
+    ));
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let mut terminate = signal(SignalKind::terminate())?;
     let mut interrupt = signal(SignalKind::interrupt())?;
@@ -97,6 +140,11 @@ async fn serve(
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let serving = tokio::spawn(server.run(stopped.clone()));
     let schedule = tokio::spawn(Arc::clone(&filler).schedule(seed, stopped));
+    if faults.panics_in(Place::Serve) {
+        tokio::spawn(async {
+            panic!("test fault: a task of the serving runtime panics (APPLIANCED_TEST_PANIC=serve)")
+        });
+    }
     loop {
         tokio::select! {
             _ = terminate.recv() => break,
@@ -157,14 +205,24 @@ fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &applian
     );
 }
 
-/// Sends WATCHDOG=1 while the event loop runs and the store's drives answer: a stuck loop or
-/// a wedged drive thread stops the keep-alives and systemd restarts the daemon.
-async fn keep_watchdog_alive(store: Store) {
+/// WATCHDOG_USEC, when systemd expects keep-alives from this process (WATCHDOG_PID).
+fn watchdog_interval() -> Option<Duration> {
     let mut interval_us = 0u64;
-    if !sd_notify::watchdog_enabled(false, &mut interval_us) {
+    sd_notify::watchdog_enabled(false, &mut interval_us).then(|| Duration::from_micros(interval_us))
+}
+
+/// Sends WATCHDOG=1 while the event loop runs, the store's drives answer and the upkeep thread
+/// makes progress: a stuck loop, a wedged drive thread or a stuck upkeep thread stops the
+/// keep-alives and systemd restarts the daemon (a panic anywhere aborts it at once).
+async fn keep_watchdog_alive(
+    store: Store,
+    upkeep: Arc<Heartbeat>,
+    watchdog_interval: Option<Duration>,
+) {
+    let Some(interval) = watchdog_interval else {
         return;
-    }
-    let period = Duration::from_micros(interval_us / 3).max(Duration::from_millis(100));
+    };
+    let period = (interval / 3).max(Duration::from_millis(100));
     loop {
         let probe = store.clone();
         let alive = tokio::time::timeout(
@@ -172,31 +230,41 @@ async fn keep_watchdog_alive(store: Store) {
             tokio::task::spawn_blocking(move || probe.drives_alive()),
         )
         .await;
-        if matches!(alive, Ok(Ok(true))) {
-            let stats = store.stats();
-            let failed = stats
-                .drives
-                .iter()
-                .filter(|drive| drive.status != appliance_store::DriveStatus::Ok)
-                .count();
-            let summary = format!(
-                "{} files on {} drives ({} failed)",
-                stats.files,
-                stats.drives.len(),
-                failed
+        let upkeep_state = upkeep.state();
+        if !matches!(alive, Ok(Ok(true))) {
+            tracing::error!("a drive thread does not answer: withholding the watchdog keep-alive");
+        } else if !matches!(upkeep_state, UpkeepState::Ok { .. }) {
+            tracing::error!(
+                upkeep = ?upkeep_state,
+                "the store upkeep thread makes no progress: withholding the watchdog keep-alive"
             );
+        } else {
             let _ = sd_notify::notify(
                 false,
                 &[
                     sd_notify::NotifyState::Watchdog,
-                    sd_notify::NotifyState::Status(&summary),
+                    sd_notify::NotifyState::Status(&status_summary(&store)),
                 ],
             );
-        } else {
-            tracing::error!("a drive thread does not answer: withholding the watchdog keep-alive");
         }
         tokio::time::sleep(period).await;
     }
+}
+
+/// The STATUS= line systemctl shows.
+fn status_summary(store: &Store) -> String {
+    let stats = store.stats();
+    let failed = stats
+        .drives
+        .iter()
+        .filter(|drive| drive.status != appliance_store::DriveStatus::Ok)
+        .count();
+    format!(
+        "{} files on {} drives ({} failed)",
+        stats.files,
+        stats.drives.len(),
+        failed
+    )
 }
 
 /// A per-box seed for the fill's start delay: the drives' UUIDs.
@@ -220,7 +288,7 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         drives::open_all(&config.drives),
         drives::store_config(&config.state_dir)?,
     );
-    let upkeep = spawn_upkeep(store.clone());
+    let upkeep = Upkeep::spawn(store.clone(), None, TestFaults::default());
     let filler = Arc::new(
         appliance_fill::Filler::new(store.clone(), config.fill_config()?)
             .map_err(|error| anyhow::anyhow!(error))?,
@@ -255,36 +323,4 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         anyhow::bail!("the fill did not complete");
     }
     Ok(())
-}
-
-/// The store's upkeep thread; it stops (within moments) once `stop` is called.
-struct Upkeep {
-    stop: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<()>,
-}
-
-impl Upkeep {
-    fn stop(self) {
-        drop(self.stop);
-        let _ = self.thread.join();
-    }
-}
-
-fn spawn_upkeep(store: Store) -> Upkeep {
-    let (stop, stopped) = std::sync::mpsc::channel::<()>();
-    let thread = std::thread::Builder::new()
-        .name("store-upkeep".into())
-        .spawn(move || loop {
-            if let Err(error) = store.maintain() {
-                tracing::warn!(%error, "store upkeep failed");
-            }
-            // Sleeps for the interval, or wakes at once when the sender is dropped.
-            if let Err(std::sync::mpsc::RecvTimeoutError::Disconnected) =
-                stopped.recv_timeout(UPKEEP_INTERVAL)
-            {
-                return;
-            }
-        })
-        .expect("spawning the upkeep thread");
-    Upkeep { stop, thread }
 }

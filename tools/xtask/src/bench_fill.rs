@@ -660,7 +660,7 @@ fn warm_served(port: u16, files: &[CatalogFile]) -> Result<()> {
 }
 
 /// A child process stopped when dropped: SIGTERM, then SIGKILL after 15 s (and its helpers).
-struct Process {
+pub(crate) struct Process {
     name: String,
     child: Child,
     /// Further processes to kill if the child had to be killed (nginx's worker).
@@ -668,7 +668,7 @@ struct Process {
 }
 
 impl Process {
-    fn new(name: &str, child: Child) -> Process {
+    pub(crate) fn new(name: &str, child: Child) -> Process {
         Process {
             name: name.to_string(),
             child,
@@ -676,16 +676,16 @@ impl Process {
         }
     }
 
-    fn alive(&mut self) -> bool {
+    pub(crate) fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
 
-    fn pid(&self) -> u32 {
+    pub(crate) fn pid(&self) -> u32 {
         self.child.id()
     }
 
     /// SIGTERM, then waits up to `grace`; SIGKILL after that. Returns how it ended.
-    fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
+    pub(crate) fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
         if let Some(status) = self.child.try_wait()? {
             return Ok(status);
         }
@@ -724,7 +724,7 @@ impl Drop for Process {
 /// `program` under `taskset -c CORE` when a core is given, and under `setpriv --pdeathsig
 /// TERM` when setpriv is there, so that the child stops if this process dies without running
 /// its guards (SIGINT, SIGTERM). The child's pid stays the program's (both exec).
-fn child_command(program: &OsStr, core: Option<&str>) -> Command {
+pub(crate) fn child_command(program: &OsStr, core: Option<&str>) -> Command {
     let mut words: Vec<OsString> = Vec::new();
     if util::have("setpriv") {
         words.extend(["setpriv", "--pdeathsig", "TERM"].map(OsString::from));
@@ -739,8 +739,8 @@ fn child_command(program: &OsStr, core: Option<&str>) -> Command {
 }
 
 /// nginx serving the catalog folder on loopback, in the foreground.
-struct Origin {
-    port: u16,
+pub(crate) struct Origin {
+    pub(crate) port: u16,
     worker: u32,
     _process: Process,
 }
@@ -751,7 +751,7 @@ impl Origin {
     }
 }
 
-fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
+pub(crate) fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
     let prefix = dir.join("nginx");
     let _ = std::fs::remove_dir_all(&prefix);
     std::fs::create_dir_all(prefix.join("logs"))?;
@@ -819,7 +819,12 @@ fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
 }
 
 /// One request on a fresh connection (Connection: close), read to the end: status and body.
-fn http(port: u16, method: &str, path: &str, range: Option<(u64, u64)>) -> Result<(u16, Vec<u8>)> {
+pub(crate) fn http(
+    port: u16,
+    method: &str,
+    path: &str,
+    range: Option<(u64, u64)>,
+) -> Result<(u16, Vec<u8>)> {
     let mut stream = TcpStream::connect(("127.0.0.1", port))?;
     stream.set_read_timeout(Some(Duration::from_secs(30)))?;
     stream.set_write_timeout(Some(Duration::from_secs(30)))?;

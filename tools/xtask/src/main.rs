@@ -1,20 +1,25 @@
 //! `cargo xtask`: the project's automation in Rust: `test` (every test tier, what CI runs),
-//! `demo` (the appliance's main job on file-backed drives) and `bench <name>` (figures beside
-//! the peer measured in the same run, written to target/bench/<name>.json).
+//! `demo` (the appliance's main job on file-backed drives), `bench <name>` (figures beside
+//! the peer measured in the same run, written to target/bench/<name>.json), `soak` (the
+//! SIGKILL crash soak) and `fuzz` (build or run the cargo-fuzz targets).
 
 mod bench;
 mod bench_fill;
 mod bench_serve;
 mod demo;
+mod fuzz;
 mod image;
 mod sim;
+mod soak;
 mod util;
 mod vm;
 
 use anyhow::{bail, Result};
 
 const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | sim [--seeds N] | \
-                     bench <store-write|index|recovery|serve|fill|all>>";
+                     bench <store-write|index|recovery|serve|fill|all> | \
+                     fuzz <build | TARGET --seconds N | TARGET --runs N> | \
+                     soak --rounds N [--seed S] [--release]>";
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -35,6 +40,8 @@ fn run(args: &[String]) -> Result<()> {
         ["sim", rest @ ..] => sim::run(rest),
         ["bench", name] => bench::run(name),
         ["populate", rest @ ..] => bench::populate_child(rest),
+        ["fuzz", rest @ ..] => fuzz::run(rest),
+        ["soak", rest @ ..] => soak::run(rest),
         _ => bail!("{USAGE}"),
     }
 }
@@ -91,6 +98,13 @@ fn test() -> Result<()> {
     )?;
     util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
     util::run_in(&root, "cargo", &["test", "--workspace"])?;
+    // A short crash soak of the dev-profile daemon that the black-box tests just used.
+    soak::soak(soak::Options {
+        rounds: 5,
+        ..soak::Options::parse(&[])?
+    })?;
+    // The fuzz targets are built (not run) so an API change cannot leave them broken.
+    fuzz::build()?;
     if util::is_root() {
         println!("$ cargo xtask vm-test");
         vm::test()?;

@@ -88,3 +88,14 @@ pub fn is_root() -> bool {
         .and_then(|ids| ids.split_whitespace().nth(1))
         == Some("0")
 }
+
+/// True when `cargo NAME` is an installed subcommand (`cargo-NAME` on the PATH or in
+/// ~/.cargo/bin).
+pub fn have_cargo_subcommand(name: &str) -> bool {
+    let program = format!("cargo-{name}");
+    let in_cargo_home = std::env::var_os("CARGO_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|home| Path::new(&home).join(".cargo")))
+        .is_some_and(|home| home.join("bin").join(&program).is_file());
+    in_cargo_home || have(&program)
+}

@@ -1,0 +1,230 @@
+//! Black-box tests of the panic policy and the watchdog: a panic on the upkeep thread, on a
+//! serving task or on the control task aborts the real daemon (SIGABRT, the panic message on
+//! standard error) instead of leaving it half alive; an upkeep thread that stops making
+//! progress stops the WATCHDOG=1 keep-alives (read from a NOTIFY_SOCKET the test binds) and
+//! turns /health to 503. The faults come from the test-only `APPLIANCED_TEST_*` variables.
+
+mod util;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use util::{formatted_drives, free_port, Scratch};
+
+/// How long a panicking daemon may take to be gone.
+const ABORT_WITHIN: Duration = Duration::from_secs(20);
+
+/// A daemon started with test faults, SIGKILLed when dropped.
+struct Faulty {
+    child: Child,
+    stderr: PathBuf,
+    admin_port: u16,
+}
+
+impl Faulty {
+    /// Starts `applianced run` on one fresh drive with `env` set, standard error to a file,
+    /// core dumps off, and WATCHDOG_PID set to the daemon's own pid (`exec` keeps the shell's).
+    fn start(scratch: &Scratch, env: &[(&str, &str)]) -> Faulty {
+        let drives = formatted_drives(scratch, 1, 64 << 20, 4);
+        let admin_port = free_port();
+        let config = scratch.path("appliance.toml");
+        std::fs::write(
+            &config,
+            format!(
+                "drives = [{:?}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n[serve]\n\
+                 listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n",
+                drives[0].display().to_string(),
+                scratch.path("state").display().to_string(),
+                scratch.path("control.sock").display().to_string(),
+                free_port(),
+            ),
+        )
+        .unwrap();
+        let stderr = scratch.path("stderr.log");
+        let child = Command::new("sh")
+            .args([
+                "-c",
+                "ulimit -c 0; WATCHDOG_PID=$$ exec \"$0\" run --config \"$1\"",
+                env!("CARGO_BIN_EXE_applianced"),
+                config.to_str().unwrap(),
+            ])
+            .envs(env.iter().copied())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .spawn()
+            .expect("start applianced");
+        Faulty {
+            child,
+            stderr,
+            admin_port,
+        }
+    }
+
+    fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().unwrap() {
+                return Some(status);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        None
+    }
+
+    fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// GET on the admin listener: (status, body); (0, "") when nothing answers.
+    fn admin_get(&self, path: &str) -> (u16, String) {
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
+            return (0, String::new());
+        };
+        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).unwrap();
+        let mut response = String::new();
+        let _ = stream.read_to_string(&mut response);
+        let status = response
+            .get(9..12)
+            .and_then(|code| code.parse().ok())
+            .unwrap_or(0);
+        let body = response
+            .split_once("\r\n\r\n")
+            .map(|(_, body)| body.to_string())
+            .unwrap_or_default();
+        (status, body)
+    }
+}
+
+impl Drop for Faulty {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn check_panic_aborts(place: &str, message: &str) {
+    let scratch = Scratch::new(&format!("panic-{place}"));
+    let mut daemon = Faulty::start(&scratch, &[("APPLIANCED_TEST_PANIC", place)]);
+    let status = daemon.wait_exit(ABORT_WITHIN).unwrap_or_else(|| {
+        panic!(
+            "{place}: the daemon still runs {ABORT_WITHIN:?} after the panic:\n{}",
+            daemon.stderr()
+        )
+    });
+    let stderr = daemon.stderr();
+    assert_eq!(
+        status.signal(),
+        Some(libc::SIGABRT),
+        "{place}: expected an abort, got {status}:\n{stderr}"
+    );
+    assert!(
+        stderr.contains("panicked at") && stderr.contains(message),
+        "{place}: the panic message is not on standard error:\n{stderr}"
+    );
+    assert!(stderr.contains("aborting"), "{stderr}");
+}
+
+#[test]
+fn a_panic_on_any_daemon_thread_aborts_the_process() {
+    let cases = [
+        ("upkeep", "test fault: the upkeep thread panics"),
+        ("serve", "test fault: a task of the serving runtime panics"),
+        ("control", "test fault: the control-socket task panics"),
+    ];
+    for (place, message) in cases {
+        check_panic_aborts(place, message);
+    }
+}
+
+/// Notifications received on the test's NOTIFY_SOCKET, with their arrival times.
+struct Notifications {
+    socket: UnixDatagram,
+    received: Vec<(Instant, String)>,
+}
+
+impl Notifications {
+    fn bind(path: &Path) -> Notifications {
+        let socket = UnixDatagram::bind(path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(100)))
+            .unwrap();
+        Notifications {
+            socket,
+            received: Vec::new(),
+        }
+    }
+
+    /// Reads whatever arrived (returns after a short timeout when nothing did).
+    fn poll(&mut self) {
+        let mut buf = [0u8; 4096];
+        while let Ok(length) = self.socket.recv(&mut buf) {
+            let text = String::from_utf8_lossy(&buf[..length]).into_owned();
+            self.received.push((Instant::now(), text));
+        }
+    }
+
+    fn pings(&self) -> Vec<Instant> {
+        self.received
+            .iter()
+            .filter(|(_, text)| text.lines().any(|line| line == "WATCHDOG=1"))
+            .map(|(at, _)| *at)
+            .collect()
+    }
+
+    fn ready(&self) -> bool {
+        self.received
+            .iter()
+            .any(|(_, text)| text.lines().any(|line| line == "READY=1"))
+    }
+}
+
+#[test]
+fn a_stuck_upkeep_thread_stops_the_watchdog_keep_alives() {
+    let scratch = Scratch::new("panic-stall");
+    let notify_path = scratch.path("notify.sock");
+    let mut notifications = Notifications::bind(&notify_path);
+    // Keep-alives every 0.5 s; the upkeep thread counts as stuck after 1 s + 2 x 1.5 s.
+    let interval = Duration::from_millis(1500);
+    let daemon = Faulty::start(
+        &scratch,
+        &[
+            ("APPLIANCED_TEST_STALL", "upkeep"),
+            ("NOTIFY_SOCKET", notify_path.to_str().unwrap()),
+            ("WATCHDOG_USEC", &interval.as_micros().to_string()),
+        ],
+    );
+    let started = Instant::now();
+    let silence_wanted = interval * 2;
+    loop {
+        notifications.poll();
+        let pings = notifications.pings();
+        let silent_since = pings.last().copied().unwrap_or(started);
+        if !pings.is_empty() && silent_since.elapsed() >= silence_wanted {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "keep-alives never stopped ({} received):\n{}",
+            pings.len(),
+            daemon.stderr()
+        );
+    }
+    assert!(notifications.ready(), "no READY=1");
+    assert!(
+        notifications.pings().len() >= 2,
+        "the keep-alives ran before the stall was noticed"
+    );
+    let stderr = daemon.stderr();
+    assert!(
+        stderr.contains("the store upkeep thread makes no progress"),
+        "no error logged:\n{stderr}"
+    );
+    let (status, body) = daemon.admin_get("/health");
+    assert_eq!(status, 503, "{body}");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(health["upkeep"]["state"], "stalled", "{health}");
+}
