@@ -142,7 +142,9 @@ pub(crate) struct DriveRt {
 }
 
 /// Locks a mutex, ignoring poisoning: every structure stays consistent between statements
-/// that could panic, and a panic aborts the daemon anyway.
+/// that could panic, the daemon aborts on any panic (its panic hook, and `panic = "abort"` in
+/// release), and the one flag a panic could leave set (the commit leader's) is released by a
+/// guard for callers that catch panics.
 pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }

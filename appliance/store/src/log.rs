@@ -69,11 +69,41 @@ pub(crate) fn commit(
         queue.leader_active = true;
         let batch = std::mem::take(&mut queue.pending);
         drop(queue);
+        let mut leader = Leader {
+            rt,
+            tickets: batch.iter().map(|(ticket, _)| *ticket).collect(),
+        };
         let results = write_batch(index, rt, batch);
+        leader.tickets.clear();
+        drop(leader);
         queue = lock(&rt.queue);
         queue.done.extend(results);
         queue.leader_active = false;
         rt.committed.notify_all();
+    }
+}
+
+/// The leader's duty while it writes a batch: should it unwind (a panic where the daemon does
+/// not abort, as in tests that catch panics), the flag is released and every committer of the
+/// batch gets an error, so no later commit on the drive waits forever.
+struct Leader<'a> {
+    rt: &'a DriveRt,
+    tickets: Vec<u64>,
+}
+
+impl Drop for Leader<'_> {
+    fn drop(&mut self) {
+        if self.tickets.is_empty() {
+            return;
+        }
+        let mut queue = lock(&self.rt.queue);
+        for ticket in self.tickets.drain(..) {
+            queue
+                .done
+                .insert(ticket, Err(StoreError::DriveFailed(self.rt.path())));
+        }
+        queue.leader_active = false;
+        self.rt.committed.notify_all();
     }
 }
 

@@ -1628,3 +1628,36 @@ fn relocation_does_not_count_against_files_max() {
         Err(StoreError::IndexFull)
     ));
 }
+
+/// Attack: a panic inside a group commit (here: the drive's flush panics once). Where the
+/// daemon does not abort (tests that catch panics), the leader's flag must not stay set: later
+/// commits on the drive complete instead of waiting forever.
+#[test]
+fn a_panic_inside_a_commit_does_not_wedge_later_commits() {
+    let sim = sim_drive("panicky", 32 << 20, 61, SimFaults::default());
+    let drive = HookDrive::new(Arc::clone(&sim));
+    let store = open(
+        &[Arc::clone(&drive) as Arc<dyn Drive>],
+        StoreConfig::default(),
+    );
+    put(&store, "/before", &content(1, 4096)).unwrap();
+    drive.at_next_flush(|| panic!("injected panic inside a commit"));
+    let panicked = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        put(&store, "/during", &content(2, 4096))
+    }));
+    assert!(
+        panicked.is_err(),
+        "the injected panic reached the committer"
+    );
+    let (done_tx, done_rx) = std::sync::mpsc::channel();
+    let later = store.clone();
+    std::thread::spawn(move || {
+        let _ = done_tx.send(put(&later, "/after", &content(3, 4096)));
+    });
+    let result = done_rx
+        .recv_timeout(std::time::Duration::from_secs(10))
+        .expect("a commit after the panic completes instead of hanging");
+    result.expect("the later commit succeeds");
+    assert_eq!(read_checked(&store, "/after"), Some(content(3, 4096)));
+    assert_eq!(read_checked(&store, "/before"), Some(content(1, 4096)));
+}
