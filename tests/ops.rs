@@ -38,6 +38,18 @@ fn ctl(socket: &Path, args: &[&str]) -> Output {
         .expect("run appliance-ctl")
 }
 
+/// Runs `appliance-ctl` and requires success; returns its standard output.
+fn ctl_ok(socket: &Path, args: &[&str]) -> String {
+    let out = ctl(socket, args);
+    assert!(
+        out.status.success(),
+        "appliance-ctl {args:?}: {}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    text(&out.stdout)
+}
+
 fn text(bytes: &[u8]) -> String {
     String::from_utf8_lossy(bytes).into_owned()
 }
@@ -120,18 +132,8 @@ fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
 #[test]
 fn status_fill_drain_and_verify_through_the_control_socket() {
     let ops = start("main");
-    let out = ctl(&ops.socket, &["fill", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("6 fetched"),
-        "{}",
-        text(&out.stdout)
-    );
+    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
+    assert!(out.contains("6 fetched"), "{out}");
     let out = ctl(&ops.socket, &["status"]);
     let table = text(&out.stdout);
     assert!(out.status.success(), "{}", text(&out.stderr));
@@ -422,13 +424,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert!(fetched_first < 12, "cancelled mid-fill: {fill}");
     assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
     // The next fill is not cancelled by the earlier cancel: it fetches the rest.
-    let out = ctl(&ops.socket, &["fill", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    ctl_ok(&ops.socket, &["fill", "--wait"]);
     let last = &fill_status(&ops)["last"];
     assert_eq!(last["cancelled"], false, "{last}");
     assert_eq!(last["files_deleted"], 0, "{last}");
@@ -436,13 +432,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert_eq!(last["files_held_ok"].as_u64().unwrap(), fetched_first);
     // And the one after it fetches everything its manifest lists.
     let manifest_2 = format!("{}/manifest-2.json", ops._origin.url());
-    let out = ctl(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
+    ctl_ok(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
     assert!(text(&out.stdout).contains("4 fetched, 0 failed, 0 deleted"));
     for (path, bytes) in files.iter().chain(&later) {
         assert!(ops.daemon.get(path).as_ref() == Some(bytes), "{path}");
@@ -478,16 +468,6 @@ fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
     assert!(took < Duration::from_secs(2), "the cancel took {took:?}");
     assert_eq!(fill["last"]["cancelled"], true, "{fill}");
     assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
-    let out = ctl(&ops.socket, &["fill", "--wait"]);
-    assert!(
-        out.status.success(),
-        "{}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    assert!(
-        text(&out.stdout).contains("6 fetched"),
-        "{}",
-        text(&out.stdout)
-    );
+    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
+    assert!(out.contains("6 fetched"), "{out}");
 }

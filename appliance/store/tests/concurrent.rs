@@ -17,17 +17,16 @@
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
-use appliance_device::{SimConfig, SimDrive, SimFaults, SplitMix64};
-use appliance_store::{
-    format_drive, DriveSource, FileHandle, FileWriter, FormatOptions, Store, StoreConfig,
-};
+mod common;
+
+use appliance_device::{SimDrive, SplitMix64};
+use appliance_store::{DriveSource, FileHandle, FileWriter, Store, StoreConfig};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 const DRIVE_BYTES: u64 = 40 << 20;
-const SEGMENT_BYTES: u64 = 2 << 20;
 const PATHS: u64 = 32;
 /// Bytes at the head of every file: its version and its path's tag.
 const HEADER_BYTES: usize = 16;
@@ -522,32 +521,10 @@ fn version_of(handle: &FileHandle) -> Option<u64> {
 }
 
 fn new_world(seed: u64) -> Arc<World> {
-    let faults = SimFaults {
-        read_error_ppm: 0,
-        write_error_ppm: 0,
-        crash_lose_ppm: 300_000,
-        crash_tear_ppm: 300_000,
-    };
-    let drives: Vec<Arc<SimDrive>> = (0..2u64)
-        .map(|number| {
-            Arc::new(SimDrive::new(&SimConfig {
-                name: format!("sim{number}"),
-                size_bytes: DRIVE_BYTES,
-                seed: seed.wrapping_mul(131).wrapping_add(number),
-                faults,
-            }))
-        })
+    let fault_seeds: Vec<u64> = (0..2)
+        .map(|n| seed.wrapping_mul(131).wrapping_add(n))
         .collect();
-    for (number, drive) in drives.iter().enumerate() {
-        let options = FormatOptions {
-            segment_bytes: SEGMENT_BYTES,
-            files_max: Some(256),
-            force: false,
-            drive_uuid: [number as u8 + 1; 16],
-            now_unix_s: 1_700_000_000,
-        };
-        format_drive(&**drive, &options).expect("format");
-    }
+    let drives = common::crash_prone_drives(DRIVE_BYTES, &fault_seeds);
     let mut rng = SplitMix64(seed);
     let mut actors = vec![
         Some(Actor::Reclaimer),

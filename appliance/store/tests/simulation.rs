@@ -9,8 +9,10 @@
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation, clippy::cast_possible_wrap)]
 
-use appliance_device::{SimConfig, SimDrive, SimFaults, SplitMix64};
-use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
+mod common;
+
+use appliance_device::{SimDrive, SimFaults, SplitMix64};
+use appliance_store::{DriveSource, Store, StoreConfig, StoreError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -20,7 +22,6 @@ use std::sync::Arc;
 static CLOCK: AtomicU64 = AtomicU64::new(0);
 
 const DRIVE_BYTES: u64 = 40 << 20;
-const SEGMENT_BYTES: u64 = 2 << 20;
 const PATHS: u64 = 48;
 
 /// The seeded generator of the whole run, with the helpers the test needs.
@@ -76,32 +77,10 @@ fn config() -> StoreConfig {
 
 impl World {
     fn new(seed: u64) -> World {
-        let faults = SimFaults {
-            read_error_ppm: 0,
-            write_error_ppm: 0,
-            crash_lose_ppm: 300_000,
-            crash_tear_ppm: 300_000,
-        };
-        let drives: Vec<Arc<SimDrive>> = (0..2)
-            .map(|number| {
-                Arc::new(SimDrive::new(&SimConfig {
-                    name: format!("sim{number}"),
-                    size_bytes: DRIVE_BYTES,
-                    seed: seed.wrapping_mul(31).wrapping_add(number),
-                    faults,
-                }))
-            })
+        let fault_seeds: Vec<u64> = (0..2)
+            .map(|n| seed.wrapping_mul(31).wrapping_add(n))
             .collect();
-        for (number, drive) in drives.iter().enumerate() {
-            let options = FormatOptions {
-                segment_bytes: SEGMENT_BYTES,
-                files_max: Some(256),
-                force: false,
-                drive_uuid: [number as u8 + 1; 16],
-                now_unix_s: 1_700_000_000,
-            };
-            format_drive(&**drive, &options).expect("format");
-        }
+        let drives = common::crash_prone_drives(DRIVE_BYTES, &fault_seeds);
         World {
             seed,
             rng: Rng(SplitMix64(seed)),
