@@ -66,7 +66,9 @@ fn reclaim_pass(inner: &Arc<Inner>, rt: &Arc<DriveRt>) -> Result<u64, StoreError
     let mut freed = free_pending(rt);
     let (data_victims, log_victims) = choose_victims(inner, rt);
     if data_victims.is_empty() && log_victims.is_empty() {
-        return Ok(freed);
+        // Segments the scan found dead are free now, not at the next pass: the fill writes
+        // into them right after its deletes.
+        return Ok(freed + free_pending(rt));
     }
     let moved = relocate(inner, rt, &data_victims, &log_victims);
     {
