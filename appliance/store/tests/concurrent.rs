@@ -110,6 +110,12 @@ struct Model {
     vouched: HashMap<u64, (String, [u8; 32])>,
     /// version -> publish time seen right after its publish was acknowledged.
     published_at: HashMap<u64, u64>,
+    /// version -> the drive it was published on.
+    published_on: HashMap<u64, std::path::PathBuf>,
+    /// Drives taken out of service since the last recovery: the simulation does not record
+    /// failed drives as the daemon does, so they come back at the next open with the versions
+    /// they held, and a newer version or a delete made elsewhere meanwhile may lose to them.
+    failed_drives: Vec<std::path::PathBuf>,
     next_version: u64,
     reads_checked: u64,
     bytes_checked: u64,
@@ -297,6 +303,9 @@ impl World {
                     lock(&self.model)
                         .published_at
                         .insert(writing.version, handle.published_unix_s());
+                    lock(&self.model)
+                        .published_on
+                        .insert(writing.version, handle.drive_path());
                 }
             }
         }
@@ -444,6 +453,15 @@ impl World {
 
     /// Ends every operation in progress: writers give up, readers let go.
     fn quiesce(&self) {
+        let failed: Vec<std::path::PathBuf> = self
+            .store()
+            .stats()
+            .drives
+            .into_iter()
+            .filter(|drive| drive.status != appliance_store::DriveStatus::Ok)
+            .map(|drive| drive.path)
+            .collect();
+        lock(&self.model).failed_drives = failed;
         let mut actors = lock(&self.actors);
         for slot in actors.iter_mut() {
             if let Some(Actor::Writer(Some(writing))) = slot {
@@ -479,8 +497,15 @@ impl World {
                 Ok(None) => None,
                 Err(error) => self.fail(format!("opening {path} after recovery: {error}")),
             };
-            let history = model.paths.get_mut(&path).expect("listed");
-            let allowed = history.allowed_after_crash();
+            let history = &model.paths[&path];
+            let mut allowed = history.allowed_after_crash();
+            let failed_drives = &model.failed_drives;
+            let published_on = &model.published_on;
+            allowed.extend(history.events.iter().filter_map(|(_, state, acked)| {
+                let version = (*state)?;
+                let drive = published_on.get(&version)?;
+                (*acked && failed_drives.contains(drive)).then_some(Some(version))
+            }));
             if !allowed.contains(&seen) {
                 self.fail(format!(
                     "after recovery {path} shows {seen:?}; allowed {allowed:?}; history {:?}",
