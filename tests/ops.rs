@@ -432,8 +432,8 @@ fn a_cancel_stops_only_its_own_fill() {
     assert_eq!(last["files_held_ok"].as_u64().unwrap(), fetched_first);
     // And the one after it fetches everything its manifest lists.
     let manifest_2 = format!("{}/manifest-2.json", ops._origin.url());
-    ctl_ok(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
-    assert!(text(&out.stdout).contains("4 fetched, 0 failed, 0 deleted"));
+    let out = ctl_ok(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
+    assert!(out.contains("4 fetched, 0 failed, 0 deleted"), "{out}");
     for (path, bytes) in files.iter().chain(&later) {
         assert!(ops.daemon.get(path).as_ref() == Some(bytes), "{path}");
     }
