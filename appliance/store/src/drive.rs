@@ -254,9 +254,13 @@ impl DriveRt {
 
     /// Free bytes this drive can still take: free segments plus room in open segments.
     pub fn free_bytes(&self, reserve: usize) -> u64 {
-        let space = lock(&self.space);
+        self.free_bytes_in(&lock(&self.space), reserve)
+    }
+
+    /// `free_bytes` for a caller that already holds the space lock.
+    pub fn free_bytes_in(&self, space: &Space, reserve: usize) -> u64 {
         let whole = space.free_count().saturating_sub(reserve) as u64;
-        let segment_end = |open: &crate::drive::OpenSegment| {
+        let segment_end = |open: &OpenSegment| {
             self.superblock.segment_offset_bytes(open.segment) + self.superblock.segment_bytes
         };
         let partial: u64 = space

@@ -94,10 +94,14 @@ fn reclaim_pass(inner: &Arc<Inner>, rt: &Arc<DriveRt>) -> Result<u64, StoreError
 
 /// Queues dead segments for freeing and picks this pass's victims.
 fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>) {
-    let chain: Vec<u32> = lock(&rt.log).chain.iter().copied().collect();
-    let current_log = lock(&rt.log).segment;
+    let (chain, current_log) = {
+        let log = lock(&rt.log);
+        (log.chain.iter().copied().collect::<Vec<u32>>(), log.segment)
+    };
     let mut space = lock(&rt.space);
-    let budget_bytes = relocation_budget_bytes(rt, &space);
+    // Room relocation may write into: free segments above the one it leaves for the log, and
+    // what is left in partly written segments.
+    let budget_bytes = rt.free_bytes_in(&space, crate::store::RELOCATION_KEEPS_FREE_SEGMENTS);
     let threshold = rt.superblock.segment_bytes * inner.config.reclaim_live_percent_max / 100;
     let mut data = Vec::new();
     let mut log = Vec::new();
@@ -131,24 +135,6 @@ fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>)
         .collect();
     let log: BTreeSet<u32> = log.into_iter().take(VICTIMS_PER_PASS_MAX).collect();
     (data, log)
-}
-
-/// Room relocation may write into: free segments above the one it leaves for the log, and
-/// what is left in partly written segments.
-fn relocation_budget_bytes(rt: &DriveRt, space: &crate::drive::Space) -> u64 {
-    let superblock = &rt.superblock;
-    let whole = space
-        .free_count()
-        .saturating_sub(crate::store::RELOCATION_KEEPS_FREE_SEGMENTS) as u64;
-    let partial: u64 = space
-        .pool
-        .iter()
-        .map(|open| {
-            superblock.segment_offset_bytes(open.segment) + superblock.segment_bytes
-                - open.cursor_bytes
-        })
-        .sum();
-    whole * superblock.segment_bytes + partial
 }
 
 /// Room that moving `live_bytes` may take: files start on block boundaries and the last

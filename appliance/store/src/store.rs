@@ -120,15 +120,6 @@ pub(crate) struct Inner {
     pub relocated_files: std::sync::atomic::AtomicU64,
 }
 
-impl Inner {
-    /// Lets the simulation run other work here (test-only hook; a no-op in the daemon).
-    pub(crate) fn interleave(&self, point: &'static str) {
-        if let Some(hook) = &self.config.interleave {
-            hook(point);
-        }
-    }
-}
-
 /// The segment store over a set of drives.
 #[derive(Clone)]
 pub struct Store {
@@ -622,6 +613,13 @@ impl Store {
 }
 
 impl Inner {
+    /// Lets the simulation run other work here (test-only hook; a no-op in the daemon).
+    pub(crate) fn interleave(&self, point: &'static str) {
+        if let Some(hook) = &self.config.interleave {
+            hook(point);
+        }
+    }
+
     pub(crate) fn drive_rt(&self, number: u8) -> Option<&Arc<DriveRt>> {
         match self.drives.get(usize::from(number))? {
             DriveSlot::Ready(rt) => Some(rt),
