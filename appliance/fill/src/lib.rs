@@ -15,5 +15,5 @@ pub mod schedule;
 pub mod signature;
 
 pub use load::LoadConfig;
-pub use runner::{FillConfig, FillReport, Filler, ManifestLocation};
+pub use runner::{AlreadyRunning, FillConfig, FillReport, Filler, ManifestLocation};
 pub use signature::ManifestKey;

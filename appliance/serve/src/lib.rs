@@ -14,6 +14,6 @@ pub mod server;
 pub mod signed;
 
 pub use access_log::AccessLogTarget;
-pub use admin::AdminExtension;
+pub use admin::AdminView;
 pub use send_rate::SendRateMin;
-pub use server::{ServeConfig, Server, Shared};
+pub use server::{ServeConfig, Server, Shared, TrafficCounts};
