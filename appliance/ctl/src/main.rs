@@ -2,6 +2,8 @@
 //! (`appliance-proto`) over the daemon's Unix socket and prints readable tables or, with
 //! `--json`, the daemon's JSON. It holds no appliance logic of its own.
 
+#![forbid(unsafe_code)]
+
 use anyhow::{bail, Context, Result};
 use appliance_proto::{Command, Request, Response, DEFAULT_SOCKET};
 use clap::{Parser, Subcommand};

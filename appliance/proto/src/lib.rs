@@ -4,6 +4,8 @@
 //! unknown version or a malformed request gets an error response, never a dropped connection.
 //! This crate holds only types and their (de)serialisation: no I/O.
 
+#![forbid(unsafe_code)]
+
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks.

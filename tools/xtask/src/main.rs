@@ -3,6 +3,8 @@
 //! the peer measured in the same run, written to target/bench/<name>.json), `soak` (the
 //! SIGKILL crash soak) and `fuzz` (build or run the cargo-fuzz targets).
 
+#![forbid(unsafe_code)]
+
 mod bench;
 mod bench_fill;
 mod bench_serve;
