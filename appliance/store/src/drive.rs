@@ -67,7 +67,11 @@ impl Space {
             return None;
         }
         let segment = self.free.pop_front()?;
-        debug_assert_eq!(self.kinds[segment as usize], SegmentKind::Free);
+        assert_eq!(
+            self.kinds[segment as usize],
+            SegmentKind::Free,
+            "segment {segment} on the free list is not free"
+        );
         self.kinds[segment as usize] = kind;
         self.live[segment as usize] = 0;
         Some(segment)

@@ -160,7 +160,6 @@ impl FileWriter {
 
     /// Readies a buffer for the next bytes, opening a segment or an extent where needed.
     fn start_buffer(&mut self) -> Result<(), StoreError> {
-        let segment_bytes = self.rt.superblock.segment_bytes;
         let needs_segment = match &self.current {
             Some(open) => self.segment_end(open.segment) == open.cursor_bytes,
             None => true,
@@ -173,7 +172,11 @@ impl FileWriter {
         let capacity = self.inner.config.write_buffer_bytes;
         let buffer = self.take_buffer()?;
         self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
-        debug_assert!((self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && segment_bytes > 0);
+        assert!(
+            (self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && self.buffer_target > 0,
+            "write buffer of {} bytes is not a positive number of blocks",
+            self.buffer_target
+        );
         self.buffer = Some(buffer);
         self.buffer_offset_bytes = open.cursor_bytes;
         self.filled = 0;
