@@ -4,8 +4,8 @@
 use crate::error::StoreError;
 use crate::layout::to_usize;
 use crate::layout::{
-    record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, Superblock,
-    RECORD_HEADER_BYTES,
+    record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, SegmentRow,
+    Superblock, RECORD_HEADER_BYTES,
 };
 use crate::log::CommitQueue;
 use appliance_device::Drive;
@@ -40,29 +40,137 @@ pub(crate) struct OpenSegment {
     pub cursor_bytes: u64,
 }
 
-/// Segment allocation state of one drive.
+/// Segment allocation state of one drive: what each segment holds, how much of it is live,
+/// and which lists it is on. Every change is one of the transitions below, each taken under
+/// the drive's space lock.
 pub(crate) struct Space {
-    pub kinds: Vec<SegmentKind>,
+    kinds: Vec<SegmentKind>,
     /// Data segments: live bytes. Log segments: live Publish records.
-    pub live: Vec<u64>,
+    live: Vec<u64>,
     /// Segments currently open for appends (pooled or owned by a writer).
-    pub open: Vec<bool>,
+    open: Vec<bool>,
     /// Free segments, oldest-freed first (spreads wear).
-    pub free: VecDeque<u32>,
+    free: VecDeque<u32>,
     /// Partly written data segments that writers may continue.
-    pub pool: Vec<OpenSegment>,
+    pool: Vec<OpenSegment>,
     /// Segments with nothing live, waiting for their readers to leave before reuse.
-    pub pending_free: Vec<u32>,
+    pending_free: Vec<u32>,
     /// Files published on this drive.
-    pub files: u64,
+    files: u64,
     /// Writers of new files (not replacements) placed on this drive and not yet finished: each
     /// may add a file.
-    pub writers: u64,
+    writers: u64,
 }
 
 impl Space {
+    /// The state a checkpoint recorded: one row per segment and its file count. Nothing is
+    /// open, pooled or free until replay and `rebuild_free_list` have run.
+    pub fn from_checkpoint(rows: &[SegmentRow], files: u64) -> Space {
+        Space {
+            kinds: rows.iter().map(|row| row.kind).collect(),
+            live: rows.iter().map(|row| row.live).collect(),
+            open: vec![false; rows.len()],
+            free: VecDeque::new(),
+            pool: Vec::new(),
+            pending_free: Vec::new(),
+            files,
+            writers: 0,
+        }
+    }
+
+    pub fn kind(&self, segment: u32) -> SegmentKind {
+        self.kinds[segment as usize]
+    }
+
+    /// Live bytes of a data segment, live Publish records of a log segment.
+    pub fn live(&self, segment: u32) -> u64 {
+        self.live[segment as usize]
+    }
+
+    /// Whether a writer owns the segment or it waits in the pool for one.
+    pub fn is_open(&self, segment: u32) -> bool {
+        self.open[segment as usize]
+    }
+
+    /// Each segment's kind and live count, in segment order (a checkpoint's rows).
+    pub fn rows(&self) -> impl Iterator<Item = SegmentRow> + '_ {
+        self.kinds
+            .iter()
+            .zip(&self.live)
+            .map(|(kind, live)| SegmentRow {
+                kind: *kind,
+                live: *live,
+            })
+    }
+
+    /// Live bytes in data segments.
+    pub fn data_live_bytes(&self) -> u64 {
+        self.rows()
+            .filter(|row| row.kind == SegmentKind::Data)
+            .map(|row| row.live)
+            .sum()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Partly written data segments waiting for a writer.
+    pub fn pooled(&self) -> &[OpenSegment] {
+        &self.pool
+    }
+
+    pub fn files(&self) -> u64 {
+        self.files
+    }
+
+    /// Replay: a Link record names `segment` as where the log continued.
+    pub fn mark_log(&mut self, segment: u32) {
+        self.kinds[segment as usize] = SegmentKind::Log;
+    }
+
+    /// Applying a Publish: an extent of the file lies in `segment`, which is data from now on
+    /// (in replay it may have been taken after the checkpoint was written).
+    pub fn mark_data(&mut self, segment: u32) {
+        if self.kinds[segment as usize] != SegmentKind::Data {
+            self.kinds[segment as usize] = SegmentKind::Data;
+            self.free.retain(|&free| free != segment);
+        }
+    }
+
+    /// End of recovery: every segment that is free, data with nothing live, or log with
+    /// nothing live outside `chain` goes on the free list.
+    pub fn rebuild_free_list(&mut self, chain: &VecDeque<u32>) {
+        for segment in 0..self.segment_count() {
+            let at = segment as usize;
+            let dead = self.live[at] == 0;
+            let unused = match self.kinds[at] {
+                SegmentKind::Free => true,
+                SegmentKind::Data => dead,
+                SegmentKind::Log => dead && !chain.contains(&segment),
+            };
+            if unused {
+                self.kinds[at] = SegmentKind::Free;
+                self.free.push_back(segment);
+            }
+        }
+    }
+
+    /// Takes a free segment for the log, down to the last one.
+    pub fn allocate_log(&mut self) -> Option<u32> {
+        self.allocate(SegmentKind::Log, 0)
+    }
+
+    /// Takes a free segment for a writer's data, keeping `reserve` free segments for the log;
+    /// the segment is open until the writer seals it.
+    pub fn open_new_data(&mut self, reserve: usize) -> Option<u32> {
+        let segment = self.allocate(SegmentKind::Data, reserve)?;
+        self.open[segment as usize] = true;
+        Some(segment)
+    }
+
     /// Takes a free segment for `kind`, keeping `reserve` free segments for the log.
-    pub fn allocate(&mut self, kind: SegmentKind, reserve: usize) -> Option<u32> {
+    fn allocate(&mut self, kind: SegmentKind, reserve: usize) -> Option<u32> {
         if self.free.len() <= reserve {
             return None;
         }
@@ -75,6 +183,22 @@ impl Space {
         self.kinds[segment as usize] = kind;
         self.live[segment as usize] = 0;
         Some(segment)
+    }
+
+    /// Takes the pooled segment with the most room (`room_bytes` of each), for a writer.
+    pub fn take_pooled(&mut self, room_bytes: impl Fn(&OpenSegment) -> u64) -> Option<OpenSegment> {
+        let at = (0..self.pool.len()).max_by_key(|&at| room_bytes(&self.pool[at]))?;
+        Some(self.pool.swap_remove(at))
+    }
+
+    /// A writer hands back a segment with room left; it stays open for the next writer.
+    pub fn return_to_pool(&mut self, open: OpenSegment) {
+        self.pool.push(open);
+    }
+
+    /// A writer is done with a full segment: no more appends, reclaim may choose it.
+    pub fn seal(&mut self, segment: u32) {
+        self.open[segment as usize] = false;
     }
 
     /// Adds `bytes` of live data to a data segment.
@@ -91,8 +215,69 @@ impl Space {
         Ok(())
     }
 
-    pub fn free_count(&self) -> usize {
-        self.free.len()
+    /// Counts a writer of a new file unless files and such writers already reach
+    /// `files_max`; false when there is no room for another file.
+    pub fn reserve_new_file(&mut self, files_max: u64) -> bool {
+        if self.files + self.writers >= files_max {
+            return false;
+        }
+        self.writers += 1;
+        true
+    }
+
+    /// A writer counted by `reserve_new_file` finished (published or not).
+    pub fn release_new_file(&mut self) {
+        self.writers -= 1;
+    }
+
+    pub fn file_added(&mut self) {
+        self.files += 1;
+    }
+
+    pub fn file_removed(&mut self) {
+        self.files -= 1;
+    }
+
+    pub fn is_queued_for_free(&self, segment: u32) -> bool {
+        self.pending_free.contains(&segment)
+    }
+
+    /// Queues a segment with nothing live to be freed once no reader pins it.
+    pub fn queue_for_free(&mut self, segment: u32) {
+        if !self.pending_free.contains(&segment) {
+            self.pending_free.push(segment);
+        }
+    }
+
+    /// Frees the queued segments that are still dead and not `is_pinned`, calling
+    /// `before_reuse` on each first (drop its cache, discard it); pinned ones stay queued.
+    /// Returns how many were freed.
+    pub fn free_queued(
+        &mut self,
+        is_pinned: impl Fn(u32) -> bool,
+        mut before_reuse: impl FnMut(u32),
+    ) -> u64 {
+        let pending = std::mem::take(&mut self.pending_free);
+        let mut freed = 0;
+        for segment in pending {
+            let at = segment as usize;
+            if self.live[at] != 0 || self.kinds[at] == SegmentKind::Free {
+                continue;
+            }
+            if is_pinned(segment) {
+                self.pending_free.push(segment);
+                continue;
+            }
+            before_reuse(segment);
+            self.kinds[at] = SegmentKind::Free;
+            self.free.push_back(segment);
+            freed += 1;
+        }
+        freed
+    }
+
+    fn segment_count(&self) -> u32 {
+        u32::try_from(self.kinds.len()).expect("segment count fits u32")
     }
 }
 
@@ -247,7 +432,7 @@ impl DriveRt {
     pub fn quarantine(&self, index: &crate::index::Index, tag: u64, location: u64) {
         let mut space = lock(&self.space);
         if index.remove(tag, location) {
-            space.files -= 1;
+            space.file_removed();
             lock(&self.quarantined).insert(location & OFFSET_MASK);
         }
     }
@@ -268,7 +453,7 @@ impl DriveRt {
             self.superblock.segment_offset_bytes(open.segment) + self.superblock.segment_bytes
         };
         let partial: u64 = space
-            .pool
+            .pooled()
             .iter()
             .map(|open| segment_end(open) - open.cursor_bytes)
             .sum();
