@@ -1,7 +1,9 @@
 //! `cargo xtask`: the project's automation in Rust: `test` (every test tier, what CI runs),
-//! `demo` (the appliance's main job on file-backed drives), `bench <name>` (figures beside
-//! the peer measured in the same run, written to target/bench/<name>.json), `soak` (the
-//! SIGKILL crash soak) and `fuzz` (build or run the cargo-fuzz targets).
+//! `demo` (the appliance's main job on file-backed drives), `image` (the bootable disk image),
+//! `vm-test` (boots it under QEMU), `sim` (the store simulations with more seeds), `bench
+//! <name>` (figures beside the peer measured in the same run, written to
+//! target/bench/<name>.json), `soak` (the SIGKILL crash soak) and `fuzz` (build or run the
+//! cargo-fuzz targets).
 
 #![forbid(unsafe_code)]
 
