@@ -101,6 +101,7 @@ fn test() -> Result<()> {
         ],
     )?;
     util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
+    // Every crate's tests, xtask's tidy test (tools/xtask/tests/tidy.rs) among them.
     util::run_in(&root, "cargo", &["test", "--workspace"])?;
     // A short crash soak of the dev-profile daemon that the black-box tests just used.
     soak::soak(soak::Options {
