@@ -464,3 +464,89 @@ impl DriveRt {
         record_salt(&superblock.drive_uuid)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: SegmentKind, live: u64) -> SegmentRow {
+        SegmentRow { kind, live }
+    }
+
+    /// Segments 0..4 as a checkpoint left them: free, data with 5 live bytes, the log (in the
+    /// chain, nothing live), dead data; one file.
+    fn recovered() -> Space {
+        let rows = [
+            row(SegmentKind::Free, 0),
+            row(SegmentKind::Data, 5),
+            row(SegmentKind::Log, 0),
+            row(SegmentKind::Data, 0),
+        ];
+        let mut space = Space::from_checkpoint(&rows, 1);
+        space.rebuild_free_list(&VecDeque::from([2]));
+        space
+    }
+
+    #[test]
+    fn recovery_frees_what_holds_nothing_outside_the_chain() {
+        let space = recovered();
+        let kinds: Vec<SegmentKind> = (0..4).map(|segment| space.kind(segment)).collect();
+        use SegmentKind::{Data, Free, Log};
+        assert_eq!(kinds, [Free, Data, Log, Free]);
+        assert_eq!(space.free_count(), 2);
+        assert_eq!(space.data_live_bytes(), 5);
+    }
+
+    #[test]
+    fn allocation_keeps_the_reserve_and_takes_the_oldest_free() {
+        let mut space = recovered();
+        assert_eq!(space.open_new_data(1), Some(0));
+        assert!(space.is_open(0));
+        assert_eq!(space.kind(0), SegmentKind::Data);
+        assert_eq!(
+            space.open_new_data(1),
+            None,
+            "the last free segment is the log's"
+        );
+        assert_eq!(space.allocate_log(), Some(3));
+        assert_eq!(space.allocate_log(), None);
+        space.seal(0);
+        assert!(!space.is_open(0));
+        space.add_live(0, 10);
+        assert!(space.remove_live(0, 11).is_err());
+        assert_eq!(space.remove_live(0, 10), Ok(()));
+    }
+
+    #[test]
+    fn a_queued_segment_is_freed_once_unpinned_and_dropped_first() {
+        let mut space = recovered();
+        space.queue_for_free(3);
+        space.queue_for_free(3);
+        let segment = space.open_new_data(0).expect("segment 0 is free");
+        space.queue_for_free(segment);
+        assert_eq!(space.free_queued(|_| true, |_| panic!("pinned")), 0);
+        assert!(space.is_queued_for_free(segment));
+        let mut dropped = Vec::new();
+        let freed = space.free_queued(|_| false, |segment| dropped.push(segment));
+        // Segment 3 was already free: it is dropped from the queue, not freed twice.
+        assert_eq!((freed, dropped), (1, vec![segment]));
+        assert_eq!(space.kind(segment), SegmentKind::Free);
+        assert!(!space.is_queued_for_free(3));
+        assert_eq!(space.free_count(), 2);
+    }
+
+    #[test]
+    fn new_file_writers_count_against_files_max() {
+        let mut space = recovered();
+        assert!(space.reserve_new_file(2));
+        assert!(
+            !space.reserve_new_file(2),
+            "one file and one writer fill two"
+        );
+        space.release_new_file();
+        space.file_removed();
+        assert!(space.reserve_new_file(2));
+        assert!(space.reserve_new_file(2));
+        assert_eq!(space.files(), 0);
+    }
+}
