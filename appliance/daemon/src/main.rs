@@ -2,6 +2,8 @@
 //! failed-drive list on the OS disk, signals and logging. `run` serves; the store commands
 //! work on a stopped appliance.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod control;
 mod crash;

@@ -5,6 +5,8 @@
 //! `manifest`, `signature`, `plan`, `schedule` and `bucket` are pure and table-tested; `load`,
 //! `fetch` and `runner` do the network and store work.
 
+#![forbid(unsafe_code)]
+
 pub mod bucket;
 pub mod fetch;
 pub mod load;

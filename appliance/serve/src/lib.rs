@@ -5,6 +5,8 @@
 //! `send_rate` (the send timeout and minimum send rate of a response) are pure; the connection
 //! loop, limits, drain and counters live in `server`.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod http;
