@@ -5,8 +5,6 @@
 
 #![forbid(unsafe_code)]
 
-#![forbid(unsafe_code)]
-
 use anyhow::{bail, Context, Result};
 use appliance_proto::{
     Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Status, DEFAULT_SOCKET,

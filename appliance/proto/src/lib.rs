@@ -11,8 +11,6 @@ mod views;
 
 pub use views::*;
 
-#![forbid(unsafe_code)]
-
 use serde::{Deserialize, Serialize};
 
 /// The protocol version this build speaks. Version 2: typed replies (`Reply`) and typed
