@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The units, as installed under /usr/lib/systemd/system.
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
     "applianced.service",
+    "applianced.socket",
     "appliance-fill.service",
     "appliance-fill.timer",
 ];
