@@ -6,7 +6,7 @@ mod util;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use util::{applianced, root_or_skip, Catalog, LoopDevice, Scratch};
+use util::{applianced, loop_device, root_or_skip, Catalog, Scratch, APPLIANCED};
 
 #[test]
 fn format_refuses_foreign_and_appliance_data_unless_forced() {
@@ -85,7 +85,7 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
     let catalog = Catalog::generate(scratch, "src", 40, 3_000_000);
     for round in 0..rounds {
         let stop_after = 1 + (round * 7 + 3) % 25;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_applianced"))
+        let mut child = Command::new(APPLIANCED)
             .args(scratch.store_args(drives))
             .args(["import", "--jobs", "4", catalog.root.to_str().unwrap()])
             .stdout(Stdio::piped())
@@ -103,7 +103,7 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
                 break;
             }
         }
-        unsafe_free_kill(child.id());
+        appliance_testkit::send_signal(child.id(), "KILL").unwrap();
         let _ = child.wait();
         let listed = catalog.check_listed(scratch, drives);
         for path in &published {
@@ -125,13 +125,6 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
     );
 }
 
-fn unsafe_free_kill(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    assert!(status.is_ok_and(|status| status.success()));
-}
-
 #[test]
 fn sigkill_during_import_never_loses_a_published_file() {
     let scratch = Scratch::new("kill");
@@ -151,7 +144,7 @@ fn sigkill_on_a_loop_device() {
     };
     let scratch = Scratch::new("loop");
     let backing = scratch.drive("backing", 160 << 20);
-    let Some(device) = LoopDevice::attach(&backing) else {
+    let Some(device) = loop_device(&backing) else {
         return;
     };
     let out = applianced(&[
@@ -171,7 +164,7 @@ fn a_drive_that_fails_io_is_taken_out_of_service_and_stays_out() {
     };
     let scratch = Scratch::new("dm");
     let backing = scratch.drive("backing", 64 << 20);
-    let Some(device) = LoopDevice::attach(&backing) else {
+    let Some(device) = loop_device(&backing) else {
         return;
     };
     let Some(mapped) = util::DmDevice::create(&scratch.name, &device.path) else {

@@ -7,57 +7,19 @@
 mod origin;
 mod util;
 
+use appliance_testkit::{seeded_bytes, send_signal, Config, Ctl, Fill, Manifest};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 use util::{formatted_drives, Daemon, Scratch};
-
-/// The `appliance-ctl` binary next to `applianced` (built if this test runs alone).
-fn ctl_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "appliance-ctl"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    path
-}
-
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(ctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run appliance-ctl")
-}
-
-/// Runs `appliance-ctl` and requires success; returns its standard output.
-fn ctl_ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    assert!(
-        out.status.success(),
-        "appliance-ctl {args:?}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
 
 /// A daemon with a control socket, filled from a fault-free origin with `files`.
 struct Ops {
     daemon: Daemon,
     socket: PathBuf,
+    ctl: Ctl,
     drives: Vec<PathBuf>,
     files: Vec<(String, Vec<u8>)>,
     _origin: origin::FaultOrigin,
@@ -68,9 +30,8 @@ struct Ops {
 fn ops_files(folder: &str, count: u64, size_bytes: u64) -> Vec<(String, Vec<u8>)> {
     (0..count)
         .map(|number| {
-            let bytes = (0..size_bytes + number * 1000)
-                .map(|at| (at.wrapping_mul(31).wrapping_add(number)).to_le_bytes()[0])
-                .collect();
+            let size = usize::try_from(size_bytes + number * 1000).unwrap();
+            let bytes = seeded_bytes(number, size);
             (format!("/ops/{folder}title-{number}.mp4"), bytes)
         })
         .collect()
@@ -82,37 +43,41 @@ fn start(name: &str) -> Ops {
         ops_files("", 6, 300_000),
         Vec::new(),
         HashMap::new(),
-        "",
+        Fill::default(),
     )
 }
 
 /// A daemon filled from an origin that serves `files` (listed in /manifest.json) and `more`
-/// with `faults`; `fill` adds lines to `[fill]`.
+/// with `faults`; `fill` adds settings to `[fill]`.
 fn start_with(
     name: &str,
     files: Vec<(String, Vec<u8>)>,
     more: Vec<(String, Vec<u8>)>,
     faults: HashMap<String, origin::Fault>,
-    fill: &str,
+    fill: Fill,
 ) -> Ops {
     let scratch = Scratch::new(&format!("ops-{name}"));
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().chain(more).collect();
     served.insert(
         "/manifest.json".into(),
-        origin::manifest_json(&files).into_bytes(),
+        Manifest::of(&files).to_json().into(),
     );
     let origin = origin::FaultOrigin::start(served, faults);
     let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
-    let socket = scratch.path("control.sock");
-    let extra = format!(
-        "[fill]\nmanifest = \"{}/manifest.json\"\nsources = [\"{}\"]\n{fill}\n",
-        origin.url(),
-        origin.url()
-    );
-    let daemon = Daemon::start_with(&scratch, &drives, "", "", &extra);
+    let fill = Fill {
+        manifest: Some(format!("{}/manifest.json", origin.url())),
+        sources: vec![origin.url()],
+        ..fill
+    };
+    let config = Config {
+        fill,
+        ..Config::new(&drives)
+    };
+    let daemon = Daemon::start(&scratch, config);
     Ops {
+        socket: daemon.socket.clone(),
+        ctl: daemon.ctl(),
         daemon,
-        socket,
         drives,
         files,
         _origin: origin,
@@ -120,11 +85,27 @@ fn start_with(
     }
 }
 
+impl Ops {
+    /// Runs `appliance-ctl ARGS` on the daemon's socket.
+    fn ctl(&self, args: &[&str]) -> appliance_testkit::Output {
+        self.ctl.run(args).expect("run appliance-ctl")
+    }
+
+    /// Runs `appliance-ctl ARGS` and requires success; returns its standard output.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        self.ctl
+            .ok(args)
+            .unwrap_or_else(|failure| panic!("{failure}"))
+    }
+}
+
 #[test]
 fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
-    let out = ctl(Path::new("/nonexistent/control.sock"), &["status"]);
+    let out = util::ctl(Path::new("/nonexistent/control.sock"))
+        .run(&["status"])
+        .unwrap();
     assert!(!out.status.success());
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("not running"), "{stderr}");
 }
@@ -132,11 +113,11 @@ fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
 #[test]
 fn status_fill_drain_and_verify_through_the_control_socket() {
     let ops = start("main");
-    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
+    let out = ops.ctl_ok(&["fill", "--wait"]);
     assert!(out.contains("6 fetched"), "{out}");
-    let out = ctl(&ops.socket, &["status"]);
-    let table = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ops.ctl(&["status"]);
+    let table = out.stdout;
+    assert!(out.status.success(), "{}", out.stderr);
     for expected in [
         "state: serving",
         "catalog: 6 files",
@@ -150,32 +131,32 @@ fn status_fill_drain_and_verify_through_the_control_socket() {
         );
     }
     println!("{table}");
-    let out = ctl(&ops.socket, &["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let out = ops.ctl(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
     assert_eq!(status["catalog"]["files"], 6);
     assert_eq!(status["drives"][0]["state"], "ok");
     assert_eq!(status["fill"]["last"]["files_fetched"], 6);
-    let out = ctl(&ops.socket, &["drives", "--json"]);
-    let drives: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drives JSON");
+    let out = ops.ctl(&["drives", "--json"]);
+    let drives: serde_json::Value = serde_json::from_str(&out.stdout).expect("drives JSON");
     assert_eq!(drives["drives"][0]["files"], 6);
     // Drain and undrain.
-    assert!(ctl(&ops.socket, &["drain"]).status.success());
+    assert!(ops.ctl(&["drain"]).status.success());
     let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+        serde_json::from_str(&ops.ctl(&["status", "--json"]).stdout).unwrap();
     assert!(
         ["draining", "drained"].contains(&status["state"].as_str().unwrap()),
         "{status}"
     );
-    assert!(ctl(&ops.socket, &["undrain"]).status.success());
+    assert!(ops.ctl(&["undrain"]).status.success());
     // Verify: clean, then with a damaged file.
-    let out = ctl(&ops.socket, &["verify"]);
-    assert!(out.status.success(), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("verified 6 files, 0 damaged"));
+    let out = ops.ctl(&["verify"]);
+    assert!(out.status.success(), "{}", out.stdout);
+    assert!(out.stdout.contains("verified 6 files, 0 damaged"));
     // The first data segment starts at 1 MiB (segment area) + 4 MiB (segment 0 is the log).
     util::write_at(&ops.drives[0], (5 << 20) + 8192, b"bit rot bit rot bit rot");
-    let out = ctl(&ops.socket, &["verify"]);
+    let out = ops.ctl(&["verify"]);
     assert!(!out.status.success());
-    let report = text(&out.stdout);
+    let report = out.stdout;
     assert!(
         report.contains("damaged /ops/") && report.contains("1 damaged"),
         "{report}"
@@ -222,33 +203,18 @@ fn malformed_control_requests_get_an_error_line() {
 #[test]
 fn sighup_reloads_and_a_bad_config_changes_nothing() {
     let ops = start("reload");
-    let config = std::fs::read_to_string(&ops.daemon.config).unwrap();
     let rotated = ops.scratch.path("access-rotated.log");
-    let changed = config
-        .replace(
-            "[fill]\n",
-            "[fill]\nbandwidth_bits_per_s = 8000000\nwindow = \"03:00-04:00\"\n",
-        )
-        .replace(
-            &format!(
-                "access_log = {:?}",
-                ops.scratch.path("access.log").display().to_string()
-            ),
-            &format!("access_log = {:?}", rotated.display().to_string()),
-        );
-    assert_ne!(changed, config);
-    std::fs::write(&ops.daemon.config, changed).unwrap();
-    let kill = |signal: &str| {
-        Command::new("kill")
-            .args([signal, &ops.daemon.pid().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(kill("-HUP").success());
+    let mut changed = ops.daemon.config.clone();
+    changed.fill.bandwidth_bits_per_s = Some(8_000_000);
+    changed.fill.window = Some("03:00-04:00".into());
+    changed.serve.access_log = Some(rotated.display().to_string());
+    changed.write(&ops.daemon.config_path).unwrap();
+    let hangup = || send_signal(ops.daemon.pid(), "HUP").unwrap();
+    hangup();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
     let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+        serde_json::from_str(&ops.ctl(&["status", "--json"]).stdout).unwrap();
     assert_eq!(
         status["fill"]["window"], "03:00-04:00 UTC",
         "the window follows SIGHUP"
@@ -260,8 +226,8 @@ fn sighup_reloads_and_a_bad_config_changes_nothing() {
         log.contains("/not/here.mp4"),
         "the access log moved to its new file: {log:?}"
     );
-    std::fs::write(&ops.daemon.config, "this is = not [valid").unwrap();
-    assert!(kill("-HUP").success());
+    std::fs::write(&ops.daemon.config_path, "this is = not [valid").unwrap();
+    hangup();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         ops.daemon.admin("GET", "/health").0,
@@ -274,7 +240,7 @@ fn sighup_reloads_and_a_bad_config_changes_nothing() {
 #[test]
 fn sigterm_lets_a_response_in_flight_finish() {
     let ops = start("sigterm");
-    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    assert!(ops.ctl(&["fill", "--wait"]).status.success());
     let (path, bytes) = ops
         .files
         .iter()
@@ -282,18 +248,14 @@ fn sigterm_lets_a_response_in_flight_finish() {
         .unwrap()
         .clone();
     // A slow client: 100 KB/s for a 300 KB file.
-    let download = Command::new("curl")
+    let download = std::process::Command::new("curl")
         .args(["-s", "--limit-rate", "100k", &ops.daemon.url(&path)])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let pid = ops.daemon.pid();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(pid, "TERM").unwrap();
     let out = download.wait_with_output().unwrap();
     assert!(
         out.stdout == bytes,
@@ -314,7 +276,7 @@ fn sigterm_lets_a_response_in_flight_finish() {
 #[test]
 fn metrics_are_in_the_prometheus_text_format() {
     let ops = start("metrics");
-    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    assert!(ops.ctl(&["fill", "--wait"]).status.success());
     let _ = ops.daemon.get(&ops.files[0].0);
     let _ = ops.daemon.get("/missing.mp4");
     let (status, metrics) = ops.daemon.admin("GET", "/metrics");
@@ -376,10 +338,9 @@ fn metrics_are_in_the_prometheus_text_format() {
 }
 
 fn fill_status(ops: &Ops) -> serde_json::Value {
-    let out = ctl(&ops.socket, &["status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    status["fill"].clone()
+    ops.ctl
+        .fill_status()
+        .unwrap_or_else(|failure| panic!("{failure}"))
 }
 
 /// Waits until no fill runs; returns the fill status and how long it took.
@@ -403,20 +364,23 @@ fn a_cancel_stops_only_its_own_fill() {
     let mut more = later.clone();
     more.push((
         "/manifest-2.json".into(),
-        origin::manifest_json(&later).into_bytes(),
+        Manifest::of(&later).to_json().into(),
     ));
     let ops = start_with(
         "cancel",
         files.clone(),
         more,
         HashMap::new(),
-        "bandwidth_bits_per_s = 8000000",
+        Fill {
+            bandwidth_bits_per_s: Some(8_000_000),
+            ..Fill::default()
+        },
     );
-    let out = ctl(&ops.socket, &["fill"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ops.ctl(&["fill"]);
+    assert!(out.status.success(), "{}", out.stderr);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(fill_status(&ops)["running"], true, "still filling");
-    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
+    assert!(ops.ctl(&["fill", "--cancel"]).status.success());
     let (fill, took) = wait_idle(&ops, Duration::from_secs(5));
     let last = &fill["last"];
     assert_eq!(last["cancelled"], true, "{fill}");
@@ -424,7 +388,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert!(fetched_first < 12, "cancelled mid-fill: {fill}");
     assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
     // The next fill is not cancelled by the earlier cancel: it fetches the rest.
-    ctl_ok(&ops.socket, &["fill", "--wait"]);
+    ops.ctl_ok(&["fill", "--wait"]);
     let last = &fill_status(&ops)["last"];
     assert_eq!(last["cancelled"], false, "{last}");
     assert_eq!(last["files_deleted"], 0, "{last}");
@@ -432,7 +396,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert_eq!(last["files_held_ok"].as_u64().unwrap(), fetched_first);
     // And the one after it fetches everything its manifest lists.
     let manifest_2 = format!("{}/manifest-2.json", ops._origin.url());
-    let out = ctl_ok(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
+    let out = ops.ctl_ok(&["fill", "--wait", "--manifest", &manifest_2]);
     assert!(out.contains("4 fetched, 0 failed, 0 deleted"), "{out}");
     for (path, bytes) in files.iter().chain(&later) {
         assert!(ops.daemon.get(path).as_ref() == Some(bytes), "{path}");
@@ -457,17 +421,21 @@ fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
         ops_files("", 6, 100_000),
         Vec::new(),
         faults,
-        "stall_timeout_ms = 60000\nresponse_timeout_ms = 60000",
+        Fill {
+            stall_timeout_ms: Some(60_000),
+            response_timeout_ms: Some(60_000),
+            ..Fill::default()
+        },
     );
-    assert!(ctl(&ops.socket, &["fill"]).status.success());
+    assert!(ops.ctl(&["fill"]).status.success());
     std::thread::sleep(Duration::from_millis(700));
     let fill = fill_status(&ops);
     assert_eq!(fill["running"], true, "waiting for the manifest: {fill}");
-    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
+    assert!(ops.ctl(&["fill", "--cancel"]).status.success());
     let (fill, took) = wait_idle(&ops, Duration::from_secs(10));
     assert!(took < Duration::from_secs(2), "the cancel took {took:?}");
     assert_eq!(fill["last"]["cancelled"], true, "{fill}");
     assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
-    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
+    let out = ops.ctl_ok(&["fill", "--wait"]);
     assert!(out.contains("6 fetched"), "{out}");
 }

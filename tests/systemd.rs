@@ -73,15 +73,6 @@ fn copy_units(dir: &Path) -> Vec<PathBuf> {
         .collect()
 }
 
-fn is_root() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
-}
-
 #[test]
 fn systemd_analyze_verify_has_nothing_to_say_about_the_units() {
     let test = "systemd_analyze_verify";
@@ -224,7 +215,7 @@ fn sysusers_and_tmpfiles_create_the_user_and_its_folders() {
         "the user's primary group is not appliance:\n{group}"
     );
 
-    if !is_root() {
+    if !appliance_testkit::is_root() {
         eprintln!("{test}: tmpfiles part skipped: giving folders to another user needs root");
         return;
     }
