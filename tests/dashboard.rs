@@ -7,6 +7,7 @@
 mod origin;
 mod util;
 
+use appliance_testkit::{Config, Fill, Manifest};
 use serde_json::Value;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::path::{Path, PathBuf};
@@ -382,26 +383,6 @@ fn the_readme_lists_every_panel_with_its_metrics() {
     );
 }
 
-/// Runs `appliance-ctl --socket SOCKET ARGS` (the binary next to `applianced`, built if this
-/// test runs alone) and requires success.
-fn ctl_ok(socket: &Path, args: &[&str]) {
-    let binary = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
-    if !binary.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let built = Command::new(cargo)
-            .args(["build", "-p", "appliance-ctl"])
-            .status();
-        assert!(built.unwrap().success(), "building appliance-ctl");
-    }
-    let out = Command::new(binary)
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "appliance-ctl {args:?}: {out:?}");
-}
-
 /// A daemon on two file-backed drives, filled from a local origin, after a hit, a miss and a
 /// range request: its `/metrics` text.
 fn scrape_after_traffic() -> String {
@@ -415,16 +396,23 @@ fn scrape_after_traffic() -> String {
         })
         .collect();
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
-    let manifest = origin::manifest_json(&files).into_bytes();
+    let manifest = Manifest::of(&files).to_json().into_bytes();
     served.insert("/manifest.json".into(), manifest);
     let origin = origin::FaultOrigin::start(served, HashMap::new());
-    let fill = format!(
-        "[fill]\nmanifest = \"{0}/manifest.json\"\nsources = [\"{0}\"]\n",
-        origin.url()
-    );
     let drives = formatted_drives(&scratch, 2, 64 << 20, 4);
-    let daemon = Daemon::start_with(&scratch, &drives, "", "", &fill);
-    ctl_ok(&scratch.path("control.sock"), &["fill", "--wait"]);
+    let config = Config {
+        fill: Fill {
+            manifest: Some(format!("{}/manifest.json", origin.url())),
+            sources: vec![origin.url()],
+            ..Fill::default()
+        },
+        ..Config::new(&drives)
+    };
+    let daemon = Daemon::start(&scratch, config);
+    daemon
+        .ctl()
+        .ok(&["fill", "--wait"])
+        .expect("the fill succeeds");
     let (path, bytes) = &files[0];
     assert!(daemon.get(path).as_ref() == Some(bytes), "a hit on {path}");
     assert!(daemon.get("/dashboard/missing.mp4").is_none(), "a miss");

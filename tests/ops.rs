@@ -2,7 +2,10 @@
 //! socket (status, drives, fill --wait, drain, undrain, verify finding a damaged file), the
 //! CLI's errors with no daemon, malformed control requests, SIGHUP reload, SIGTERM with a
 //! response in flight, /metrics in the Prometheus text format, and cancelled fills (mid-fill
-//! and during a stalled manifest download) that leave later fills unaffected.
+//! and during a stalled manifest download) that leave later fills unaffected. The operator
+//! plane under attack: every mutation tried on the admin listener (404/405, nothing changes),
+//! `/health`, `/metrics` and status agreeing, two fill starts at once, the admin connection
+//! cap and deadline, a secret file given as a manifest, and socket activation.
 
 mod origin;
 mod util;
@@ -138,7 +141,11 @@ fn status_fill_drain_and_verify_through_the_control_socket() {
     assert_eq!(status["fill"]["last"]["files_fetched"], 6);
     let out = ops.ctl(&["drives", "--json"]);
     let drives: serde_json::Value = serde_json::from_str(&out.stdout).expect("drives JSON");
-    assert_eq!(drives["drives"][0]["files"], 6);
+    assert_eq!(drives[0]["files"], 6);
+    assert_eq!(
+        drives, status["drives"],
+        "drives and status show the same rows"
+    );
     // Drain and undrain.
     assert!(ops.ctl(&["drain"]).status.success());
     let status: serde_json::Value =
@@ -178,26 +185,47 @@ fn malformed_control_requests_get_an_error_line() {
             "{\"version\":99,\"command\":\"status\"}\n",
             "unsupported protocol version 99",
         ),
-        ("{\"version\":1,\"command\":\"rm_rf\"}\n", "malformed"),
+        // A version-1 client (before typed replies) is told which version this daemon speaks.
+        (
+            "{\"version\":1,\"command\":\"status\"}\n",
+            "unsupported protocol version 1 (this daemon speaks 2)",
+        ),
+        ("{\"version\":2,\"command\":\"rm_rf\"}\n", "malformed"),
         ("{\"command\":\"status\"}\n", "no protocol version"),
+        (
+            "{\"version\":2,\"command\":\"fill\",\"manifest\":7}\n",
+            "malformed",
+        ),
     ];
     for (request, expected) in cases {
         stream.write_all(request.as_bytes()).unwrap();
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         let response: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let kind = if expected.starts_with("unsupported") {
+            "unsupported_version"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(response["error"]["kind"], kind, "{request} -> {line}");
         assert!(
-            response["error"].as_str().unwrap().contains(expected),
+            response["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
             "{request} -> {line}"
         );
+        assert_eq!(response["done"], true, "{line}");
     }
     // The same connection still works.
     stream
-        .write_all(b"{\"version\":1,\"command\":\"drives\"}\n")
+        .write_all(b"{\"version\":2,\"command\":\"drives\"}\n")
         .unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    assert!(line.contains("\"drives\""), "{line}");
+    let response: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(response["reply"]["kind"], "drives", "{line}");
+    assert_eq!(response["reply"]["value"][0]["state"], "ok", "{line}");
 }
 
 #[test]
@@ -438,4 +466,280 @@ fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
     assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
     let out = ops.ctl_ok(&["fill", "--wait"]);
     assert!(out.contains("6 fetched"), "{out}");
+}
+
+/// A daemon whose fill waits on a manifest download that stalls for 30 s: a fill started on
+/// it runs until cancelled.
+fn start_stalled(name: &str) -> Ops {
+    let faults = [(
+        "/manifest.json".to_string(),
+        origin::Fault::Stall {
+            bytes: 10,
+            pause: Duration::from_secs(30),
+            times: u64::MAX,
+        },
+    )]
+    .into_iter()
+    .collect();
+    start_with(
+        name,
+        ops_files("", 2, 10_000),
+        Vec::new(),
+        faults,
+        Fill {
+            stall_timeout_ms: Some(60_000),
+            response_timeout_ms: Some(60_000),
+            ..Fill::default()
+        },
+    )
+}
+
+/// One request line on a fresh control connection; the final response line, parsed.
+fn control_request(socket: &Path, line: &str) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|error| panic!("{error}: {answer}"))
+}
+
+#[test]
+fn the_admin_listener_is_read_only() {
+    let ops = start("read-only");
+    let port = ops.daemon.admin_port;
+    let paths = [
+        "/health",
+        "/metrics",
+        "/fill",
+        "/fill/cancel",
+        "/fill?manifest=%2Fetc%2Fpasswd",
+        "/drain",
+        "/undrain",
+        "/verify",
+        "/",
+    ];
+    for method in ["POST", "PUT", "DELETE", "PATCH", "GET"] {
+        for path in paths {
+            if method == "GET" && matches!(path, "/health" | "/metrics") {
+                continue;
+            }
+            let response = appliance_testkit::http(port, method, path, &[]).unwrap();
+            assert!(
+                [404, 405].contains(&response.status),
+                "{method} {path} answered {}",
+                response.status
+            );
+        }
+    }
+    // Nothing changed: still serving, no fill ever started.
+    let status = ops.ctl.status().unwrap();
+    assert_eq!(status["state"], "serving", "{status}");
+    assert_eq!(status["fill"]["running"], false, "{status}");
+    assert!(status["fill"]["last"].is_null(), "{status}");
+    // HEAD answers like GET without a body.
+    let head = appliance_testkit::http(port, "HEAD", "/health", &[]).unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "{:?}", head.text());
+}
+
+#[test]
+fn health_metrics_and_status_come_from_one_snapshot() {
+    let ops = start("one-snapshot");
+    ops.ctl_ok(&["fill", "--wait"]);
+    let check = |expected_state: &[&str], expected_code: u16| {
+        let status = ops.ctl.status().unwrap();
+        let (code, body) = ops.daemon.admin("GET", "/health");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(code, expected_code, "{body}");
+        assert!(
+            expected_state.contains(&health["state"].as_str().unwrap()),
+            "{body}"
+        );
+        for key in ["state", "healthy", "version", "problems", "drives"] {
+            assert_eq!(health[key], status[key], "{key}: {health} vs {status}");
+        }
+        assert_eq!(health["files"], status["catalog"]["files"]);
+        let (_, metrics) = ops.daemon.admin("GET", "/metrics");
+        let state = health["state"].as_str().unwrap();
+        let line = format!("appliance_state{{state=\"{state}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+        let healthy = u8::from(health["healthy"] == true);
+        assert!(metrics.contains(&format!("\nappliance_healthy {healthy}\n")));
+        assert!(metrics.ends_with("# EOF\n"));
+        assert_eq!(metrics.matches("# EOF").count(), 1);
+    };
+    check(&["serving"], 200);
+    let out = ops.ctl_ok(&["drain"]);
+    assert!(out.contains("state: drain"), "{out}");
+    check(&["draining", "drained"], 503);
+    ops.ctl_ok(&["undrain"]);
+    check(&["serving"], 200);
+}
+
+#[test]
+fn of_two_fill_starts_at_once_exactly_one_starts() {
+    let ops = start_stalled("start-race");
+    let request = "{\"version\":2,\"command\":\"fill\",\"manifest\":null}\n";
+    for round in 0..5 {
+        let barrier = std::sync::Barrier::new(2);
+        let answers: Vec<serde_json::Value> = std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        control_request(&ops.socket, request)
+                    })
+                })
+                .collect();
+            callers
+                .into_iter()
+                .map(|caller| caller.join().unwrap())
+                .collect()
+        });
+        let started = answers
+            .iter()
+            .filter(|answer| answer["reply"]["kind"] == "fill_started")
+            .count();
+        let refused = answers
+            .iter()
+            .filter(|answer| answer["error"]["kind"] == "already_running")
+            .count();
+        assert_eq!((started, refused), (1, 1), "round {round}: {answers:?}");
+        // The CLI says so too, and exits non-zero.
+        let out = ops.ctl(&["fill"]);
+        assert!(!out.status.success());
+        assert!(out.stderr.contains("a fill is already running"), "{out:?}");
+        ops.ctl_ok(&["fill", "--cancel"]);
+        wait_idle(&ops, Duration::from_secs(10));
+    }
+}
+
+#[test]
+fn the_admin_listener_caps_connections_and_gives_each_one_deadline() {
+    use std::io::Read;
+    let ops = start("admin-limits");
+    let port = ops.daemon.admin_port;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // 16 idle connections take every slot; the 17th is closed at once.
+    let idle: Vec<_> = (0..16).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut excess = connect();
+    excess
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = excess.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let read = excess.read_to_end(&mut answer);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err() && answer.is_empty(),
+        "the excess connection was served: {:?}",
+        String::from_utf8_lossy(&answer)
+    );
+    // A client that trickles its head one byte at a time is cut by the whole-request
+    // deadline (5 s), not kept alive by each byte.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut slow = connect();
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let started = Instant::now();
+    let head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut cut = false;
+    for byte in head.iter().cycle().take(60) {
+        if slow.write_all(&[*byte]).is_err() {
+            cut = true;
+            break;
+        }
+        let mut one = [0u8; 1];
+        match slow.read(&mut one) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => panic!("the trickling client got an answer"),
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(cut, "the trickling client was never cut ({took:?})");
+    assert!(took < Duration::from_secs(8), "cut after {took:?}");
+    // And the listener serves again.
+    assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
+}
+
+#[test]
+fn a_manifest_file_that_is_not_a_manifest_is_not_echoed_back() {
+    let ops = start("no-echo");
+    let secret = ops.scratch.path("secret.txt");
+    std::fs::write(&secret, "root:SECRET-HASH-0123456789:19000:0:99999:7:::\n").unwrap();
+    let out = ops.ctl(&["fill", "--wait", "--manifest", secret.to_str().unwrap()]);
+    assert!(!out.status.success(), "{out:?}");
+    let status = ops.ctl.status().unwrap();
+    let error = status["fill"]["last"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for text in [&out.stdout, &out.stderr, &error] {
+        assert!(!text.contains("SECRET-HASH"), "echoed: {text}");
+    }
+    assert!(error.contains("manifest"), "{error}");
+}
+
+#[test]
+fn under_socket_activation_the_daemon_takes_the_socket_systemd_passes() {
+    if !appliance_testkit::have("systemd-socket-activate") {
+        eprintln!("socket activation: skipped: no systemd-socket-activate");
+        return;
+    }
+    let scratch = Scratch::new("ops-socket-activation");
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let passed = scratch.path("passed.sock");
+    let configured = scratch.path("configured.sock");
+    let admin_port = appliance_testkit::free_port().unwrap();
+    let mut config = Config::new(&drives);
+    config.state_dir = Some(scratch.path("state"));
+    config.control_socket = Some(configured.clone());
+    config.serve.listen = Some(([127, 0, 0, 1], appliance_testkit::free_port().unwrap()).into());
+    config.serve.admin_listen = Some(([127, 0, 0, 1], admin_port).into());
+    let config_path = scratch.path("appliance.toml");
+    config.write(&config_path).unwrap();
+    let child = std::process::Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&passed)
+        .args([
+            env!("CARGO_BIN_EXE_applianced"),
+            "run",
+            "--config",
+            config_path.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = appliance_testkit::Guard::new("applianced", child);
+    // systemd-socket-activate starts the daemon at the first connection.
+    let ctl = Ctl::next_to(Path::new(env!("CARGO_BIN_EXE_applianced")), &passed).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        match ctl.json(&["status"]) {
+            Ok(status) => break status,
+            Err(error) => {
+                assert!(guard.alive(), "the daemon exited: {error}");
+                assert!(started.elapsed() < Duration::from_secs(20), "{error}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(status["state"], "serving", "{status}");
+    assert!(
+        !configured.exists(),
+        "the daemon bound its configured socket although systemd passed one"
+    );
+    drop(guard);
 }
