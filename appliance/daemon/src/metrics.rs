@@ -183,15 +183,18 @@ fn encode_status(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(),
     encode_fill(status, encoder)
 }
 
+/// One figure of a drive row.
+type DriveFigure<'a> = &'a dyn Fn(&appliance_proto::DriveRow) -> u64;
+
 fn encode_drives(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
-    let rows = |value: &dyn Fn(&appliance_proto::DriveRow) -> u64| -> Vec<_> {
+    let rows = |value: DriveFigure| -> Vec<_> {
         status
             .drives
             .iter()
             .map(|drive| (vec![("drive", drive.path.clone())], value(drive)))
             .collect()
     };
-    let gauges: [(&str, &str, &dyn Fn(&appliance_proto::DriveRow) -> u64); 6] = [
+    let gauges: [(&str, &str, DriveFigure); 6] = [
         (
             "drive_up",
             "1 while the drive is in service, 0 once failed",
