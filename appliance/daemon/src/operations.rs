@@ -110,7 +110,11 @@ impl Operations {
                 bytes: drives.iter().map(|drive| drive.used_bytes).sum(),
                 size_bytes: in_service_rows().map(|drive| drive.size_bytes).sum(),
                 free_bytes: self.store.free_bytes(),
-                manifest_files: fill.last.as_ref().map(|last| last.files_in_manifest),
+                manifest_files: fill
+                    .last
+                    .as_ref()
+                    .filter(|last| last.error.is_none())
+                    .map(|last| last.files_in_manifest),
                 pending_deletes: fill.pending_deletes,
                 index_memory_bytes: stats.index_memory_bytes,
                 relocated_files: stats.relocated_files,

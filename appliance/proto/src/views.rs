@@ -115,7 +115,7 @@ pub struct Catalog {
     pub size_bytes: u64,
     /// Bytes new files can still take.
     pub free_bytes: u64,
-    /// Files the last fill's manifest listed; `None` before the first fill.
+    /// Files the last fill's manifest listed; `None` before a fill has read one.
     pub manifest_files: Option<u64>,
     /// Files no longer in the manifest, waiting out their grace period.
     pub pending_deletes: u64,
