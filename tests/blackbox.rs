@@ -1,6 +1,7 @@
 //! Black-box tests of the real `applianced` binary: formatting refusals, start-up with broken
 //! or missing drives, SIGKILL in the middle of writing many files, the same on a loop device,
-//! and a drive that starts failing I/O (device-mapper error target) staying out of service.
+//! a drive that starts failing I/O (device-mapper error target) staying out of service, and a
+//! drive failing under the running daemon turning status, `/health` and `/metrics` degraded.
 
 mod util;
 
@@ -199,4 +200,55 @@ fn a_drive_that_fails_io_is_taken_out_of_service_and_stays_out() {
     let healthy_files = report["drives"][1]["files"].as_u64().unwrap();
     assert_eq!(report["files"].as_u64().unwrap(), healthy_files);
     assert!(healthy_files > 0);
+}
+
+/// A data drive that fails while the daemon runs (its file cut short under it: every read
+/// past the cut fails, as on a dying drive) turns the box `degraded` in `appliance-ctl
+/// status`, `/health` and `/metrics` at once: all three read one snapshot.
+#[test]
+fn a_drive_that_fails_under_the_running_daemon_makes_the_box_degraded_everywhere_at_once() {
+    let scratch = Scratch::new("degraded");
+    let drives = util::formatted_drives(&scratch, 2, 64 << 20, 4);
+    let catalog = Catalog::generate(&scratch, "src", 12, 400_000);
+    let paths: Vec<&std::path::Path> = drives.iter().map(|drive| drive.as_path()).collect();
+    let out = scratch.store(&paths, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let daemon = util::Daemon::start(&scratch, appliance_testkit::Config::new(&drives));
+    let ctl = daemon.ctl();
+    assert_eq!(ctl.status().unwrap()["state"], "serving");
+    let failing = &drives[0];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(failing)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    // Verify reads every file through the drives' rings: the failing drive is taken out.
+    let verify = ctl.run(&["verify"]).unwrap();
+    assert!(!verify.status.success(), "{verify:?}");
+    let status = ctl.status().unwrap();
+    let (code, body) = daemon.admin("GET", "/health");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["state"], "degraded", "{status}");
+    assert_eq!(
+        status["healthy"], true,
+        "one drive of two still serves: {status}"
+    );
+    assert_eq!(code, 200, "{body}");
+    for key in ["state", "healthy", "problems", "drives"] {
+        assert_eq!(health[key], status[key], "{key}");
+    }
+    let problems = status["problems"].to_string();
+    assert!(problems.contains(failing.to_str().unwrap()), "{problems}");
+    assert_eq!(status["drives"][0]["state"], "failed", "{status}");
+    let (_, metrics) = daemon.admin("GET", "/metrics");
+    assert!(
+        metrics.contains("appliance_state{state=\"degraded\"} 1"),
+        "{metrics}"
+    );
+    let drive_down = format!("appliance_drive_up{{drive=\"{}\"}} 0", failing.display());
+    assert!(
+        metrics.contains(&drive_down),
+        "{drive_down} missing:\n{metrics}"
+    );
 }
