@@ -433,28 +433,8 @@ fn a_cancel_stops_only_its_own_fill() {
 
 #[test]
 fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
-    let faults = [(
-        "/manifest.json".to_string(),
-        origin::Fault::Stall {
-            bytes: 10,
-            pause: Duration::from_secs(30),
-            times: 1,
-        },
-    )]
-    .into_iter()
-    .collect();
     // Timeouts far longer than the test: only the cancel can end the first fill in time.
-    let ops = start_with(
-        "cancel-manifest",
-        ops_files("", 6, 100_000),
-        Vec::new(),
-        faults,
-        Fill {
-            stall_timeout_ms: Some(60_000),
-            response_timeout_ms: Some(60_000),
-            ..Fill::default()
-        },
-    );
+    let ops = start_stalled("cancel-manifest", 1);
     assert!(ops.ctl(&["fill"]).status.success());
     std::thread::sleep(Duration::from_millis(700));
     let fill = fill_status(&ops);
@@ -468,22 +448,22 @@ fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
     assert!(out.contains("6 fetched"), "{out}");
 }
 
-/// A daemon whose fill waits on a manifest download that stalls for 30 s: a fill started on
-/// it runs until cancelled.
-fn start_stalled(name: &str) -> Ops {
+/// A daemon (6 files at the origin) whose manifest download stalls for 30 s the first
+/// `stalls` times, with fill timeouts far longer: a fill started then runs until cancelled.
+fn start_stalled(name: &str, stalls: u64) -> Ops {
     let faults = [(
         "/manifest.json".to_string(),
         origin::Fault::Stall {
             bytes: 10,
             pause: Duration::from_secs(30),
-            times: u64::MAX,
+            times: stalls,
         },
     )]
     .into_iter()
     .collect();
     start_with(
         name,
-        ops_files("", 2, 10_000),
+        ops_files("", 6, 100_000),
         Vec::new(),
         faults,
         Fill {
@@ -582,7 +562,7 @@ fn health_metrics_and_status_come_from_one_snapshot() {
 
 #[test]
 fn of_two_fill_starts_at_once_exactly_one_starts() {
-    let ops = start_stalled("start-race");
+    let ops = start_stalled("start-race", u64::MAX);
     let request = "{\"version\":2,\"command\":\"fill\",\"manifest\":null}\n";
     for round in 0..5 {
         let barrier = std::sync::Barrier::new(2);
