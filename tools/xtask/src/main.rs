@@ -13,6 +13,7 @@ mod sim;
 mod soak;
 mod util;
 mod vm;
+mod wrk;
 
 use anyhow::{bail, Result};
 
