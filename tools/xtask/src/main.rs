@@ -17,6 +17,7 @@ mod sim;
 mod soak;
 mod util;
 mod vm;
+mod wrk;
 
 use anyhow::{bail, Result};
 
