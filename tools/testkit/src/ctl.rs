@@ -181,7 +181,17 @@ fn ensure_built(binary: &Path, applianced: &Path) -> io::Result<()> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
         command
-            .args(["build", "--quiet", "-p", "appliance-ctl", "--manifest-path"])
+            // With applianced, as `cargo xtask` builds them: the same feature set, so this
+            // is a no-op after such a build instead of a rebuild of shared dependencies.
+            .args([
+                "build",
+                "--quiet",
+                "-p",
+                "applianced",
+                "-p",
+                "appliance-ctl",
+                "--manifest-path",
+            ])
             .arg(&workspace);
         let profile = applianced.parent().and_then(Path::file_name);
         if profile.is_some_and(|name| name == "release") {
