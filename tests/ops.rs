@@ -13,21 +13,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use util::{formatted_drives, Daemon, Scratch};
-
-/// The `appliance-ctl` binary next to `applianced` (built if this test runs alone).
-fn ctl_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "appliance-ctl"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    path
-}
+use util::{ctl_binary, formatted_drives, Daemon, Scratch};
 
 fn ctl(socket: &Path, args: &[&str]) -> Output {
     Command::new(ctl_binary())

@@ -30,6 +30,20 @@ pub fn applianced(args: &[&str]) -> Output {
     }
 }
 
+/// The `appliance-ctl` binary next to `applianced` (built if this test runs alone).
+pub fn ctl_binary() -> PathBuf {
+    let path = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
+    if !path.exists() {
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "appliance-ctl"])
+            .status()
+            .unwrap();
+        assert!(status.success());
+    }
+    path
+}
+
 /// Some(()) when running as root; otherwise prints why the test is skipped.
 pub fn root_or_skip(test: &str) -> Option<()> {
     let status = fs::read_to_string("/proc/self/status").unwrap_or_default();

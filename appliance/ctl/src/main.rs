@@ -4,7 +4,7 @@
 
 use anyhow::{bail, Context, Result};
 use appliance_proto::{Command, Request, Response, DEFAULT_SOCKET};
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -55,6 +55,9 @@ enum Action {
         #[arg(long, conflicts_with = "path")]
         all: bool,
     },
+    /// Writes shell completions and man pages into a folder (the image build runs it).
+    #[command(hide = true)]
+    GenerateDocs(appliance_clidocs::GenerateDocsArgs),
 }
 
 fn main() {
@@ -80,6 +83,9 @@ fn run(cli: &Cli) -> Result<()> {
             println!("state: {}", body["state"].as_str().unwrap_or("?"))
         }),
         Action::Verify { path, .. } => verify(cli, path.clone()),
+        Action::GenerateDocs(args) => {
+            args.run(Cli::command(), appliance_clidocs::Section::UserCommands)
+        }
     }
 }
 
