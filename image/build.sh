@@ -115,7 +115,7 @@ fi
 
 # --- 2. Up to date? ----------------------------------------------------------------------
 SYSTEMD_FILES=(
-    applianced.service appliance-fill.service appliance-fill.timer
+    applianced.service applianced.socket appliance-fill.service appliance-fill.timer
     appliance-firstboot.service 60-appliance-nvme.rules appliance.toml.example
     sysusers.d/appliance.conf tmpfiles.d/appliance.conf
 )
@@ -168,6 +168,7 @@ done
 # The units and snippets of systemd/, where the files themselves say they belong.
 SYS="$ROOT/systemd"
 install -D -m 0644 "$SYS/applianced.service" "$STAGE/usr/lib/systemd/system/applianced.service"
+install -D -m 0644 "$SYS/applianced.socket" "$STAGE/usr/lib/systemd/system/applianced.socket"
 install -D -m 0644 "$SYS/appliance-fill.service" "$STAGE/usr/lib/systemd/system/appliance-fill.service"
 install -D -m 0644 "$SYS/appliance-fill.timer" "$STAGE/usr/lib/systemd/system/appliance-fill.timer"
 install -D -m 0644 "$SYS/appliance-firstboot.service" "$STAGE/usr/lib/systemd/system/appliance-firstboot.service"
@@ -188,7 +189,8 @@ echo "APPLIANCE_IMAGE_BUILT=$(date -u +%Y-%m-%dT%H:%M:%SZ)" >> "$STAGE/etc/appli
 
 # Users, groups and enabled units (systemd's tools working on the tree offline).
 chroot "$STAGE" systemd-sysusers
-systemctl --root="$STAGE" enable --quiet applianced.service appliance-firstboot.service \
+systemctl --root="$STAGE" enable --quiet applianced.socket applianced.service \
+    appliance-firstboot.service \
     appliance-security-report.service systemd-networkd.service
 # A new machine ID at first boot (each box gets its own).
 : > "$STAGE/etc/machine-id"

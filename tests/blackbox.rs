@@ -1,12 +1,13 @@
 //! Black-box tests of the real `applianced` binary: formatting refusals, start-up with broken
 //! or missing drives, SIGKILL in the middle of writing many files, the same on a loop device,
-//! and a drive that starts failing I/O (device-mapper error target) staying out of service.
+//! a drive that starts failing I/O (device-mapper error target) staying out of service, and a
+//! drive failing under the running daemon turning status, `/health` and `/metrics` degraded.
 
 mod util;
 
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
-use util::{applianced, root_or_skip, Catalog, LoopDevice, Scratch};
+use util::{applianced, loop_device, root_or_skip, Catalog, Scratch, APPLIANCED};
 
 #[test]
 fn format_refuses_foreign_and_appliance_data_unless_forced() {
@@ -85,7 +86,7 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
     let catalog = Catalog::generate(scratch, "src", 40, 3_000_000);
     for round in 0..rounds {
         let stop_after = 1 + (round * 7 + 3) % 25;
-        let mut child = Command::new(env!("CARGO_BIN_EXE_applianced"))
+        let mut child = Command::new(APPLIANCED)
             .args(scratch.store_args(drives))
             .args(["import", "--jobs", "4", catalog.root.to_str().unwrap()])
             .stdout(Stdio::piped())
@@ -103,7 +104,7 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
                 break;
             }
         }
-        unsafe_free_kill(child.id());
+        appliance_testkit::send_signal(child.id(), "KILL").unwrap();
         let _ = child.wait();
         let listed = catalog.check_listed(scratch, drives);
         for path in &published {
@@ -125,13 +126,6 @@ fn kill_loop(scratch: &Scratch, drives: &[&std::path::Path], rounds: u64) {
     );
 }
 
-fn unsafe_free_kill(pid: u32) {
-    let status = Command::new("kill")
-        .args(["-KILL", &pid.to_string()])
-        .status();
-    assert!(status.is_ok_and(|status| status.success()));
-}
-
 #[test]
 fn sigkill_during_import_never_loses_a_published_file() {
     let scratch = Scratch::new("kill");
@@ -151,7 +145,7 @@ fn sigkill_on_a_loop_device() {
     };
     let scratch = Scratch::new("loop");
     let backing = scratch.drive("backing", 160 << 20);
-    let Some(device) = LoopDevice::attach(&backing) else {
+    let Some(device) = loop_device(&backing) else {
         return;
     };
     let out = applianced(&[
@@ -171,7 +165,7 @@ fn a_drive_that_fails_io_is_taken_out_of_service_and_stays_out() {
     };
     let scratch = Scratch::new("dm");
     let backing = scratch.drive("backing", 64 << 20);
-    let Some(device) = LoopDevice::attach(&backing) else {
+    let Some(device) = loop_device(&backing) else {
         return;
     };
     let Some(mapped) = util::DmDevice::create(&scratch.name, &device.path) else {
@@ -206,4 +200,55 @@ fn a_drive_that_fails_io_is_taken_out_of_service_and_stays_out() {
     let healthy_files = report["drives"][1]["files"].as_u64().unwrap();
     assert_eq!(report["files"].as_u64().unwrap(), healthy_files);
     assert!(healthy_files > 0);
+}
+
+/// A data drive that fails while the daemon runs (its file cut short under it: every read
+/// past the cut fails, as on a dying drive) turns the box `degraded` in `appliance-ctl
+/// status`, `/health` and `/metrics` at once: all three read one snapshot.
+#[test]
+fn a_drive_that_fails_under_the_running_daemon_makes_the_box_degraded_everywhere_at_once() {
+    let scratch = Scratch::new("degraded");
+    let drives = util::formatted_drives(&scratch, 2, 64 << 20, 4);
+    let catalog = Catalog::generate(&scratch, "src", 12, 400_000);
+    let paths: Vec<&std::path::Path> = drives.iter().map(|drive| drive.as_path()).collect();
+    let out = scratch.store(&paths, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let daemon = util::Daemon::start(&scratch, appliance_testkit::Config::new(&drives));
+    let ctl = daemon.ctl();
+    assert_eq!(ctl.status().unwrap()["state"], "serving");
+    let failing = &drives[0];
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(failing)
+        .unwrap()
+        .set_len(5 << 20)
+        .unwrap();
+    // Verify reads every file through the drives' rings: the failing drive is taken out.
+    let verify = ctl.run(&["verify"]).unwrap();
+    assert!(!verify.status.success(), "{verify:?}");
+    let status = ctl.status().unwrap();
+    let (code, body) = daemon.admin("GET", "/health");
+    let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(status["state"], "degraded", "{status}");
+    assert_eq!(
+        status["healthy"], true,
+        "one drive of two still serves: {status}"
+    );
+    assert_eq!(code, 200, "{body}");
+    for key in ["state", "healthy", "problems", "drives"] {
+        assert_eq!(health[key], status[key], "{key}");
+    }
+    let problems = status["problems"].to_string();
+    assert!(problems.contains(failing.to_str().unwrap()), "{problems}");
+    assert_eq!(status["drives"][0]["state"], "failed", "{status}");
+    let (_, metrics) = daemon.admin("GET", "/metrics");
+    assert!(
+        metrics.contains("appliance_state{state=\"degraded\"} 1"),
+        "{metrics}"
+    );
+    let drive_down = format!("appliance_drive_up{{drive=\"{}\"}} 0", failing.display());
+    assert!(
+        metrics.contains(&drive_down),
+        "{drive_down} missing:\n{metrics}"
+    );
 }

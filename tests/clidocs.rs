@@ -7,7 +7,7 @@ mod util;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use util::{ctl_binary, Scratch};
+use util::Scratch;
 
 /// One program whose documentation is generated.
 struct Program {
@@ -21,12 +21,12 @@ fn generated_docs_cover_every_subcommand() {
     let scratch = Scratch::new("clidocs");
     let programs = [
         Program {
-            binary: PathBuf::from(env!("CARGO_BIN_EXE_applianced")),
+            binary: PathBuf::from(util::APPLIANCED),
             name: "applianced",
             section: "8",
         },
         Program {
-            binary: ctl_binary(),
+            binary: util::ctl(Path::new("/nonexistent")).binary().to_path_buf(),
             name: "appliance-ctl",
             section: "1",
         },

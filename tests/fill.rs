@@ -12,56 +12,55 @@ mod origin;
 mod signing;
 mod util;
 
-use origin::{write_catalog, Fault, FaultOrigin, Nginx};
+use appliance_testkit::{seeded_bytes, send_signal, Config, Fill, Manifest, Nginx, SplitMix64};
+use origin::{write_catalog, Fault, FaultOrigin};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
-use util::{applianced, formatted_drives, Daemon, Scratch};
+use util::{applianced, formatted_drives, Daemon, Scratch, APPLIANCED};
 
 /// `count` files with distinct contents, sizes up to `size_max`.
 fn catalog(count: u64, size_max: u64, salt: u64) -> Vec<(String, Vec<u8>)> {
-    let mut state = 0x9E37_79B9_7F4A_7C15u64 ^ salt;
+    let mut rng = SplitMix64(0x9E37_79B9_7F4A_7C15 ^ salt);
     (0..count)
         .map(|number| {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let size = 1 + (state >> 20) % size_max;
-            let bytes = (0..size)
-                .map(|at| (at.wrapping_mul(2654435761).wrapping_add(number ^ salt) >> 9) as u8)
-                .collect();
+            let size = 1 + rng.below(size_max) as usize;
+            let bytes = seeded_bytes(rng.next_u64(), size);
             (format!("/video/title-{number:03}/main.mp4"), bytes)
         })
         .collect()
 }
 
 /// Fill settings for tests: fast retries and timeouts.
-fn fill_section(manifest: &str, sources: &[String], extra: &str) -> String {
-    let sources: Vec<String> = sources.iter().map(|source| format!("{source:?}")).collect();
-    format!(
-        "[fill]\nmanifest = {manifest:?}\nsources = [{}]\nconcurrency = 3\n\
-         attempts_per_source = 3\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n\
-         stall_timeout_ms = 700\nresponse_timeout_ms = 3000\n{extra}\n",
-        sources.join(", ")
-    )
+fn fill_section(manifest: &str, sources: &[String]) -> Fill {
+    Fill {
+        manifest: Some(manifest.to_string()),
+        sources: sources.to_vec(),
+        concurrency: Some(3),
+        attempts_per_source: Some(3),
+        backoff_initial_ms: Some(50),
+        backoff_max_ms: Some(200),
+        stall_timeout_ms: Some(700),
+        response_timeout_ms: Some(3000),
+        ..Fill::default()
+    }
 }
 
-/// Starts a fill through the admin listener and waits for its report.
+/// A serving appliance on `drives` with `fill`.
+fn daemon(scratch: &Scratch, drives: &[PathBuf], fill: Fill) -> Daemon {
+    let config = Config {
+        fill,
+        ..Config::new(drives)
+    };
+    Daemon::start(scratch, config)
+}
+
+/// Fills with `appliance-ctl fill --wait`; returns the `fill` part of `appliance-ctl status
+/// --json` afterwards (the last report, the sources' counts).
 fn fill_and_wait(daemon: &Daemon) -> serde_json::Value {
-    assert_eq!(daemon.admin("POST", "/fill").0, 202);
-    let deadline = Instant::now() + Duration::from_secs(120);
-    loop {
-        let (_, body) = daemon.admin("GET", "/fill");
-        let status: serde_json::Value = serde_json::from_str(&body).expect("fill status JSON");
-        if status["running"] == false && !status["last"].is_null() {
-            return status;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the fill did not finish: {status}"
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let ctl = daemon.ctl();
+    ctl.fill_wait(None).expect("a fill report");
+    ctl.fill_status().expect("appliance-ctl status")
 }
 
 fn check_served(daemon: &Daemon, files: &[(String, Vec<u8>)]) {
@@ -84,12 +83,8 @@ fn fill_from_nginx_then_serve_every_byte() {
     write_catalog(&root, &files);
     let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
-    let manifest = format!("{}/manifest.json", nginx.url());
-    let daemon = Daemon::start(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[nginx.url()], ""),
-    );
+    let manifest = nginx.url("/manifest.json");
+    let daemon = daemon(&scratch, &drives, fill_section(&manifest, &[nginx.url("")]));
     let status = fill_and_wait(&daemon);
     let last = &status["last"];
     assert_eq!(last["files_fetched"], 12, "{status}");
@@ -109,42 +104,21 @@ fn fill_offline(config: &Path) -> (bool, serde_json::Value) {
 }
 
 /// Writes a config for offline fills (the listeners are not used).
-fn offline_config(scratch: &Scratch, drives: &[PathBuf], fill: &str) -> PathBuf {
-    let config = scratch.path("offline.toml");
-    let list: Vec<String> = drives
-        .iter()
-        .map(|drive| format!("{:?}", drive.display().to_string()))
-        .collect();
-    std::fs::write(
-        &config,
-        format!(
-            "drives = [{}]\nstate_dir = {:?}\n{fill}",
-            list.join(", "),
-            scratch.path("state").display().to_string()
-        ),
-    )
-    .unwrap();
-    config
+fn offline_config(scratch: &Scratch, drives: &[PathBuf], fill: Fill) -> PathBuf {
+    let path = scratch.path("offline.toml");
+    let config = Config {
+        state_dir: Some(scratch.path("state")),
+        fill,
+        ..Config::new(drives)
+    };
+    config.write(&path).unwrap();
+    path
 }
 
 /// The store's listing: path -> bytes.
 fn stored(scratch: &Scratch, drives: &[PathBuf]) -> HashMap<String, Vec<u8>> {
     let refs: Vec<&Path> = drives.iter().map(PathBuf::as_path).collect();
-    let listing = scratch.store(&refs, &["ls"]);
-    assert!(listing.status.success(), "{}", listing.stderr);
-    let mut out = HashMap::new();
-    for line in listing.stdout.lines() {
-        let path = line.split_whitespace().nth(1).unwrap().to_string();
-        let mut args = scratch.store_args(&refs);
-        args.extend(["cat".into(), path.clone()]);
-        let bytes = std::process::Command::new(env!("CARGO_BIN_EXE_applianced"))
-            .args(&args)
-            .output()
-            .unwrap()
-            .stdout;
-        out.insert(path, bytes);
-    }
-    out
+    scratch.stored(&refs).into_iter().collect()
 }
 
 #[test]
@@ -188,16 +162,12 @@ fn a_faulty_origin_never_gets_a_bad_file_published() {
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
     served.insert(
         "/manifest.json".into(),
-        origin::manifest_json(&files).into_bytes(),
+        Manifest::of(&files).to_json().into(),
     );
     let origin = FaultOrigin::start(served, faults);
     let drives = formatted_drives(&scratch, 2, 64 << 20, 4);
     let manifest = format!("{}/manifest.json", origin.url());
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[origin.url()], ""),
-    );
+    let config = offline_config(&scratch, &drives, fill_section(&manifest, &[origin.url()]));
     let (succeeded, report) = fill_offline(&config);
     assert!(
         !succeeded,
@@ -256,7 +226,7 @@ fn a_broken_manifest_is_refused_and_the_box_keeps_what_it_has() {
     let config = offline_config(
         &scratch,
         &drives,
-        &fill_section(manifest.to_str().unwrap(), &[origin.url()], ""),
+        fill_section(manifest.to_str().unwrap(), &[origin.url()]),
     );
     assert!(fill_offline(&config).0);
     let broken = [
@@ -288,28 +258,28 @@ fn a_sibling_is_tried_first_and_the_origin_fills_the_rest() {
     write_catalog(&root, &files);
     std::fs::write(
         root.join("first-half.json"),
-        origin::manifest_json(&files[..5]),
+        Manifest::of(&files[..5]).to_json(),
     )
     .unwrap();
     let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
     // Appliance A holds the first half.
     let scratch_a = Scratch::new("fill-sibling-a");
     let drives_a = formatted_drives(&scratch_a, 1, 96 << 20, 8);
-    let manifest_a = format!("{}/first-half.json", nginx.url());
-    let sibling = Daemon::start(
+    let manifest_a = nginx.url("/first-half.json");
+    let sibling = daemon(
         &scratch_a,
         &drives_a,
-        &fill_section(&manifest_a, &[nginx.url()], ""),
+        fill_section(&manifest_a, &[nginx.url("")]),
     );
     assert_eq!(fill_and_wait(&sibling)["last"]["files_fetched"], 5);
     // Appliance B fills everything, from A first.
     let drives_b = formatted_drives(&scratch, 1, 96 << 20, 8);
-    let manifest_b = format!("{}/manifest.json", nginx.url());
+    let manifest_b = nginx.url("/manifest.json");
     let sibling_url = format!("http://127.0.0.1:{}", sibling.port);
-    let daemon = Daemon::start(
+    let daemon = daemon(
         &scratch,
         &drives_b,
-        &fill_section(&manifest_b, &[sibling_url, nginx.url()], ""),
+        fill_section(&manifest_b, &[sibling_url, nginx.url("")]),
     );
     let status = fill_and_wait(&daemon);
     assert_eq!(status["last"]["files_fetched"], 10, "{status}");
@@ -334,23 +304,21 @@ fn sigkill_during_a_fill_then_the_next_fill_resumes() {
     write_catalog(&root, &files);
     let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
-    let manifest = format!("{}/manifest.json", nginx.url());
+    let manifest = nginx.url("/manifest.json");
     // A cap of 40 Mbit/s makes the fill last a few seconds.
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[nginx.url()], "bandwidth_bits_per_s = 40000000"),
-    );
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_applianced"))
+    let fill = Fill {
+        bandwidth_bits_per_s: Some(40_000_000),
+        ..fill_section(&manifest, &[nginx.url("")])
+    };
+    let config = offline_config(&scratch, &drives, fill);
+    let mut child = std::process::Command::new(APPLIANCED)
         .args(["fill", "--config", config.to_str().unwrap()])
         .stdout(std::process::Stdio::null())
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(2500));
-    let _ = std::process::Command::new("kill")
-        .args(["-KILL", &child.id().to_string()])
-        .status();
+    let _ = send_signal(child.id(), "KILL");
     let _ = child.wait();
     let before = stored(&scratch, &drives);
     assert!(
@@ -365,11 +333,7 @@ fn sigkill_during_a_fill_then_the_next_fill_resumes() {
             "{path}: a file visible after SIGKILL is not intact"
         );
     }
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[nginx.url()], ""),
-    );
+    let config = offline_config(&scratch, &drives, fill_section(&manifest, &[nginx.url("")]));
     let (succeeded, report) = fill_offline(&config);
     assert!(succeeded, "{report}");
     assert_eq!(
@@ -387,7 +351,8 @@ fn sigkill_during_a_fill_then_the_next_fill_resumes() {
 #[test]
 fn a_drive_that_fills_up_is_reported_not_a_crash() {
     let scratch = Scratch::new("fill-full");
-    let files = catalog(12, 6 << 20, 6);
+    // About 47 MiB: more than the 40 MiB drive takes.
+    let files = catalog(12, 6 << 20, 36);
     let root = scratch.path("origin");
     write_catalog(&root, &files);
     let origin = FaultOrigin::start(files.iter().cloned().collect(), HashMap::new());
@@ -395,10 +360,9 @@ fn a_drive_that_fills_up_is_reported_not_a_crash() {
     let config = offline_config(
         &scratch,
         &drives,
-        &fill_section(
+        fill_section(
             root.join("manifest.json").to_str().unwrap(),
             &[origin.url()],
-            "",
         ),
     );
     let (succeeded, report) = fill_offline(&config);
@@ -455,24 +419,24 @@ fn paths_that_need_encoding_come_byte_exact_from_nginx_and_a_sibling() {
         std::fs::write(root.join(decoy), b"decoy").unwrap();
     }
     let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
-    let manifest = format!("{}/manifest.json", nginx.url());
+    let manifest = nginx.url("/manifest.json");
     // Appliance A fills from nginx.
     let scratch_a = Scratch::new("fill-odd-paths-a");
     let drives_a = formatted_drives(&scratch_a, 1, 64 << 20, 4);
-    let sibling = Daemon::start(
+    let sibling = daemon(
         &scratch_a,
         &drives_a,
-        &fill_section(&manifest, &[nginx.url()], ""),
+        fill_section(&manifest, &[nginx.url("")]),
     );
     let status = fill_and_wait(&sibling);
     assert_eq!(status["last"]["files_fetched"], 7, "{status}");
     // Appliance B fills from A, which serves what it stores at the decoded path.
     let drives_b = formatted_drives(&scratch, 1, 64 << 20, 4);
     let sibling_url = format!("http://127.0.0.1:{}", sibling.port);
-    let daemon = Daemon::start(
+    let daemon = daemon(
         &scratch,
         &drives_b,
-        &fill_section(&manifest, &[sibling_url, nginx.url()], ""),
+        fill_section(&manifest, &[sibling_url, nginx.url("")]),
     );
     let status = fill_and_wait(&daemon);
     assert_eq!(status["last"]["files_fetched"], 7, "{status}");
@@ -501,7 +465,7 @@ fn fill_then_sigterm(
     manifest: &str,
     delay: Duration,
 ) -> (bool, serde_json::Value, Duration) {
-    let child = std::process::Command::new(env!("CARGO_BIN_EXE_applianced"))
+    let child = std::process::Command::new(APPLIANCED)
         .args([
             "fill",
             "--config",
@@ -515,9 +479,7 @@ fn fill_then_sigterm(
         .unwrap();
     std::thread::sleep(delay);
     let signalled = Instant::now();
-    let _ = std::process::Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
+    let _ = send_signal(child.id(), "TERM");
     let out = child.wait_with_output().unwrap();
     let took = signalled.elapsed();
     let report = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
@@ -529,7 +491,7 @@ fn sigterm_cancels_applianced_fill_promptly_and_leaves_a_clean_store() {
     let scratch = Scratch::new("fill-sigterm");
     let files = catalog(16, 2 << 20, 7);
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
-    let manifest_bytes = origin::manifest_json(&files).into_bytes();
+    let manifest_bytes = Manifest::of(&files).to_json().into_bytes();
     served.insert("/manifest.json".into(), manifest_bytes.clone());
     served.insert("/stalled.json".into(), manifest_bytes);
     let stall = Fault::Stall {
@@ -542,18 +504,13 @@ fn sigterm_cancels_applianced_fill_promptly_and_leaves_a_clean_store() {
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
     // Timeouts longer than the test: only the signal ends these fills in time. 16 Mbit/s
     // after a 4 MiB burst makes the downloads last several seconds.
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(
-            &format!("{}/manifest.json", origin.url()),
-            &[origin.url()],
-            "bandwidth_bits_per_s = 16000000\nstall_timeout_ms = 60000\n\
-             response_timeout_ms = 60000",
-        )
-        .replace("stall_timeout_ms = 700\n", "")
-        .replace("response_timeout_ms = 3000\n", ""),
-    );
+    let fill = Fill {
+        bandwidth_bits_per_s: Some(16_000_000),
+        stall_timeout_ms: Some(60_000),
+        response_timeout_ms: Some(60_000),
+        ..fill_section(&format!("{}/manifest.json", origin.url()), &[origin.url()])
+    };
+    let config = offline_config(&scratch, &drives, fill);
     // During the manifest download.
     let stalled = format!("{}/stalled.json", origin.url());
     let (succeeded, report, took) = fill_then_sigterm(&config, &stalled, Duration::from_secs(1));
@@ -606,22 +563,21 @@ fn manifests_are_capped_while_they_are_read() {
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
     served.insert(
         "/manifest.json".into(),
-        origin::manifest_json(&files).into_bytes(),
+        Manifest::of(&files).to_json().into(),
     );
-    served.insert("/big.json".into(), origin::manifest_json(&big).into_bytes());
+    served.insert("/big.json".into(), Manifest::of(&big).to_json().into());
     served.insert("/endless.json".into(), Vec::new());
     let faults = [("/endless.json".to_string(), Fault::Endless)]
         .into_iter()
         .collect();
     let origin = FaultOrigin::start(served, faults);
     let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
-    let cap = "manifest_bytes_max = 1048576";
     let manifest = format!("{}/manifest.json", origin.url());
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[origin.url()], cap),
-    );
+    let fill = Fill {
+        manifest_bytes_max: Some(1_048_576),
+        ..fill_section(&manifest, &[origin.url()])
+    };
+    let config = offline_config(&scratch, &drives, fill.clone());
     let config_text = config.to_str().unwrap();
     for too_large in [
         "/dev/zero".to_string(),
@@ -641,29 +597,18 @@ fn manifests_are_capped_while_they_are_read() {
         assert_eq!(report["files_fetched"], 0);
     }
     assert!(fill_offline(&config).0, "a manifest under the cap is read");
-    // Through the admin listener of a serving appliance: refused, memory bounded.
-    let daemon = Daemon::start(
-        &scratch,
-        &drives,
-        &fill_section(&manifest, &[origin.url()], cap),
-    );
-    assert_eq!(daemon.admin("POST", "/fill?manifest=%2Fdev%2Fzero").0, 202);
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let status = loop {
-        let (_, body) = daemon.admin("GET", "/fill");
-        let status: serde_json::Value = serde_json::from_str(&body).unwrap();
-        if status["running"] == false && !status["last"]["error"].is_null() {
-            break status;
-        }
-        assert!(Instant::now() < deadline, "{status}");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    // Through `appliance-ctl fill` on a serving appliance: refused, memory bounded.
+    let daemon = daemon(&scratch, &drives, fill);
+    let started = Instant::now();
+    let (succeeded, report) = daemon.ctl().fill_wait(Some("/dev/zero")).unwrap();
+    assert!(!succeeded, "{report}");
+    assert!(started.elapsed() < Duration::from_secs(10), "{report}");
     assert!(
-        status["last"]["error"]
+        report["error"]
             .as_str()
-            .unwrap()
+            .unwrap_or_default()
             .contains("/dev/zero is larger than manifest_bytes_max"),
-        "{status}"
+        "{report}"
     );
     let process = std::fs::read_to_string(format!("/proc/{}/status", daemon.pid())).unwrap();
     let peak_kib: u64 = process
@@ -679,7 +624,7 @@ fn manifests_are_capped_while_they_are_read() {
 fn redirects_are_followed_only_within_the_origin() {
     let scratch = Scratch::new("fill-redirects");
     let files = catalog(3, 100_000, 14);
-    let manifest = origin::manifest_json(&files).into_bytes();
+    let manifest = Manifest::of(&files).to_json().into_bytes();
     let mut elsewhere_files: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
     elsewhere_files.insert("/manifest.json".into(), manifest.clone());
     let elsewhere = FaultOrigin::start(elsewhere_files, HashMap::new());
@@ -704,11 +649,7 @@ fn redirects_are_followed_only_within_the_origin() {
     let config = offline_config(
         &scratch,
         &drives,
-        &fill_section(
-            &format!("{}/manifest.json", origin.url()),
-            &[origin.url()],
-            "",
-        ),
+        fill_section(&format!("{}/manifest.json", origin.url()), &[origin.url()]),
     );
     // The manifest redirected to another origin: refused, that origin never asked.
     let (succeeded, report) = fill_offline(&config);
@@ -752,11 +693,11 @@ fn with_keys_configured_only_a_signed_manifest_is_used() {
     // The first manifest is a signed file on the box.
     let root = scratch.path("manifests");
     std::fs::create_dir_all(&root).unwrap();
-    let first = origin::manifest_json(old);
+    let first = Manifest::of(old).to_json();
     std::fs::write(root.join("first.json"), &first).unwrap();
     std::fs::write(root.join("first.json.minisig"), key.sign(first.as_bytes())).unwrap();
     // The second drops the first's files (deleted at once: no grace) and adds two.
-    let second = origin::manifest_json(new);
+    let second = Manifest::of(new).to_json();
     let tampered = second.replacen("\"rank\":1", "\"rank\":9", 1);
     assert_ne!(tampered, second);
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().collect();
@@ -778,19 +719,12 @@ fn with_keys_configured_only_a_signed_manifest_is_used() {
     }
     let origin = FaultOrigin::start(served, HashMap::new());
     let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
-    let keys = format!(
-        "delete_grace_s = 0\nmanifest_public_keys = [{:?}]",
-        key.public()
-    );
-    let config = offline_config(
-        &scratch,
-        &drives,
-        &fill_section(
-            root.join("first.json").to_str().unwrap(),
-            &[origin.url()],
-            &keys,
-        ),
-    );
+    let fill = Fill {
+        delete_grace_s: Some(0),
+        manifest_public_keys: vec![key.public()],
+        ..fill_section(root.join("first.json").to_str().unwrap(), &[origin.url()])
+    };
+    let config = offline_config(&scratch, &drives, fill);
     let (succeeded, report) = fill_offline(&config);
     assert!(succeeded, "{report}");
     assert_eq!(report["files_fetched"], 3);

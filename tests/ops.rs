@@ -2,48 +2,27 @@
 //! socket (status, drives, fill --wait, drain, undrain, verify finding a damaged file), the
 //! CLI's errors with no daemon, malformed control requests, SIGHUP reload, SIGTERM with a
 //! response in flight, /metrics in the Prometheus text format, and cancelled fills (mid-fill
-//! and during a stalled manifest download) that leave later fills unaffected.
+//! and during a stalled manifest download) that leave later fills unaffected. The operator
+//! plane under attack: every mutation tried on the admin listener (404/405, nothing changes),
+//! `/health`, `/metrics` and status agreeing, two fill starts at once, the admin connection
+//! cap and deadline, a secret file given as a manifest, and socket activation.
 
 mod origin;
 mod util;
 
+use appliance_testkit::{seeded_bytes, send_signal, Config, Ctl, Fill, Manifest};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
-use util::{ctl_binary, formatted_drives, Daemon, Scratch};
-
-fn ctl(socket: &Path, args: &[&str]) -> Output {
-    Command::new(ctl_binary())
-        .arg("--socket")
-        .arg(socket)
-        .args(args)
-        .output()
-        .expect("run appliance-ctl")
-}
-
-/// Runs `appliance-ctl` and requires success; returns its standard output.
-fn ctl_ok(socket: &Path, args: &[&str]) -> String {
-    let out = ctl(socket, args);
-    assert!(
-        out.status.success(),
-        "appliance-ctl {args:?}: {}{}",
-        text(&out.stdout),
-        text(&out.stderr)
-    );
-    text(&out.stdout)
-}
-
-fn text(bytes: &[u8]) -> String {
-    String::from_utf8_lossy(bytes).into_owned()
-}
+use util::{formatted_drives, Daemon, Scratch};
 
 /// A daemon with a control socket, filled from a fault-free origin with `files`.
 struct Ops {
     daemon: Daemon,
     socket: PathBuf,
+    ctl: Ctl,
     drives: Vec<PathBuf>,
     files: Vec<(String, Vec<u8>)>,
     _origin: origin::FaultOrigin,
@@ -54,9 +33,8 @@ struct Ops {
 fn ops_files(folder: &str, count: u64, size_bytes: u64) -> Vec<(String, Vec<u8>)> {
     (0..count)
         .map(|number| {
-            let bytes = (0..size_bytes + number * 1000)
-                .map(|at| (at.wrapping_mul(31).wrapping_add(number)).to_le_bytes()[0])
-                .collect();
+            let size = usize::try_from(size_bytes + number * 1000).unwrap();
+            let bytes = seeded_bytes(number, size);
             (format!("/ops/{folder}title-{number}.mp4"), bytes)
         })
         .collect()
@@ -68,37 +46,41 @@ fn start(name: &str) -> Ops {
         ops_files("", 6, 300_000),
         Vec::new(),
         HashMap::new(),
-        "",
+        Fill::default(),
     )
 }
 
 /// A daemon filled from an origin that serves `files` (listed in /manifest.json) and `more`
-/// with `faults`; `fill` adds lines to `[fill]`.
+/// with `faults`; `fill` adds settings to `[fill]`.
 fn start_with(
     name: &str,
     files: Vec<(String, Vec<u8>)>,
     more: Vec<(String, Vec<u8>)>,
     faults: HashMap<String, origin::Fault>,
-    fill: &str,
+    fill: Fill,
 ) -> Ops {
     let scratch = Scratch::new(&format!("ops-{name}"));
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().chain(more).collect();
     served.insert(
         "/manifest.json".into(),
-        origin::manifest_json(&files).into_bytes(),
+        Manifest::of(&files).to_json().into(),
     );
     let origin = origin::FaultOrigin::start(served, faults);
     let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
-    let socket = scratch.path("control.sock");
-    let extra = format!(
-        "[fill]\nmanifest = \"{}/manifest.json\"\nsources = [\"{}\"]\n{fill}\n",
-        origin.url(),
-        origin.url()
-    );
-    let daemon = Daemon::start_with(&scratch, &drives, "", "", &extra);
+    let fill = Fill {
+        manifest: Some(format!("{}/manifest.json", origin.url())),
+        sources: vec![origin.url()],
+        ..fill
+    };
+    let config = Config {
+        fill,
+        ..Config::new(&drives)
+    };
+    let daemon = Daemon::start(&scratch, config);
     Ops {
+        socket: daemon.socket.clone(),
+        ctl: daemon.ctl(),
         daemon,
-        socket,
         drives,
         files,
         _origin: origin,
@@ -106,11 +88,27 @@ fn start_with(
     }
 }
 
+impl Ops {
+    /// Runs `appliance-ctl ARGS` on the daemon's socket.
+    fn ctl(&self, args: &[&str]) -> appliance_testkit::Output {
+        self.ctl.run(args).expect("run appliance-ctl")
+    }
+
+    /// Runs `appliance-ctl ARGS` and requires success; returns its standard output.
+    fn ctl_ok(&self, args: &[&str]) -> String {
+        self.ctl
+            .ok(args)
+            .unwrap_or_else(|failure| panic!("{failure}"))
+    }
+}
+
 #[test]
 fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
-    let out = ctl(Path::new("/nonexistent/control.sock"), &["status"]);
+    let out = util::ctl(Path::new("/nonexistent/control.sock"))
+        .run(&["status"])
+        .unwrap();
     assert!(!out.status.success());
-    let stderr = text(&out.stderr);
+    let stderr = out.stderr;
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("not running"), "{stderr}");
 }
@@ -118,11 +116,11 @@ fn the_cli_says_so_in_one_line_when_the_daemon_is_not_there() {
 #[test]
 fn status_fill_drain_and_verify_through_the_control_socket() {
     let ops = start("main");
-    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
+    let out = ops.ctl_ok(&["fill", "--wait"]);
     assert!(out.contains("6 fetched"), "{out}");
-    let out = ctl(&ops.socket, &["status"]);
-    let table = text(&out.stdout);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ops.ctl(&["status"]);
+    let table = out.stdout;
+    assert!(out.status.success(), "{}", out.stderr);
     for expected in [
         "state: serving",
         "catalog: 6 files",
@@ -136,32 +134,36 @@ fn status_fill_drain_and_verify_through_the_control_socket() {
         );
     }
     println!("{table}");
-    let out = ctl(&ops.socket, &["status", "--json"]);
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
+    let out = ops.ctl(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_str(&out.stdout).expect("status JSON");
     assert_eq!(status["catalog"]["files"], 6);
     assert_eq!(status["drives"][0]["state"], "ok");
     assert_eq!(status["fill"]["last"]["files_fetched"], 6);
-    let out = ctl(&ops.socket, &["drives", "--json"]);
-    let drives: serde_json::Value = serde_json::from_slice(&out.stdout).expect("drives JSON");
-    assert_eq!(drives["drives"][0]["files"], 6);
+    let out = ops.ctl(&["drives", "--json"]);
+    let drives: serde_json::Value = serde_json::from_str(&out.stdout).expect("drives JSON");
+    assert_eq!(drives[0]["files"], 6);
+    assert_eq!(
+        drives, status["drives"],
+        "drives and status show the same rows"
+    );
     // Drain and undrain.
-    assert!(ctl(&ops.socket, &["drain"]).status.success());
+    assert!(ops.ctl(&["drain"]).status.success());
     let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+        serde_json::from_str(&ops.ctl(&["status", "--json"]).stdout).unwrap();
     assert!(
         ["draining", "drained"].contains(&status["state"].as_str().unwrap()),
         "{status}"
     );
-    assert!(ctl(&ops.socket, &["undrain"]).status.success());
+    assert!(ops.ctl(&["undrain"]).status.success());
     // Verify: clean, then with a damaged file.
-    let out = ctl(&ops.socket, &["verify"]);
-    assert!(out.status.success(), "{}", text(&out.stdout));
-    assert!(text(&out.stdout).contains("verified 6 files, 0 damaged"));
+    let out = ops.ctl(&["verify"]);
+    assert!(out.status.success(), "{}", out.stdout);
+    assert!(out.stdout.contains("verified 6 files, 0 damaged"));
     // The first data segment starts at 1 MiB (segment area) + 4 MiB (segment 0 is the log).
     util::write_at(&ops.drives[0], (5 << 20) + 8192, b"bit rot bit rot bit rot");
-    let out = ctl(&ops.socket, &["verify"]);
+    let out = ops.ctl(&["verify"]);
     assert!(!out.status.success());
-    let report = text(&out.stdout);
+    let report = out.stdout;
     assert!(
         report.contains("damaged /ops/") && report.contains("1 damaged"),
         "{report}"
@@ -183,58 +185,64 @@ fn malformed_control_requests_get_an_error_line() {
             "{\"version\":99,\"command\":\"status\"}\n",
             "unsupported protocol version 99",
         ),
-        ("{\"version\":1,\"command\":\"rm_rf\"}\n", "malformed"),
+        // A version-1 client (before typed replies) is told which version this daemon speaks.
+        (
+            "{\"version\":1,\"command\":\"status\"}\n",
+            "unsupported protocol version 1 (this daemon speaks 2)",
+        ),
+        ("{\"version\":2,\"command\":\"rm_rf\"}\n", "malformed"),
         ("{\"command\":\"status\"}\n", "no protocol version"),
+        (
+            "{\"version\":2,\"command\":\"fill\",\"manifest\":7}\n",
+            "malformed",
+        ),
     ];
     for (request, expected) in cases {
         stream.write_all(request.as_bytes()).unwrap();
         let mut line = String::new();
         reader.read_line(&mut line).unwrap();
         let response: serde_json::Value = serde_json::from_str(&line).unwrap();
+        let kind = if expected.starts_with("unsupported") {
+            "unsupported_version"
+        } else {
+            "bad_request"
+        };
+        assert_eq!(response["error"]["kind"], kind, "{request} -> {line}");
         assert!(
-            response["error"].as_str().unwrap().contains(expected),
+            response["error"]["message"]
+                .as_str()
+                .unwrap()
+                .contains(expected),
             "{request} -> {line}"
         );
+        assert_eq!(response["done"], true, "{line}");
     }
     // The same connection still works.
     stream
-        .write_all(b"{\"version\":1,\"command\":\"drives\"}\n")
+        .write_all(b"{\"version\":2,\"command\":\"drives\"}\n")
         .unwrap();
     let mut line = String::new();
     reader.read_line(&mut line).unwrap();
-    assert!(line.contains("\"drives\""), "{line}");
+    let response: serde_json::Value = serde_json::from_str(&line).unwrap();
+    assert_eq!(response["reply"]["kind"], "drives", "{line}");
+    assert_eq!(response["reply"]["value"][0]["state"], "ok", "{line}");
 }
 
 #[test]
 fn sighup_reloads_and_a_bad_config_changes_nothing() {
     let ops = start("reload");
-    let config = std::fs::read_to_string(&ops.daemon.config).unwrap();
     let rotated = ops.scratch.path("access-rotated.log");
-    let changed = config
-        .replace(
-            "[fill]\n",
-            "[fill]\nbandwidth_bits_per_s = 8000000\nwindow = \"03:00-04:00\"\n",
-        )
-        .replace(
-            &format!(
-                "access_log = {:?}",
-                ops.scratch.path("access.log").display().to_string()
-            ),
-            &format!("access_log = {:?}", rotated.display().to_string()),
-        );
-    assert_ne!(changed, config);
-    std::fs::write(&ops.daemon.config, changed).unwrap();
-    let kill = |signal: &str| {
-        Command::new("kill")
-            .args([signal, &ops.daemon.pid().to_string()])
-            .status()
-            .unwrap()
-    };
-    assert!(kill("-HUP").success());
+    let mut changed = ops.daemon.config.clone();
+    changed.fill.bandwidth_bits_per_s = Some(8_000_000);
+    changed.fill.window = Some("03:00-04:00".into());
+    changed.serve.access_log = Some(rotated.display().to_string());
+    changed.write(&ops.daemon.config_path).unwrap();
+    let hangup = || send_signal(ops.daemon.pid(), "HUP").unwrap();
+    hangup();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
     let status: serde_json::Value =
-        serde_json::from_slice(&ctl(&ops.socket, &["status", "--json"]).stdout).unwrap();
+        serde_json::from_str(&ops.ctl(&["status", "--json"]).stdout).unwrap();
     assert_eq!(
         status["fill"]["window"], "03:00-04:00 UTC",
         "the window follows SIGHUP"
@@ -246,8 +254,8 @@ fn sighup_reloads_and_a_bad_config_changes_nothing() {
         log.contains("/not/here.mp4"),
         "the access log moved to its new file: {log:?}"
     );
-    std::fs::write(&ops.daemon.config, "this is = not [valid").unwrap();
-    assert!(kill("-HUP").success());
+    std::fs::write(&ops.daemon.config_path, "this is = not [valid").unwrap();
+    hangup();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(
         ops.daemon.admin("GET", "/health").0,
@@ -260,7 +268,7 @@ fn sighup_reloads_and_a_bad_config_changes_nothing() {
 #[test]
 fn sigterm_lets_a_response_in_flight_finish() {
     let ops = start("sigterm");
-    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    assert!(ops.ctl(&["fill", "--wait"]).status.success());
     let (path, bytes) = ops
         .files
         .iter()
@@ -268,18 +276,14 @@ fn sigterm_lets_a_response_in_flight_finish() {
         .unwrap()
         .clone();
     // A slow client: 100 KB/s for a 300 KB file.
-    let download = Command::new("curl")
+    let download = std::process::Command::new("curl")
         .args(["-s", "--limit-rate", "100k", &ops.daemon.url(&path)])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
     std::thread::sleep(Duration::from_millis(700));
     let pid = ops.daemon.pid();
-    assert!(Command::new("kill")
-        .args(["-TERM", &pid.to_string()])
-        .status()
-        .unwrap()
-        .success());
+    send_signal(pid, "TERM").unwrap();
     let out = download.wait_with_output().unwrap();
     assert!(
         out.stdout == bytes,
@@ -300,7 +304,7 @@ fn sigterm_lets_a_response_in_flight_finish() {
 #[test]
 fn metrics_are_in_the_prometheus_text_format() {
     let ops = start("metrics");
-    assert!(ctl(&ops.socket, &["fill", "--wait"]).status.success());
+    assert!(ops.ctl(&["fill", "--wait"]).status.success());
     let _ = ops.daemon.get(&ops.files[0].0);
     let _ = ops.daemon.get("/missing.mp4");
     let (status, metrics) = ops.daemon.admin("GET", "/metrics");
@@ -362,10 +366,9 @@ fn metrics_are_in_the_prometheus_text_format() {
 }
 
 fn fill_status(ops: &Ops) -> serde_json::Value {
-    let out = ctl(&ops.socket, &["status", "--json"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
-    let status: serde_json::Value = serde_json::from_slice(&out.stdout).expect("status JSON");
-    status["fill"].clone()
+    ops.ctl
+        .fill_status()
+        .unwrap_or_else(|failure| panic!("{failure}"))
 }
 
 /// Waits until no fill runs; returns the fill status and how long it took.
@@ -389,20 +392,23 @@ fn a_cancel_stops_only_its_own_fill() {
     let mut more = later.clone();
     more.push((
         "/manifest-2.json".into(),
-        origin::manifest_json(&later).into_bytes(),
+        Manifest::of(&later).to_json().into(),
     ));
     let ops = start_with(
         "cancel",
         files.clone(),
         more,
         HashMap::new(),
-        "bandwidth_bits_per_s = 8000000",
+        Fill {
+            bandwidth_bits_per_s: Some(8_000_000),
+            ..Fill::default()
+        },
     );
-    let out = ctl(&ops.socket, &["fill"]);
-    assert!(out.status.success(), "{}", text(&out.stderr));
+    let out = ops.ctl(&["fill"]);
+    assert!(out.status.success(), "{}", out.stderr);
     std::thread::sleep(Duration::from_millis(1500));
     assert_eq!(fill_status(&ops)["running"], true, "still filling");
-    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
+    assert!(ops.ctl(&["fill", "--cancel"]).status.success());
     let (fill, took) = wait_idle(&ops, Duration::from_secs(5));
     let last = &fill["last"];
     assert_eq!(last["cancelled"], true, "{fill}");
@@ -410,7 +416,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert!(fetched_first < 12, "cancelled mid-fill: {fill}");
     assert!(took < Duration::from_secs(3), "the cancel took {took:?}");
     // The next fill is not cancelled by the earlier cancel: it fetches the rest.
-    ctl_ok(&ops.socket, &["fill", "--wait"]);
+    ops.ctl_ok(&["fill", "--wait"]);
     let last = &fill_status(&ops)["last"];
     assert_eq!(last["cancelled"], false, "{last}");
     assert_eq!(last["files_deleted"], 0, "{last}");
@@ -418,7 +424,7 @@ fn a_cancel_stops_only_its_own_fill() {
     assert_eq!(last["files_held_ok"].as_u64().unwrap(), fetched_first);
     // And the one after it fetches everything its manifest lists.
     let manifest_2 = format!("{}/manifest-2.json", ops._origin.url());
-    let out = ctl_ok(&ops.socket, &["fill", "--wait", "--manifest", &manifest_2]);
+    let out = ops.ctl_ok(&["fill", "--wait", "--manifest", &manifest_2]);
     assert!(out.contains("4 fetched, 0 failed, 0 deleted"), "{out}");
     for (path, bytes) in files.iter().chain(&later) {
         assert!(ops.daemon.get(path).as_ref() == Some(bytes), "{path}");
@@ -427,33 +433,293 @@ fn a_cancel_stops_only_its_own_fill() {
 
 #[test]
 fn a_cancel_during_the_manifest_download_ends_the_fill_promptly() {
+    // Timeouts far longer than the test: only the cancel can end the first fill in time.
+    let ops = start_stalled("cancel-manifest", 1);
+    assert!(ops.ctl(&["fill"]).status.success());
+    std::thread::sleep(Duration::from_millis(700));
+    let fill = fill_status(&ops);
+    assert_eq!(fill["running"], true, "waiting for the manifest: {fill}");
+    assert!(ops.ctl(&["fill", "--cancel"]).status.success());
+    let (fill, took) = wait_idle(&ops, Duration::from_secs(10));
+    assert!(took < Duration::from_secs(2), "the cancel took {took:?}");
+    assert_eq!(fill["last"]["cancelled"], true, "{fill}");
+    assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
+    let out = ops.ctl_ok(&["fill", "--wait"]);
+    assert!(out.contains("6 fetched"), "{out}");
+}
+
+/// A daemon (6 files at the origin) whose manifest download stalls for 30 s the first
+/// `stalls` times, with fill timeouts far longer: a fill started then runs until cancelled.
+fn start_stalled(name: &str, stalls: u64) -> Ops {
     let faults = [(
         "/manifest.json".to_string(),
         origin::Fault::Stall {
             bytes: 10,
             pause: Duration::from_secs(30),
-            times: 1,
+            times: stalls,
         },
     )]
     .into_iter()
     .collect();
-    // Timeouts far longer than the test: only the cancel can end the first fill in time.
-    let ops = start_with(
-        "cancel-manifest",
+    start_with(
+        name,
         ops_files("", 6, 100_000),
         Vec::new(),
         faults,
-        "stall_timeout_ms = 60000\nresponse_timeout_ms = 60000",
+        Fill {
+            stall_timeout_ms: Some(60_000),
+            response_timeout_ms: Some(60_000),
+            ..Fill::default()
+        },
+    )
+}
+
+/// One request line on a fresh control connection; the final response line, parsed.
+fn control_request(socket: &Path, line: &str) -> serde_json::Value {
+    let mut stream = UnixStream::connect(socket).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream.write_all(line.as_bytes()).unwrap();
+    let mut reader = BufReader::new(stream);
+    let mut answer = String::new();
+    reader.read_line(&mut answer).unwrap();
+    serde_json::from_str(&answer).unwrap_or_else(|error| panic!("{error}: {answer}"))
+}
+
+#[test]
+fn the_admin_listener_is_read_only() {
+    let ops = start("read-only");
+    let port = ops.daemon.admin_port;
+    let paths = [
+        "/health",
+        "/metrics",
+        "/fill",
+        "/fill/cancel",
+        "/fill?manifest=%2Fetc%2Fpasswd",
+        "/drain",
+        "/undrain",
+        "/verify",
+        "/",
+    ];
+    for method in ["POST", "PUT", "DELETE", "PATCH", "GET"] {
+        for path in paths {
+            if method == "GET" && matches!(path, "/health" | "/metrics") {
+                continue;
+            }
+            let response = appliance_testkit::http(port, method, path, &[]).unwrap();
+            assert!(
+                [404, 405].contains(&response.status),
+                "{method} {path} answered {}",
+                response.status
+            );
+        }
+    }
+    // Nothing changed: still serving, no fill ever started.
+    let status = ops.ctl.status().unwrap();
+    assert_eq!(status["state"], "serving", "{status}");
+    assert_eq!(status["fill"]["running"], false, "{status}");
+    assert!(status["fill"]["last"].is_null(), "{status}");
+    // HEAD answers like GET without a body.
+    let head = appliance_testkit::http(port, "HEAD", "/health", &[]).unwrap();
+    assert_eq!(head.status, 200);
+    assert!(head.body.is_empty(), "{:?}", head.text());
+}
+
+#[test]
+fn health_metrics_and_status_come_from_one_snapshot() {
+    let ops = start("one-snapshot");
+    ops.ctl_ok(&["fill", "--wait"]);
+    let check = |expected_state: &[&str], expected_code: u16| {
+        let status = ops.ctl.status().unwrap();
+        let (code, body) = ops.daemon.admin("GET", "/health");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(code, expected_code, "{body}");
+        assert!(
+            expected_state.contains(&health["state"].as_str().unwrap()),
+            "{body}"
+        );
+        for key in ["state", "healthy", "version", "problems", "drives"] {
+            assert_eq!(health[key], status[key], "{key}: {health} vs {status}");
+        }
+        assert_eq!(health["files"], status["catalog"]["files"]);
+        let (_, metrics) = ops.daemon.admin("GET", "/metrics");
+        let state = health["state"].as_str().unwrap();
+        let line = format!("appliance_state{{state=\"{state}\"}} 1");
+        assert!(metrics.contains(&line), "{line} missing:\n{metrics}");
+        let healthy = u8::from(health["healthy"] == true);
+        assert!(metrics.contains(&format!("\nappliance_healthy {healthy}\n")));
+        assert!(metrics.ends_with("# EOF\n"));
+        assert_eq!(metrics.matches("# EOF").count(), 1);
+    };
+    check(&["serving"], 200);
+    let out = ops.ctl_ok(&["drain"]);
+    assert!(out.contains("state: drain"), "{out}");
+    check(&["draining", "drained"], 503);
+    ops.ctl_ok(&["undrain"]);
+    check(&["serving"], 200);
+}
+
+#[test]
+fn of_two_fill_starts_at_once_exactly_one_starts() {
+    let ops = start_stalled("start-race", u64::MAX);
+    let request = "{\"version\":2,\"command\":\"fill\",\"manifest\":null}\n";
+    for round in 0..5 {
+        let barrier = std::sync::Barrier::new(2);
+        let answers: Vec<serde_json::Value> = std::thread::scope(|scope| {
+            let callers: Vec<_> = (0..2)
+                .map(|_| {
+                    scope.spawn(|| {
+                        barrier.wait();
+                        control_request(&ops.socket, request)
+                    })
+                })
+                .collect();
+            callers
+                .into_iter()
+                .map(|caller| caller.join().unwrap())
+                .collect()
+        });
+        let started = answers
+            .iter()
+            .filter(|answer| answer["reply"]["kind"] == "fill_started")
+            .count();
+        let refused = answers
+            .iter()
+            .filter(|answer| answer["error"]["kind"] == "already_running")
+            .count();
+        assert_eq!((started, refused), (1, 1), "round {round}: {answers:?}");
+        // The CLI says so too, and exits non-zero.
+        let out = ops.ctl(&["fill"]);
+        assert!(!out.status.success());
+        assert!(out.stderr.contains("a fill is already running"), "{out:?}");
+        ops.ctl_ok(&["fill", "--cancel"]);
+        wait_idle(&ops, Duration::from_secs(10));
+    }
+}
+
+#[test]
+fn the_admin_listener_caps_connections_and_gives_each_one_deadline() {
+    use std::io::Read;
+    let ops = start("admin-limits");
+    let port = ops.daemon.admin_port;
+    let connect = || std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    // 16 idle connections take every slot; the 17th is closed at once.
+    let idle: Vec<_> = (0..16).map(|_| connect()).collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let mut excess = connect();
+    excess
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    let _ = excess.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n");
+    let mut answer = Vec::new();
+    let read = excess.read_to_end(&mut answer);
+    assert!(
+        matches!(read, Ok(0)) || read.is_err() && answer.is_empty(),
+        "the excess connection was served: {:?}",
+        String::from_utf8_lossy(&answer)
     );
-    assert!(ctl(&ops.socket, &["fill"]).status.success());
-    std::thread::sleep(Duration::from_millis(700));
-    let fill = fill_status(&ops);
-    assert_eq!(fill["running"], true, "waiting for the manifest: {fill}");
-    assert!(ctl(&ops.socket, &["fill", "--cancel"]).status.success());
-    let (fill, took) = wait_idle(&ops, Duration::from_secs(10));
-    assert!(took < Duration::from_secs(2), "the cancel took {took:?}");
-    assert_eq!(fill["last"]["cancelled"], true, "{fill}");
-    assert_eq!(fill["last"]["files_fetched"], 0, "{fill}");
-    let out = ctl_ok(&ops.socket, &["fill", "--wait"]);
-    assert!(out.contains("6 fetched"), "{out}");
+    // A client that trickles its head one byte at a time is cut by the whole-request
+    // deadline (5 s), not kept alive by each byte.
+    drop(idle);
+    std::thread::sleep(Duration::from_millis(200));
+    let mut slow = connect();
+    slow.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    let started = Instant::now();
+    let head = b"GET /health HTTP/1.1\r\nHost: x\r\nX-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa\r\n";
+    let mut cut = false;
+    for byte in head.iter().cycle().take(60) {
+        if slow.write_all(&[*byte]).is_err() {
+            cut = true;
+            break;
+        }
+        let mut one = [0u8; 1];
+        match slow.read(&mut one) {
+            Ok(0) => {
+                cut = true;
+                break;
+            }
+            Ok(_) => panic!("the trickling client got an answer"),
+            Err(_) => {}
+        }
+        if started.elapsed() > Duration::from_secs(12) {
+            break;
+        }
+    }
+    let took = started.elapsed();
+    assert!(cut, "the trickling client was never cut ({took:?})");
+    assert!(took < Duration::from_secs(8), "cut after {took:?}");
+    // And the listener serves again.
+    assert_eq!(ops.daemon.admin("GET", "/health").0, 200);
+}
+
+#[test]
+fn a_manifest_file_that_is_not_a_manifest_is_not_echoed_back() {
+    let ops = start("no-echo");
+    let secret = ops.scratch.path("secret.txt");
+    std::fs::write(&secret, "root:SECRET-HASH-0123456789:19000:0:99999:7:::\n").unwrap();
+    let out = ops.ctl(&["fill", "--wait", "--manifest", secret.to_str().unwrap()]);
+    assert!(!out.status.success(), "{out:?}");
+    let status = ops.ctl.status().unwrap();
+    let error = status["fill"]["last"]["error"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for text in [&out.stdout, &out.stderr, &error] {
+        assert!(!text.contains("SECRET-HASH"), "echoed: {text}");
+    }
+    assert!(error.contains("manifest"), "{error}");
+}
+
+#[test]
+fn under_socket_activation_the_daemon_takes_the_socket_systemd_passes() {
+    if !appliance_testkit::have("systemd-socket-activate") {
+        eprintln!("socket activation: skipped: no systemd-socket-activate");
+        return;
+    }
+    let scratch = Scratch::new("ops-socket-activation");
+    let drives = formatted_drives(&scratch, 1, 64 << 20, 4);
+    let passed = scratch.path("passed.sock");
+    let configured = scratch.path("configured.sock");
+    let admin_port = appliance_testkit::free_port().unwrap();
+    let mut config = Config::new(&drives);
+    config.state_dir = Some(scratch.path("state"));
+    config.control_socket = Some(configured.clone());
+    config.serve.listen = Some(([127, 0, 0, 1], appliance_testkit::free_port().unwrap()).into());
+    config.serve.admin_listen = Some(([127, 0, 0, 1], admin_port).into());
+    let config_path = scratch.path("appliance.toml");
+    config.write(&config_path).unwrap();
+    let child = std::process::Command::new("systemd-socket-activate")
+        .arg("--listen")
+        .arg(&passed)
+        .args([
+            env!("CARGO_BIN_EXE_applianced"),
+            "run",
+            "--config",
+            config_path.to_str().unwrap(),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut guard = appliance_testkit::Guard::new("applianced", child);
+    // systemd-socket-activate starts the daemon at the first connection.
+    let ctl = Ctl::next_to(Path::new(env!("CARGO_BIN_EXE_applianced")), &passed).unwrap();
+    let started = Instant::now();
+    let status = loop {
+        match ctl.json(&["status"]) {
+            Ok(status) => break status,
+            Err(error) => {
+                assert!(guard.alive(), "the daemon exited: {error}");
+                assert!(started.elapsed() < Duration::from_secs(20), "{error}");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    };
+    assert_eq!(status["state"], "serving", "{status}");
+    assert!(
+        !configured.exists(),
+        "the daemon bound its configured socket although systemd passed one"
+    );
+    drop(guard);
 }

@@ -1,6 +1,6 @@
-//! Test origins: nginx from Debian serving a folder, and a fault-injecting origin of our own
-//! (500s, bodies cut short, wrong bytes, stalls, 200 where 206 was asked, missing files,
-//! redirects, endless bodies), both on loopback and stopped when dropped.
+//! A fault-injecting test origin of our own (500s, bodies cut short, wrong bytes, stalls, 200
+//! where 206 was asked, missing files, redirects, endless bodies) on loopback, stopped when
+//! dropped; and catalogs written where nginx (`appliance_testkit::Nginx`) serves them.
 
 #![allow(dead_code)]
 
@@ -8,117 +8,9 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-/// Writes a manifest for `files` (path, bytes, rank by order).
-pub fn manifest_json(files: &[(String, Vec<u8>)]) -> String {
-    use sha2::Digest;
-    let rows: Vec<String> = files
-        .iter()
-        .enumerate()
-        .map(|(number, (path, bytes))| {
-            let sha: String = sha2::Sha256::digest(bytes)
-                .iter()
-                .map(|byte| format!("{byte:02x}"))
-                .collect();
-            format!(
-                "{{\"path\":{path:?},\"size_bytes\":{},\"sha256\":\"{sha}\",\"rank\":{}}}",
-                bytes.len(),
-                number + 1
-            )
-        })
-        .collect();
-    format!(
-        "{{\"version\":1,\"generated_at\":\"2026-11-23T02:00:00Z\",\"files\":[{}]}}",
-        rows.join(",")
-    )
-}
-
-/// nginx serving `root` on a loopback port, as the origin.
-pub struct Nginx {
-    child: Child,
-    pub port: u16,
-}
-
-impl Nginx {
-    /// Starts nginx in the foreground (its `Drop` kills and reaps it).
-    #[allow(clippy::zombie_processes)]
-    pub fn start(work: &Path, root: &Path) -> Option<Nginx> {
-        let binary = ["/usr/sbin/nginx", "/usr/bin/nginx"]
-            .into_iter()
-            .find(|path| Path::new(path).exists());
-        let Some(binary) = binary else {
-            panic!("nginx is not installed: the fill tests need it (apt-get install nginx)");
-        };
-        let port = free_port();
-        std::fs::create_dir_all(work.join("logs")).unwrap();
-        let config = work.join("nginx.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
-                 default_type application/octet-stream;\n\
-                 client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n  fastcgi_temp_path {tmp};\n\
-                 uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-                pid = work.join("nginx.pid").display(),
-                err = work.join("logs/error.log").display(),
-                tmp = work.join("logs").display(),
-                root = root.display(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(binary)
-            .args(["-c", config.to_str().unwrap(), "-p", work.to_str().unwrap()])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("start nginx");
-        for _ in 0..100 {
-            if TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Nginx { child, port });
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        panic!(
-            "nginx did not start; see {}",
-            work.join("logs/error.log").display()
-        );
-    }
-
-    pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
-    }
-}
-
-impl Drop for Nginx {
-    /// SIGTERM lets the master stop its worker (SIGKILL would orphan it); SIGKILL after 5 s.
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 /// What the fault origin does to requests for one path.
 #[derive(Clone, Debug)]
@@ -339,6 +231,8 @@ pub fn write_catalog(root: &Path, files: &[(String, Vec<u8>)]) -> PathBuf {
         std::fs::write(target, bytes).unwrap();
     }
     let manifest = root.join("manifest.json");
-    std::fs::write(&manifest, manifest_json(files)).unwrap();
+    appliance_testkit::Manifest::of(files)
+        .write(&manifest)
+        .unwrap();
     manifest
 }

@@ -6,20 +6,20 @@
 
 mod util;
 
-use std::io::{Read, Write};
+use appliance_testkit::{free_port, Config, Guard, Serve};
 use std::os::unix::net::UnixDatagram;
 use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use util::{formatted_drives, free_port, Scratch};
+use util::{formatted_drives, Scratch};
 
 /// How long a panicking daemon may take to be gone.
 const ABORT_WITHIN: Duration = Duration::from_secs(20);
 
 /// A daemon started with test faults, SIGKILLed when dropped.
 struct Faulty {
-    child: Child,
+    guard: Guard,
     stderr: PathBuf,
     admin_port: u16,
 }
@@ -29,20 +29,20 @@ impl Faulty {
     /// core dumps off, and WATCHDOG_PID set to the daemon's own pid (`exec` keeps the shell's).
     fn start(scratch: &Scratch, env: &[(&str, &str)]) -> Faulty {
         let drives = formatted_drives(scratch, 1, 64 << 20, 4);
-        let admin_port = free_port();
+        let loopback = || std::net::SocketAddr::from(([127, 0, 0, 1], free_port().unwrap()));
+        let admin_listen = loopback();
+        let config_file = Config {
+            state_dir: Some(scratch.path("state")),
+            control_socket: Some(scratch.path("control.sock")),
+            serve: Serve {
+                listen: Some(loopback()),
+                admin_listen: Some(admin_listen),
+                ..Serve::default()
+            },
+            ..Config::new(&drives)
+        };
         let config = scratch.path("appliance.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "drives = [{:?}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n[serve]\n\
-                 listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n",
-                drives[0].display().to_string(),
-                scratch.path("state").display().to_string(),
-                scratch.path("control.sock").display().to_string(),
-                free_port(),
-            ),
-        )
-        .unwrap();
+        config_file.write(&config).unwrap();
         let stderr = scratch.path("stderr.log");
         let child = Command::new("sh")
             .args([
@@ -57,52 +57,24 @@ impl Faulty {
             .spawn()
             .expect("start applianced");
         Faulty {
-            child,
+            guard: Guard::new("applianced", child).with_grace(Duration::ZERO),
             stderr,
-            admin_port,
+            admin_port: admin_listen.port(),
         }
     }
 
     fn wait_exit(&mut self, within: Duration) -> Option<std::process::ExitStatus> {
-        let deadline = Instant::now() + within;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait().unwrap() {
-                return Some(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        None
+        self.guard.wait_exit(within).unwrap()
     }
 
     fn stderr(&self) -> String {
         std::fs::read_to_string(&self.stderr).unwrap_or_default()
     }
 
-    /// GET on the admin listener: (status, body); (0, "") when nothing answers.
+    /// GET on the admin listener: its status and body.
     fn admin_get(&self, path: &str) -> (u16, String) {
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return (0, String::new());
-        };
-        let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = String::new();
-        let _ = stream.read_to_string(&mut response);
-        let status = response
-            .get(9..12)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = response
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        (status, body)
-    }
-}
-
-impl Drop for Faulty {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let response = appliance_testkit::http(self.admin_port, "GET", path, &[]).unwrap();
+        (response.status, response.text())
     }
 }
 

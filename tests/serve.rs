@@ -8,6 +8,7 @@
 
 mod util;
 
+use appliance_testkit::{seeded_bytes, Config, Serve, SplitMix64};
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::PathBuf;
@@ -31,16 +32,20 @@ impl std::ops::Deref for Appliance {
 }
 
 impl Appliance {
-    /// Formats two drives, imports a catalog, and starts the daemon with `serve_extra` lines
-    /// in `[serve]`.
-    fn start(name: &str, serve_extra: &str) -> Appliance {
+    /// Formats two drives, imports a catalog, and starts the daemon with `serve` as its
+    /// `[serve]` settings.
+    fn start(name: &str, serve: Serve) -> Appliance {
         let scratch = Scratch::new(&format!("serve-{name}"));
         let drives = formatted_drives(&scratch, 2, 128 << 20, 8);
         let catalog = Catalog::generate(&scratch, "src", 12, 3_000_000);
         let refs: Vec<&std::path::Path> = drives.iter().map(PathBuf::as_path).collect();
         let out = scratch.store(&refs, &["import", catalog.root.to_str().unwrap()]);
         assert!(out.status.success(), "{}", out.stderr);
-        let daemon = Daemon::start(&scratch, &drives, serve_extra);
+        let config = Config {
+            serve,
+            ..Config::new(&drives)
+        };
+        let daemon = Daemon::start(&scratch, config);
         Appliance {
             daemon,
             catalog,
@@ -99,7 +104,7 @@ fn raw(stream: &mut TcpStream, request: &[u8]) -> String {
 
 #[test]
 fn gets_ranges_conditionals_and_head_follow_rfc_9110() {
-    let appliance = Appliance::start("protocol", "");
+    let appliance = Appliance::start("protocol", Serve::default());
     let (path, bytes) = appliance.big_file();
     let url = appliance.url(&path);
     let size = bytes.len();
@@ -196,19 +201,16 @@ fn gets_ranges_conditionals_and_head_follow_rfc_9110() {
 
 #[test]
 fn served_bytes_equal_stored_bytes_for_random_ranges() {
-    let appliance = Appliance::start("random", "");
-    let mut state = 0x1234_5678_9ABC_DEF1u64;
+    let appliance = Appliance::start("random", Serve::default());
+    let mut rng = SplitMix64(0x1234_5678_9ABC_DEF1);
     let mut stream = appliance.connect();
     for (path, bytes) in &appliance.catalog.files {
         if bytes.is_empty() {
             continue;
         }
         for _ in 0..4 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            let start = (state % bytes.len() as u64) as usize;
-            let end = start + ((state >> 20) % (bytes.len() - start) as u64) as usize;
+            let start = rng.below(bytes.len() as u64) as usize;
+            let end = start + rng.below((bytes.len() - start) as u64) as usize;
             let request =
                 format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes={start}-{end}\r\n\r\n");
             stream.write_all(request.as_bytes()).unwrap();
@@ -250,7 +252,13 @@ fn content_length(head: &str) -> usize {
 
 #[test]
 fn keep_alive_pipelining_and_request_limits() {
-    let appliance = Appliance::start("pipeline", "requests_per_connection_max = 3");
+    let appliance = Appliance::start(
+        "pipeline",
+        Serve {
+            requests_per_connection_max: Some(3),
+            ..Serve::default()
+        },
+    );
     let (path, bytes) = appliance.big_file();
     let mut stream = appliance.connect();
     let one = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n");
@@ -282,7 +290,11 @@ fn keep_alive_pipelining_and_request_limits() {
 fn malformed_requests_get_400_and_the_connection_closes() {
     let appliance = Appliance::start(
         "malformed",
-        "request_line_bytes_max = 1024\nheader_bytes_max = 4096",
+        Serve {
+            request_line_bytes_max: Some(1024),
+            header_bytes_max: Some(4096),
+            ..Serve::default()
+        },
     );
     let long_path = "/a".repeat(2000);
     let big_header = "x".repeat(5000);
@@ -340,7 +352,12 @@ fn malformed_requests_get_400_and_the_connection_closes() {
 fn slow_idle_and_stalled_clients_are_cut_off() {
     let appliance = Appliance::start(
         "timeouts",
-        "header_read_timeout_ms = 800\nidle_timeout_ms = 800\nsend_timeout_ms = 800",
+        Serve {
+            header_read_timeout_ms: Some(800),
+            idle_timeout_ms: Some(800),
+            send_timeout_ms: Some(800),
+            ..Serve::default()
+        },
     );
     // Slowloris: a byte every 300 ms never completes a head within the header timeout.
     let mut stream = appliance.connect();
@@ -393,7 +410,13 @@ fn slow_idle_and_stalled_clients_are_cut_off() {
 
 #[test]
 fn connections_beyond_the_limit_wait_without_harming_others() {
-    let appliance = Appliance::start("connlimit", "connections_max = 2");
+    let appliance = Appliance::start(
+        "connlimit",
+        Serve {
+            connections_max: Some(2),
+            ..Serve::default()
+        },
+    );
     let (path, bytes) = appliance.big_file();
     let mut first = appliance.connect();
     let mut second = appliance.connect();
@@ -429,7 +452,10 @@ fn connections_beyond_the_limit_wait_without_harming_others() {
 fn misses_redirect_when_configured() {
     let appliance = Appliance::start(
         "redirect",
-        "miss_redirect_base = \"http://upstream.example/base/\"",
+        Serve {
+            miss_redirect_base: Some("http://upstream.example/base/".into()),
+            ..Serve::default()
+        },
     );
     let (status, headers, _) = curl(&[&appliance.url("/not/here.mp4?token=1&x=2")]);
     assert_eq!(status, 302);
@@ -446,7 +472,10 @@ fn signed_urls_are_enforced_when_a_key_is_set() {
     std::fs::write(&key, "0123456789abcdef0123456789abcdef").unwrap();
     let appliance = Appliance::start(
         "signed",
-        &format!("url_signing_key_file = {:?}", key.display().to_string()),
+        Serve {
+            url_signing_key_file: Some(key),
+            ..Serve::default()
+        },
     );
     let (path, _) = appliance.big_file();
     let signer = appliance_serve::signed::UrlSigner::new(b"0123456789abcdef0123456789abcdef");
@@ -475,7 +504,7 @@ fn signed_urls_are_enforced_when_a_key_is_set() {
 
 #[test]
 fn drain_tells_steering_and_reports_drained_when_idle() {
-    let appliance = Appliance::start("drain", "");
+    let appliance = Appliance::start("drain", Serve::default());
     let (path, _) = appliance.big_file();
     let (status, body) = appliance.admin("GET", "/health");
     assert_eq!(status, 200);
@@ -486,7 +515,7 @@ fn drain_tells_steering_and_reports_drained_when_idle() {
     )
     .unwrap();
     read_response(&mut held);
-    assert_eq!(appliance.admin("POST", "/drain").0, 200);
+    appliance.ctl().ok(&["drain"]).unwrap();
     let (status, body) = appliance.admin("GET", "/health");
     assert_eq!(status, 503);
     assert!(body.contains("\"state\":\"draining\""), "{body}");
@@ -504,7 +533,7 @@ fn drain_tells_steering_and_reports_drained_when_idle() {
         assert!(Instant::now() < deadline, "never drained: {body}");
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(appliance.admin("POST", "/undrain").0, 200);
+    appliance.ctl().ok(&["undrain"]).unwrap();
     assert!(appliance
         .admin("GET", "/health")
         .1
@@ -569,10 +598,10 @@ fn error_answers_to_head_carry_no_content_and_close_when_they_say_so() {
     std::fs::write(&key_file, KEY).unwrap();
     let appliance = Appliance::start(
         "head-errors",
-        &format!(
-            "url_signing_key_file = {:?}",
-            key_file.display().to_string()
-        ),
+        Serve {
+            url_signing_key_file: Some(key_file),
+            ..Serve::default()
+        },
     );
     let signer = appliance_serve::signed::UrlSigner::new(KEY);
     let expires = std::time::SystemTime::now()
@@ -680,27 +709,26 @@ fn signing_keys_are_the_key_files_bytes_exactly() {
     let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
     assert!(out.status.success(), "{}", out.stderr);
     let key_file = scratch.path("key");
-    let key_line = format!(
-        "url_signing_key_file = {:?}",
-        key_file.display().to_string()
-    );
+    let serve = Serve {
+        url_signing_key_file: Some(key_file.clone()),
+        ..Serve::default()
+    };
     let expires = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_secs()
         + 600;
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = SplitMix64(0x9E37_79B9_7F4A_7C15);
     for edge in [b'\n', b' ', b'\t', b'\r', b'\0'] {
         let mut key = vec![edge];
-        for _ in 0..30 {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            key.push(state.to_le_bytes()[0]);
-        }
+        key.extend(seeded_bytes(rng.next_u64(), 30));
         key.push(edge);
         std::fs::write(&key_file, &key).unwrap();
-        let daemon = Daemon::start(&scratch, &drives, &key_line);
+        let config = Config {
+            serve: serve.clone(),
+            ..Config::new(&drives)
+        };
+        let daemon = Daemon::start(&scratch, config);
         let url = |signing_key: &[u8]| {
             let signer = appliance_serve::signed::UrlSigner::new(signing_key);
             daemon.url(&format!(
@@ -723,11 +751,11 @@ fn signing_keys_are_the_key_files_bytes_exactly() {
         );
     }
     let config = scratch.path("check.toml");
-    std::fs::write(
-        &config,
-        format!("drives = [\"/dev/null\"]\n[serve]\n{key_line}\n"),
-    )
-    .unwrap();
+    let check = Config {
+        serve,
+        ..Config::new(&["/dev/null"])
+    };
+    check.write(&config).unwrap();
     let cases: &[(&[u8], Option<&str>)] = &[
         (b"", Some("the key file is empty")),
         (
@@ -779,17 +807,20 @@ fn clients_taking_less_than_the_minimum_send_rate_are_cut_off() {
     let source = scratch.path("src");
     std::fs::create_dir_all(source.join("video")).unwrap();
     // Far more than the kernel buffers between the daemon and a client can hold.
-    let big: Vec<u8> = (0..24u32 << 20)
-        .map(|at| (at.wrapping_mul(2_654_435_761) >> 13) as u8)
-        .collect();
+    let big = seeded_bytes(24, 24 << 20);
     std::fs::write(source.join("video/big.mp4"), &big).unwrap();
     let out = scratch.store(&[&drives[0]], &["import", source.to_str().unwrap()]);
     assert!(out.status.success(), "{}", out.stderr);
-    let daemon = Daemon::start(
-        &scratch,
-        &drives,
-        "send_rate_min_bytes_per_s = 65536\nsend_rate_window_ms = 1000\nsend_timeout_ms = 60000",
-    );
+    let config = Config {
+        serve: Serve {
+            send_rate_min_bytes_per_s: Some(65536),
+            send_rate_window_ms: Some(1000),
+            send_timeout_ms: Some(60_000),
+            ..Serve::default()
+        },
+        ..Config::new(&drives)
+    };
+    let daemon = Daemon::start(&scratch, config);
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None).unwrap();
     socket.set_recv_buffer_size(4096).unwrap();
     let address = std::net::SocketAddr::from(([127, 0, 0, 1], daemon.port));

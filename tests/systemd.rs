@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// The units, as installed under /usr/lib/systemd/system.
-const UNITS: [&str; 3] = [
+const UNITS: [&str; 4] = [
     "applianced.service",
+    "applianced.socket",
     "appliance-fill.service",
     "appliance-fill.timer",
 ];
@@ -70,15 +71,6 @@ fn copy_units(dir: &Path) -> Vec<PathBuf> {
             path
         })
         .collect()
-}
-
-fn is_root() -> bool {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
 }
 
 #[test]
@@ -223,7 +215,7 @@ fn sysusers_and_tmpfiles_create_the_user_and_its_folders() {
         "the user's primary group is not appliance:\n{group}"
     );
 
-    if !is_root() {
+    if !appliance_testkit::is_root() {
         eprintln!("{test}: tmpfiles part skipped: giving folders to another user needs root");
         return;
     }

@@ -1,63 +1,51 @@
-//! Helpers of the black-box tests: scratch folders, drive files, loop and device-mapper
-//! devices, generated catalogs, and running the real binaries.
+//! Helpers of the black-box tests: scratch folders, drive files, device-mapper devices,
+//! generated catalogs, and running the real binaries (`applianced`, and `appliance-ctl`
+//! through the daemon's control socket). What the tools share with the tests (ports, HTTP,
+//! nginx, configs, manifests, loop devices, seeded bytes) is in `appliance-testkit`.
 
 #![allow(dead_code)]
 
-use std::collections::BTreeSet;
+pub use appliance_testkit::Output;
+use appliance_testkit::{Config, Ctl, Guard, LoopDevice, SplitMix64};
+use std::collections::{BTreeMap, BTreeSet};
 use std::fs;
-use std::io::Write;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::time::Duration;
 
-/// What a finished command printed.
-pub struct Output {
-    pub status: std::process::ExitStatus,
-    pub stdout: String,
-    pub stderr: String,
-}
+/// The binary under test.
+pub const APPLIANCED: &str = env!("CARGO_BIN_EXE_applianced");
 
 /// Runs `applianced` with `args` and waits for it.
 pub fn applianced(args: &[&str]) -> Output {
-    let out = Command::new(env!("CARGO_BIN_EXE_applianced"))
+    Command::new(APPLIANCED)
         .args(args)
         .output()
-        .expect("run applianced");
-    Output {
-        status: out.status,
-        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
-        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
-    }
+        .expect("run applianced")
+        .into()
 }
 
-/// The `appliance-ctl` binary next to `applianced` (built if this test runs alone).
-pub fn ctl_binary() -> PathBuf {
-    let path = Path::new(env!("CARGO_BIN_EXE_applianced")).with_file_name("appliance-ctl");
-    if !path.exists() {
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-        let status = Command::new(cargo)
-            .args(["build", "-p", "appliance-ctl"])
-            .status()
-            .unwrap();
-        assert!(status.success());
-    }
-    path
+/// `appliance-ctl` (next to the `applianced` under test) talking to `socket`.
+pub fn ctl(socket: &Path) -> Ctl {
+    Ctl::next_to(Path::new(APPLIANCED), socket).expect("appliance-ctl")
 }
 
 /// Some(()) when running as root; otherwise prints why the test is skipped.
 pub fn root_or_skip(test: &str) -> Option<()> {
-    let status = fs::read_to_string("/proc/self/status").unwrap_or_default();
-    let root = status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0");
-    if root {
+    if appliance_testkit::is_root() {
         Some(())
     } else {
         eprintln!("{test}: skipped: needs root for loop and device-mapper devices");
         None
     }
+}
+
+/// A loop device over `backing`; None (after saying why) when losetup fails.
+pub fn loop_device(backing: &Path) -> Option<LoopDevice> {
+    LoopDevice::attach(backing)
+        .inspect_err(|failure| eprintln!("skipped: {failure}"))
+        .ok()
 }
 
 /// A folder of its own under target/, emptied at start.
@@ -109,6 +97,25 @@ impl Scratch {
         let refs: Vec<&str> = all.iter().map(String::as_str).collect();
         applianced(&refs)
     }
+
+    /// What the store lists, with each file's bytes (`store ls`, then `store cat`).
+    pub fn stored(&self, drives: &[&Path]) -> BTreeMap<String, Vec<u8>> {
+        let listing = self.store(drives, &["ls"]);
+        assert!(listing.status.success(), "ls: {}", listing.stderr);
+        let mut stored = BTreeMap::new();
+        for line in listing.stdout.lines() {
+            let path = line.split_whitespace().nth(1).expect("size and path");
+            let mut args = self.store_args(drives);
+            args.extend(["cat".to_string(), path.to_string()]);
+            let bytes = Command::new(APPLIANCED)
+                .args(&args)
+                .output()
+                .unwrap()
+                .stdout;
+            stored.insert(path.to_string(), bytes);
+        }
+        stored
+    }
 }
 
 /// Overwrites bytes of a file in place.
@@ -128,26 +135,19 @@ impl Catalog {
     pub fn generate(scratch: &Scratch, name: &str, count: u64, size_max: u64) -> Catalog {
         let root = scratch.path(name);
         let mut files = Vec::new();
-        let mut state = 0x2545_F491_4F6C_DD1Du64 ^ count;
+        let mut rng = SplitMix64(0x2545_F491_4F6C_DD1D ^ count);
         for number in 0..count {
-            state = state
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
             let size = match number % 5 {
                 0 => 0,
-                1 => state % 5000,
-                _ => state % size_max,
+                1 => rng.below(5000),
+                _ => rng.below(size_max),
             };
             let path = format!("/title-{:02}/{number:03}.mp4", number % 7);
-            let content: Vec<u8> = (0..size)
-                .map(|at| (at.wrapping_mul(31).wrapping_add(number * 131) >> 3).to_le_bytes()[0])
-                .collect();
+            let size = usize::try_from(size).unwrap();
+            let content = appliance_testkit::seeded_bytes(rng.next_u64(), size);
             let target = root.join(&path[1..]);
             fs::create_dir_all(target.parent().unwrap()).unwrap();
-            fs::File::create(&target)
-                .unwrap()
-                .write_all(&content)
-                .unwrap();
+            fs::write(&target, &content).unwrap();
             files.push((path, content));
         }
         Catalog { root, files }
@@ -155,27 +155,13 @@ impl Catalog {
 
     /// Lists the store; checks every listed file byte by byte; returns the listed paths.
     pub fn check_listed(&self, scratch: &Scratch, drives: &[&Path]) -> BTreeSet<String> {
-        let out = scratch.store(drives, &["ls"]);
-        assert!(out.status.success(), "ls: {}", out.stderr);
         let mut listed = BTreeSet::new();
-        for line in out.stdout.lines() {
-            let path = line
-                .split_whitespace()
-                .nth(1)
-                .expect("size and path")
-                .to_string();
+        for (path, bytes) in scratch.stored(drives) {
             let expected = self
                 .files
                 .iter()
                 .find(|(known, _)| *known == path)
                 .unwrap_or_else(|| panic!("{path} was never written"));
-            let mut args = scratch.store_args(drives);
-            args.extend(["cat".to_string(), path.clone()]);
-            let bytes = Command::new(env!("CARGO_BIN_EXE_applianced"))
-                .args(&args)
-                .output()
-                .unwrap()
-                .stdout;
             assert!(
                 bytes == expected.1,
                 "{path}: stored bytes differ from the source"
@@ -189,36 +175,6 @@ impl Catalog {
     pub fn check_all(&self, scratch: &Scratch, drives: &[&Path]) {
         let listed = self.check_listed(scratch, drives);
         assert_eq!(listed.len(), self.files.len(), "every file is stored");
-    }
-}
-
-/// A loop device over a file, detached on drop.
-pub struct LoopDevice {
-    pub path: PathBuf,
-}
-
-impl LoopDevice {
-    pub fn attach(backing: &Path) -> Option<LoopDevice> {
-        let out = Command::new("losetup")
-            .args(["--find", "--show"])
-            .arg(backing)
-            .output()
-            .ok()?;
-        if !out.status.success() {
-            eprintln!(
-                "skipped: losetup failed: {}",
-                String::from_utf8_lossy(&out.stderr)
-            );
-            return None;
-        }
-        let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-        Some(LoopDevice { path })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let _ = Command::new("losetup").arg("-d").arg(&self.path).status();
     }
 }
 
@@ -292,15 +248,6 @@ impl Drop for DmDevice {
     }
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
 /// Formats `count` drive files of `size_bytes` in `scratch` with `segment_mib` segments.
 pub fn formatted_drives(
     scratch: &Scratch,
@@ -323,92 +270,69 @@ pub fn formatted_drives(
         .collect()
 }
 
-/// A running `applianced run`, stopped with SIGTERM when dropped.
+/// A running `applianced run`, stopped with SIGTERM when dropped (SIGKILL after 10 s).
 pub struct Daemon {
-    child: std::process::Child,
+    guard: Guard,
     pub port: u16,
     pub admin_port: u16,
-    pub config: PathBuf,
+    /// The configuration it was started with, and where it is written.
+    pub config: Config,
+    pub config_path: PathBuf,
+    pub socket: PathBuf,
 }
 
 impl Daemon {
-    /// Writes a config (drives, state dir, loopback listeners, access log, then `extra` TOML
-    /// lines inside `[serve]` and any further sections) and starts the daemon; waits for
-    /// /health.
-    pub fn start(scratch: &Scratch, drives: &[PathBuf], extra: &str) -> Daemon {
-        Daemon::start_with(scratch, drives, extra, "", "")
-    }
-
-    /// `start`, with `top` lines before `[serve]` and `after` sections after it.
-    pub fn start_with(
-        scratch: &Scratch,
-        drives: &[PathBuf],
-        extra: &str,
-        top: &str,
-        after: &str,
-    ) -> Daemon {
-        let port = free_port();
-        let admin_port = free_port();
-        let config = scratch.path("appliance.toml");
-        let list: Vec<String> = drives
-            .iter()
-            .map(|drive| format!("{:?}", drive.display().to_string()))
-            .collect();
-        std::fs::write(
-            &config,
-            format!(
-                "drives = [{}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n{top}\n[serve]\n\
-                 listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-                 access_log = {:?}\n{extra}\n{after}\n",
-                list.join(", "),
-                scratch.path("state").display().to_string(),
-                scratch.path("control.sock").display().to_string(),
-                scratch.path("access.log").display().to_string(),
-            ),
-        )
-        .unwrap();
-        let child = Command::new(env!("CARGO_BIN_EXE_applianced"))
-            .args(["run", "--config", config.to_str().unwrap()])
+    /// Starts `applianced run` with `config`, completed with what every test daemon has
+    /// unless `config` says otherwise: its state folder, control socket and access log in
+    /// `scratch`, and both listeners on free loopback ports. Waits for /health.
+    pub fn start(scratch: &Scratch, mut config: Config) -> Daemon {
+        let free = || appliance_testkit::free_port().expect("a free port");
+        let loopback = |port| std::net::SocketAddr::from(([127, 0, 0, 1], port));
+        config.state_dir.get_or_insert(scratch.path("state"));
+        let socket = config
+            .control_socket
+            .get_or_insert(scratch.path("control.sock"))
+            .clone();
+        let serve = &mut config.serve;
+        let port = serve.listen.get_or_insert(loopback(free())).port();
+        let admin_port = serve.admin_listen.get_or_insert(loopback(free())).port();
+        serve
+            .access_log
+            .get_or_insert(scratch.path("access.log").display().to_string());
+        let config_path = scratch.path("appliance.toml");
+        config.write(&config_path).unwrap();
+        let child = Command::new(APPLIANCED)
+            .args(["run", "--config", config_path.to_str().unwrap()])
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
             .expect("start applianced");
-        let daemon = Daemon {
-            child,
+        let mut guard = Guard::new("applianced", child).with_grace(Duration::from_secs(10));
+        appliance_testkit::wait_for_ok(admin_port, "/health", Duration::from_secs(20), || {
+            guard.alive()
+        })
+        .expect("the appliance becomes healthy");
+        Daemon {
+            guard,
             port,
             admin_port,
             config,
-        };
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        while std::time::Instant::now() < deadline {
-            if daemon.admin("GET", "/health").0 == 200 {
-                return daemon;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
+            config_path,
+            socket,
         }
-        panic!("the appliance did not become healthy");
     }
 
-    /// A request on the admin listener: (status, body).
+    /// A request on the admin listener: (status, body); (0, "") when nothing answers.
     pub fn admin(&self, method: &str, path: &str) -> (u16, String) {
-        use std::io::{Read, Write};
-        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.admin_port)) else {
-            return (0, String::new());
-        };
-        let request = format!("{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).unwrap();
-        let mut response = Vec::new();
-        let _ = stream.read_to_end(&mut response);
-        let text = String::from_utf8_lossy(&response).into_owned();
-        let status = text
-            .get(9..12)
-            .and_then(|code| code.parse().ok())
-            .unwrap_or(0);
-        let body = text
-            .split_once("\r\n\r\n")
-            .map(|(_, body)| body.to_string())
-            .unwrap_or_default();
-        (status, body)
+        match appliance_testkit::http(self.admin_port, method, path, &[]) {
+            Ok(response) => (response.status, response.text()),
+            Err(_) => (0, String::new()),
+        }
+    }
+
+    /// `appliance-ctl` on this daemon's control socket.
+    pub fn ctl(&self) -> Ctl {
+        ctl(&self.socket)
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -425,23 +349,6 @@ impl Daemon {
     }
 
     pub fn pid(&self) -> u32 {
-        self.child.id()
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
-            .status();
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        while std::time::Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.guard.pid()
     }
 }

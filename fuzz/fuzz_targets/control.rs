@@ -7,6 +7,7 @@
 //! `REQUEST_BYTES_MAX`; odd: response, as `appliance-ctl` reads it); the rest is the line.
 
 #![no_main]
+#![forbid(unsafe_code)]
 
 use appliance_proto::{parse_request, Response, PROTOCOL_VERSION, REQUEST_BYTES_MAX};
 use libfuzzer_sys::fuzz_target;

@@ -8,6 +8,7 @@
 //! covered.
 
 #![no_main]
+#![forbid(unsafe_code)]
 
 use appliance_store::layout::{
     decode_link, encode_link, CheckpointHeader, Deletion, FileMeta, RecordHeader, RecordKind,

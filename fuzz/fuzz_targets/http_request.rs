@@ -3,6 +3,7 @@
 //! panic; a parsed head's path must be normalised.
 
 #![no_main]
+#![forbid(unsafe_code)]
 
 use appliance_serve::http::{parse_request, select, Limits, Parse, Representation};
 use libfuzzer_sys::fuzz_target;

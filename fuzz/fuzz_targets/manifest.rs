@@ -9,6 +9,7 @@
 //! its time on path validation instead of on JSON syntax).
 
 #![no_main]
+#![forbid(unsafe_code)]
 
 use appliance_fill::manifest::{
     parse_manifest, sha256_hex, Manifest, FILES_MAX, FILE_SIZE_BYTES_MAX, MANIFEST_VERSION,

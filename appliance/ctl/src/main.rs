@@ -1,11 +1,16 @@
-//! `appliance-ctl`: the operator's command line. It speaks the control protocol
-//! (`appliance-proto`) over the daemon's Unix socket and prints readable tables or, with
-//! `--json`, the daemon's JSON. It holds no appliance logic of its own.
+//! `appliance-ctl`: the operator's command line, and the only way to act on a running box. It
+//! speaks the control protocol (`appliance-proto`) over the daemon's Unix socket and prints the
+//! typed answers as readable tables or, with `--json`, the same types serialised. It holds no
+//! appliance logic of its own: what counts as a failed fill is `FillReport::succeeded`.
+
+#![forbid(unsafe_code)]
 
 use anyhow::{bail, Context, Result};
-use appliance_proto::{Command, Request, Response, DEFAULT_SOCKET};
+use appliance_proto::{
+    Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Status, DEFAULT_SOCKET,
+};
 use clap::{CommandFactory, Parser, Subcommand};
-use serde_json::Value;
+use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -60,6 +65,16 @@ enum Action {
     GenerateDocs(appliance_clidocs::GenerateDocsArgs),
 }
 
+/// The reply's one expected variant, or an error naming what came instead.
+macro_rules! reply {
+    ($reply:expr, $pattern:pat => $value:expr) => {
+        match $reply {
+            $pattern => $value,
+            other => anyhow::bail!("the daemon answered with an unexpected reply: {other:?}"),
+        }
+    };
+}
+
 fn main() {
     let cli = Cli::parse();
     if let Err(error) = run(&cli) {
@@ -70,18 +85,36 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Action::Status => show(cli, Command::Status, print_status),
-        Action::Drives => show(cli, Command::Drives, |body| print_drives(&body["drives"])),
+        Action::Status => {
+            let status = reply!(call(cli, Command::Status)?, Reply::Status(status) => status);
+            print(cli, &*status, print_status)
+        }
+        Action::Drives => {
+            let drives = reply!(call(cli, Command::Drives)?, Reply::Drives(drives) => drives);
+            print(cli, &drives, |drives| print_drives(drives))
+        }
         Action::Fill { cancel: true, .. } => {
-            show(cli, Command::FillCancel, |_| println!("fill cancelled"))
+            let cancelled = reply!(
+                call(cli, Command::FillCancel)?,
+                Reply::FillCancelled(cancelled) => cancelled
+            );
+            print(cli, &cancelled, |cancelled| {
+                if cancelled.was_running {
+                    println!("fill cancelled");
+                } else {
+                    println!("no fill was running");
+                }
+            })
         }
         Action::Fill { manifest, wait, .. } => fill(cli, manifest.clone(), *wait),
-        Action::Drain => show(cli, Command::Drain, |body| {
-            println!("draining: {}", body["state"].as_str().unwrap_or("?"))
-        }),
-        Action::Undrain => show(cli, Command::Undrain, |body| {
-            println!("state: {}", body["state"].as_str().unwrap_or("?"))
-        }),
+        Action::Drain => {
+            let state = reply!(call(cli, Command::Drain)?, Reply::State(state) => state);
+            print(cli, &state, |state| println!("state: {state}"))
+        }
+        Action::Undrain => {
+            let state = reply!(call(cli, Command::Undrain)?, Reply::State(state) => state);
+            print(cli, &state, |state| println!("state: {state}"))
+        }
         Action::Verify { path, .. } => verify(cli, path.clone()),
         Action::GenerateDocs(args) => {
             args.run(Cli::command(), appliance_clidocs::Section::UserCommands)
@@ -123,129 +156,166 @@ impl Connection {
         Ok(())
     }
 
-    /// The next line from the daemon.
-    fn next(&mut self) -> Result<Response> {
+    /// The next line from the daemon: a progress reply (`Ok(false, ..)`) or the final one.
+    fn next(&mut self) -> Result<(bool, Reply)> {
         let mut line = String::new();
         if self.reader.read_line(&mut line)? == 0 {
             bail!("the daemon closed the connection");
         }
-        serde_json::from_str(&line).context("the daemon's answer is not a protocol line")
+        let response: Response = serde_json::from_str(&line).with_context(|| {
+            format!(
+                "the daemon's answer is not a protocol line this appliance-ctl (protocol {}) reads",
+                appliance_proto::PROTOCOL_VERSION
+            )
+        })?;
+        if let Some(error) = response.error {
+            bail!("{}", error.message);
+        }
+        match response.reply {
+            Some(reply) => Ok((response.done, reply)),
+            None => bail!("the daemon's answer has neither a reply nor an error"),
+        }
     }
 
-    /// Sends a command and returns its final response body (errors become errors).
-    fn call(&mut self, command: Command) -> Result<Value> {
+    /// Sends a command and returns its final reply (errors become errors).
+    fn call(&mut self, command: Command) -> Result<Reply> {
         self.send(command)?;
         loop {
-            let response = self.next()?;
-            if let Some(error) = response.error {
-                bail!("{error}");
-            }
-            if response.done {
-                return Ok(response.body);
+            let (done, reply) = self.next()?;
+            if done {
+                return Ok(reply);
             }
         }
     }
 }
 
-fn show(cli: &Cli, command: Command, print: impl Fn(&Value)) -> Result<()> {
-    let body = Connection::open(&cli.socket)?.call(command)?;
+fn call(cli: &Cli, command: Command) -> Result<Reply> {
+    Connection::open(&cli.socket)?.call(command)
+}
+
+/// Prints `value` as JSON with `--json`, else as text.
+fn print<T: Serialize>(cli: &Cli, value: &T, text: impl Fn(&T)) -> Result<()> {
     if cli.json {
-        println!("{}", serde_json::to_string_pretty(&body)?);
+        println!("{}", serde_json::to_string_pretty(value)?);
     } else {
-        print(&body);
+        text(value);
     }
     Ok(())
 }
 
-fn gib(bytes: &Value) -> String {
+fn gib(bytes: u64) -> String {
+    format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
+}
+
+fn print_status(status: &Status) {
+    println!(
+        "state: {}{}   version: {}   uptime: {} s",
+        status.state,
+        if status.healthy { "" } else { " (unhealthy)" },
+        status.version,
+        status.uptime_s
+    );
+    for problem in &status.problems {
+        println!("problem: {problem}");
+    }
+    println!();
+    print_drives(&status.drives);
+    let catalog = &status.catalog;
+    println!();
+    println!(
+        "catalog: {} files, {} GiB held, {} of {} GiB free; {}; {} pending deletes",
+        catalog.files,
+        gib(catalog.bytes),
+        gib(catalog.free_bytes),
+        gib(catalog.size_bytes),
+        match catalog.manifest_files {
+            Some(files) => format!("manifest lists {files} files"),
+            None => "no fill has read a manifest yet".to_string(),
+        },
+        catalog.pending_deletes
+    );
+    print_fill(&status.fill);
+    let traffic = &status.traffic;
+    println!(
+        "traffic: {} connections, {:.0} requests/s, {:.3} Gb/s, {} hits, {} misses",
+        traffic.connections, traffic.requests_per_s, traffic.gbps, traffic.hits, traffic.misses
+    );
+    let host = &status.host;
+    let cpu = host
+        .cpu_percent
+        .map_or("cpu not sampled yet".to_string(), |cpu| {
+            format!("cpu {cpu:.0}%")
+        });
+    let memory = match (host.memory_used_bytes, host.memory_total_bytes) {
+        (Some(used), Some(total)) => format!("memory {} of {} MiB", used >> 20, total >> 20),
+        _ => "memory not sampled".to_string(),
+    };
+    let load = host.load_1m.map_or("load not sampled".to_string(), |load| {
+        format!("load {load:.2}")
+    });
+    println!("host: {load}, {cpu}, {memory}");
+}
+
+fn print_fill(fill: &FillStatus) {
+    if fill.running {
+        println!(
+            "fill: running (window {}); {}/{} files, {}/{} GiB",
+            fill.window.as_deref().unwrap_or("none"),
+            fill.files_done,
+            fill.files_total,
+            gib(fill.bytes_done),
+            gib(fill.bytes_total)
+        );
+    } else {
+        println!(
+            "fill: idle (window {})",
+            fill.window
+                .as_deref()
+                .unwrap_or("none: operator starts only")
+        );
+    }
+    match &fill.last {
+        Some(last) => println!("      last: {}", report_line(last)),
+        None => println!("      last: no fill has run"),
+    }
+    for source in &fill.sources {
+        println!(
+            "      source {}: {} files, {} GiB, {} errors, {} missing, {} bad",
+            source.base_url,
+            source.files_ok,
+            gib(source.bytes),
+            source.errors,
+            source.missing,
+            source.bad_bytes
+        );
+    }
+}
+
+/// One line about a fill's outcome.
+fn report_line(report: &FillReport) -> String {
+    let outcome = if report.succeeded() {
+        "succeeded".to_string()
+    } else if report.cancelled {
+        "cancelled".to_string()
+    } else if let Some(error) = &report.error {
+        format!("failed: {error}")
+    } else {
+        "incomplete".to_string()
+    };
     format!(
-        "{:.1}",
-        bytes.as_f64().unwrap_or(0.0) / f64::from(1u32 << 30)
+        "{outcome}; {} fetched, {} failed, {} deleted, {} cannot fit, {} MiB",
+        report.files_fetched,
+        report.files_failed,
+        report.files_deleted,
+        report.cannot_fit.len(),
+        report.bytes_fetched >> 20
     )
 }
 
-fn print_status(body: &Value) {
-    println!(
-        "state: {}   version: {}   uptime: {} s",
-        body["state"].as_str().unwrap_or("?"),
-        body["version"].as_str().unwrap_or("?"),
-        body["uptime_s"]
-    );
-    println!();
-    print_drives(&body["drives"]);
-    let catalog = &body["catalog"];
-    println!();
-    println!(
-        "catalog: {} files, {} GiB held; manifest lists {} files; {} pending deletes",
-        catalog["files"],
-        gib(&catalog["bytes"]),
-        catalog["manifest_files"],
-        catalog["pending_deletes"]
-    );
-    let fill = &body["fill"];
-    let last = &fill["last"];
-    println!(
-        "fill: {} (window {}); progress {}/{} files, {}/{} GiB",
-        if fill["running"] == true {
-            "running"
-        } else {
-            "idle"
-        },
-        fill["window"].as_str().unwrap_or("none"),
-        fill["files_done"],
-        fill["files_total"],
-        gib(&fill["bytes_done"]),
-        gib(&fill["bytes_total"])
-    );
-    if !last.is_null() {
-        println!(
-            "      last: {} fetched, {} failed, {} deleted, {} cannot fit{}",
-            last["files_fetched"],
-            last["files_failed"],
-            last["files_deleted"],
-            last["cannot_fit"].as_array().map_or(0, Vec::len),
-            last["error"]
-                .as_str()
-                .map(|error| format!(", error: {error}"))
-                .unwrap_or_default()
-        );
-    }
-    for source in fill["sources"].as_array().into_iter().flatten() {
-        println!(
-            "      source {}: {} files, {} GiB, {} errors, {} missing, {} bad",
-            source["base_url"].as_str().unwrap_or("?"),
-            source["files_ok"],
-            gib(&source["bytes"]),
-            source["errors"],
-            source["missing"],
-            source["bad_bytes"]
-        );
-    }
-    let traffic = &body["traffic"];
-    println!(
-        "traffic: {} connections, {:.0} requests/s, {:.3} Gb/s, {} hits, {} misses",
-        traffic["connections"],
-        traffic["requests_per_s"].as_f64().unwrap_or(0.0),
-        traffic["gbps"].as_f64().unwrap_or(0.0),
-        traffic["hits"],
-        traffic["misses"]
-    );
-    let host = &body["host"];
-    println!(
-        "host: load {:.2}, cpu {:.0}%, memory {} of {} MiB",
-        host["load_1m"].as_f64().unwrap_or(0.0),
-        host["cpu_percent"].as_f64().unwrap_or(0.0),
-        host["memory_used_bytes"].as_u64().unwrap_or(0) >> 20,
-        host["memory_total_bytes"].as_u64().unwrap_or(0) >> 20
-    );
-}
-
-fn print_drives(drives: &Value) {
-    let rows: Vec<&Value> = drives.as_array().into_iter().flatten().collect();
-    let width = rows
+fn print_drives(drives: &[DriveRow]) {
+    let width = drives
         .iter()
-        .filter_map(|drive| drive["path"].as_str())
-        .map(str::len)
+        .map(|drive| drive.path.len())
         .max()
         .unwrap_or(5)
         .max(5);
@@ -253,19 +323,19 @@ fn print_drives(drives: &Value) {
         "{:<width$} {:<20} {:<16} {:>9} {:>9} {:>8}  state",
         "drive", "model", "serial", "size GiB", "used GiB", "files"
     );
-    for drive in rows {
-        let state = match drive["error"].as_str() {
+    for drive in drives {
+        let state = match &drive.error {
             Some(error) => format!("failed: {error}"),
-            None => drive["state"].as_str().unwrap_or("?").to_string(),
+            None => format!("{:?}", drive.state).to_lowercase(),
         };
         println!(
             "{:<width$} {:<20} {:<16} {:>9} {:>9} {:>8}  {}",
-            drive["path"].as_str().unwrap_or("?"),
-            drive["model"].as_str().unwrap_or("-"),
-            drive["serial"].as_str().unwrap_or("-"),
-            gib(&drive["size_bytes"]),
-            gib(&drive["used_bytes"]),
-            drive["files"].to_string(),
+            drive.path,
+            drive.model.as_deref().unwrap_or("-"),
+            drive.serial.as_deref().unwrap_or("-"),
+            gib(drive.size_bytes),
+            gib(drive.used_bytes),
+            drive.files,
             state
         );
     }
@@ -273,14 +343,12 @@ fn print_drives(drives: &Value) {
 
 fn fill(cli: &Cli, manifest: Option<String>, wait: bool) -> Result<()> {
     let mut connection = Connection::open(&cli.socket)?;
-    let started = connection.call(Command::Fill { manifest })?;
+    let started = reply!(
+        connection.call(Command::Fill { manifest })?,
+        Reply::FillStarted(started) => started
+    );
     if !wait {
-        if cli.json {
-            println!("{}", serde_json::to_string_pretty(&started)?);
-        } else {
-            println!("fill started");
-        }
-        return Ok(());
+        return print(cli, &started, |_| println!("fill started"));
     }
     let bar = indicatif::ProgressBar::new(0);
     bar.set_style(
@@ -291,42 +359,38 @@ fn fill(cli: &Cli, manifest: Option<String>, wait: bool) -> Result<()> {
     );
     let status = loop {
         std::thread::sleep(Duration::from_millis(500));
-        let status = connection.call(Command::FillStatus)?;
-        bar.set_length(status["bytes_total"].as_u64().unwrap_or(0));
-        bar.set_position(status["bytes_done"].as_u64().unwrap_or(0));
+        let status = reply!(
+            connection.call(Command::FillStatus)?,
+            Reply::FillStatus(status) => status
+        );
+        bar.set_length(status.bytes_total);
+        bar.set_position(status.bytes_done);
         bar.set_message(format!(
             "{}/{} files",
-            status["files_done"], status["files_total"]
+            status.files_done, status.files_total
         ));
-        if status["running"] == false {
+        // The fill this command started has ended once none runs and the last report is
+        // from it (a report from an earlier fill started before it).
+        let ended = status
+            .last
+            .as_ref()
+            .is_some_and(|last| last.started_unix_s >= started.started_unix_s);
+        if !status.running && ended {
             break status;
         }
     };
     bar.finish_and_clear();
-    let last = &status["last"];
-    if cli.json {
-        println!("{}", serde_json::to_string_pretty(last)?);
-    } else {
-        println!(
-            "fill ended: {} fetched, {} failed, {} deleted, {} cannot fit, {} MiB",
-            last["files_fetched"],
-            last["files_failed"],
-            last["files_deleted"],
-            last["cannot_fit"].as_array().map_or(0, Vec::len),
-            last["bytes_fetched"].as_u64().unwrap_or(0) >> 20
-        );
-    }
-    let failed = last["error"].is_string()
-        || last["cancelled"] == true
-        || last["files_failed"].as_u64().unwrap_or(0) > 0
-        || last["cannot_fit"]
-            .as_array()
-            .is_some_and(|list| !list.is_empty());
-    if failed {
+    let Some(last) = status.last else {
+        bail!("the daemon reports no result for the fill");
+    };
+    print(cli, &last, |last| {
+        println!("fill ended: {}", report_line(last))
+    })?;
+    if !last.succeeded() {
         bail!(
             "the fill did not complete{}",
-            last["error"]
-                .as_str()
+            last.error
+                .as_deref()
                 .map(|error| format!(": {error}"))
                 .unwrap_or_default()
         );
@@ -339,38 +403,33 @@ fn verify(cli: &Cli, path: Option<String>) -> Result<()> {
     connection.send(Command::Verify { path })?;
     let bar = indicatif::ProgressBar::new(0);
     loop {
-        let response = connection.next()?;
-        if let Some(error) = response.error {
-            bar.finish_and_clear();
-            bail!("{error}");
-        }
-        let body = response.body;
-        if !response.done {
-            bar.set_length(body["files_total"].as_u64().unwrap_or(0));
-            bar.set_position(body["files_done"].as_u64().unwrap_or(0));
+        let (done, reply) = match connection.next() {
+            Ok(line) => line,
+            Err(error) => {
+                bar.finish_and_clear();
+                return Err(error);
+            }
+        };
+        if !done {
+            if let Reply::VerifyProgress(progress) = reply {
+                bar.set_length(progress.files_total);
+                bar.set_position(progress.files_done);
+            }
             continue;
         }
         bar.finish_and_clear();
-        if cli.json {
-            println!("{}", serde_json::to_string_pretty(&body)?);
-        } else {
-            for damage in body["damaged"].as_array().into_iter().flatten() {
-                println!(
-                    "damaged {}: {}",
-                    damage["path"].as_str().unwrap_or("?"),
-                    damage["error"].as_str().unwrap_or("?")
-                );
+        let report = reply!(reply, Reply::VerifyReport(report) => report);
+        print(cli, &report, |report| {
+            for damage in &report.damaged {
+                println!("damaged {}: {}", damage.path, damage.error);
             }
             println!(
                 "verified {} files, {} damaged",
-                body["files_verified"],
-                body["damaged"].as_array().map_or(0, Vec::len)
+                report.files_verified,
+                report.damaged.len()
             );
-        }
-        if body["damaged"]
-            .as_array()
-            .is_some_and(|damaged| !damaged.is_empty())
-        {
+        })?;
+        if !report.damaged.is_empty() {
             bail!("damaged files found");
         }
         return Ok(());

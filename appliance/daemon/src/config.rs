@@ -154,7 +154,7 @@ impl Default for Serve {
         let defaults = ServeConfig::default();
         Serve {
             listen: defaults.listen,
-            admin_listen: defaults.admin_listen,
+            admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             request_line_bytes_max: defaults.limits.request_line_bytes_max,
             header_bytes_max: defaults.limits.header_bytes_max,
             header_read_timeout_ms: millis(defaults.header_read_timeout),
@@ -390,7 +390,6 @@ impl Config {
         };
         Ok(ServeConfig {
             listen: serve.listen,
-            admin_listen: serve.admin_listen,
             limits: appliance_serve::http::Limits {
                 request_line_bytes_max: serve.request_line_bytes_max,
                 header_bytes_max: serve.header_bytes_max,

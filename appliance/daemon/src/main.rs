@@ -2,12 +2,15 @@
 //! failed-drive list on the OS disk, signals and logging. `run` serves; the store commands
 //! work on a stopped appliance.
 
+#![forbid(unsafe_code)]
+
 mod config;
 mod control;
 mod crash;
 mod drives;
-mod fill_admin;
 mod logging;
+mod metrics;
+mod operations;
 mod run;
 mod store_commands;
 mod test_faults;

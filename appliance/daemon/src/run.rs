@@ -61,6 +61,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         Serving {
             store: store.clone(),
             serve_config,
+            admin_listen: config.serve.admin_listen,
             filler,
             heartbeat: Arc::clone(&upkeep.heartbeat),
             watchdog_interval,
@@ -82,6 +83,8 @@ pub fn run(config_path: &Path) -> Result<()> {
 struct Serving {
     store: Store,
     serve_config: appliance_serve::ServeConfig,
+    /// The read-only admin listener (`/health`, `/metrics`).
+    admin_listen: std::net::SocketAddr,
     filler: Arc<appliance_fill::Filler>,
     heartbeat: Arc<Heartbeat>,
     /// WATCHDOG_USEC, when systemd (or a test) expects keep-alives.
@@ -93,43 +96,44 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
     let Serving {
         store,
         serve_config,
+        admin_listen,
         filler,
         heartbeat,
         watchdog_interval,
         faults,
     } = serving;
     let seed = drive_seed(&store);
-    let control_listener = crate::control::bind(control_socket)?;
-    let extension = Arc::new(crate::fill_admin::FillAdmin {
-        filler: Arc::clone(&filler),
-        store: store.clone(),
-        upkeep: Arc::clone(&heartbeat),
-        shared: std::sync::OnceLock::new(),
-    });
-    let server = Server::bind_with(
-        store.clone(),
-        serve_config,
-        Some(Arc::clone(&extension) as _),
-    )
-    .await?;
-    let _ = extension.shared.set(server.shared());
+    let control = crate::control::listen(control_socket)?;
+    let server = Server::bind(store.clone(), serve_config).await?;
+    let admin_listener = tokio::net::TcpListener::bind(admin_listen)
+        .await
+        .with_context(|| format!("admin listener on {admin_listen}"))?;
     tracing::info!(
         listen = %server.local_addr()?,
-        admin = %server.admin_addr()?,
+        admin = %admin_listener.local_addr()?,
         "serving"
     );
     let shared = server.shared();
-    let control = crate::control::Control::new(store, Arc::clone(&shared), Arc::clone(&filler));
-    let control_serve = crate::control::serve(control_listener, Arc::clone(&control));
+    let operations = crate::operations::Operations::new(
+        store.clone(),
+        Arc::clone(&shared),
+        Arc::clone(&filler),
+        Arc::clone(&heartbeat),
+    );
+    let admin_plane = Arc::new(crate::metrics::AdminPlane::new(
+        Arc::clone(&operations),
+        &shared,
+    ));
+    let control_serve = crate::control::serve(control.listener, Arc::clone(&operations));
     let control_task = tokio::spawn(async move {
         if faults.panics_in(Place::Control) {
             panic!("test fault: the control-socket task panics (APPLIANCED_TEST_PANIC=control)");
         }
         control_serve.await;
     });
-    let sampler = tokio::spawn(Arc::clone(&control).sample());
+    let sampler = tokio::spawn(Arc::clone(&operations).sample());
     let watchdog = tokio::spawn(keep_watchdog_alive(
-        control.store.clone(),
+        store.clone(),
         heartbeat,
         watchdog_interval,
     ));
@@ -139,6 +143,11 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
     let mut hangup = signal(SignalKind::hangup())?;
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
     let serving = tokio::spawn(server.run(stopped.clone()));
+    let admin = tokio::spawn(appliance_serve::admin::serve_admin(
+        admin_listener,
+        admin_plane,
+        stopped.clone(),
+    ));
     let schedule = tokio::spawn(Arc::clone(&filler).schedule(seed, stopped));
     if faults.panics_in(Place::Serve) {
         tokio::spawn(async {
@@ -163,10 +172,13 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
     while filler.is_running() && Instant::now() < cancelled_by {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for task in [control_task, sampler, watchdog] {
+    for task in [control_task, sampler, watchdog, admin] {
         task.abort();
     }
-    let _ = std::fs::remove_file(control_socket);
+    // A socket systemd passed is systemd's to keep (clients queue on it across a restart).
+    if let Some(path) = control.bound_path {
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
 }
 

@@ -64,20 +64,6 @@ impl Heartbeat {
             UpkeepState::Ok { silent }
         }
     }
-
-    /// The `upkeep` member of `/health`.
-    pub fn health_json(&self) -> serde_json::Value {
-        let millis = |silent: Duration| u64::try_from(silent.as_millis()).unwrap_or(u64::MAX);
-        match self.state() {
-            UpkeepState::Ok { silent } => {
-                serde_json::json!({ "state": "ok", "silent_ms": millis(silent) })
-            }
-            UpkeepState::Stalled { silent } => {
-                serde_json::json!({ "state": "stalled", "silent_ms": millis(silent) })
-            }
-            UpkeepState::Exited => serde_json::json!({ "state": "exited" }),
-        }
-    }
 }
 
 /// Clears `running` when the thread's loop ends, however it ends.
@@ -166,6 +152,5 @@ mod tests {
         assert!(matches!(heartbeat.state(), UpkeepState::Ok { .. }));
         heartbeat.running.store(false, Ordering::SeqCst);
         assert_eq!(heartbeat.state(), UpkeepState::Exited);
-        assert_eq!(heartbeat.health_json()["state"], "exited");
     }
 }

@@ -57,57 +57,6 @@ pub fn prefetch(from: BorrowedFd<'_>, offset_bytes: u64, length_bytes: u64) -> i
     Ok(())
 }
 
-/// The cachestat(2) system call number (Linux 6.5+; the same on x86_64 and aarch64).
-const SYS_CACHESTAT: libc::c_long = 451;
-
-#[repr(C)]
-struct CachestatRange {
-    offset: u64,
-    length: u64,
-}
-
-#[repr(C)]
-#[derive(Default)]
-struct Cachestat {
-    cache: u64,
-    dirty: u64,
-    writeback: u64,
-    evicted: u64,
-    recently_evicted: u64,
-}
-
-/// How many of the range's pages are in the page cache: `Some((cached, total))`, or `None`
-/// when the kernel cannot tell (no cachestat(2): callers then assume the range is cached).
-pub fn cached_pages(
-    from: BorrowedFd<'_>,
-    offset_bytes: u64,
-    length_bytes: u64,
-) -> Option<(u64, u64)> {
-    let range = CachestatRange {
-        offset: offset_bytes,
-        length: length_bytes,
-    };
-    let mut stat = Cachestat::default();
-    // SAFETY: cachestat reads `range` and writes `stat`, both valid, exclusively borrowed
-    // #[repr(C)] structs of the kernel's layout for the duration of the call; the descriptor is
-    // open for the borrow's lifetime.
-    let result = unsafe {
-        libc::syscall(
-            SYS_CACHESTAT,
-            from.as_raw_fd(),
-            &range as *const CachestatRange,
-            &mut stat as *mut Cachestat,
-            0u32,
-        )
-    };
-    if result != 0 {
-        return None;
-    }
-    let first_page = offset_bytes / 4096;
-    let end_page = offset_bytes.saturating_add(length_bytes).div_ceil(4096);
-    Some((stat.cache, end_page - first_page))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -126,10 +75,6 @@ mod tests {
         let file = std::fs::File::open(&path).unwrap();
         let (mut reader, writer) = std::os::unix::net::UnixStream::pair().unwrap();
         prefetch(file.as_fd(), 0, 16).unwrap();
-        if let Some((cached, total)) = cached_pages(file.as_fd(), 0, 16) {
-            assert_eq!(total, 1);
-            assert!(cached <= 1);
-        }
         assert_eq!(send(writer.as_fd(), b"head:", true).unwrap(), 5);
         let mut offset = 4;
         assert_eq!(

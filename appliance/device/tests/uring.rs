@@ -1,7 +1,7 @@
 //! Black-box tests of `UringDrive` on temporary files and, as root, on a loop device.
 //!
-//! Owns only its scratch files (under the target's tmp directory) and the loop devices it
-//! attaches, which it always detaches.
+//! Owns only its scratch files (under the target's tmp directory) and the loop device it
+//! attaches (`appliance_testkit::LoopDevice`, detached when dropped).
 
 use appliance_device::{
     read_exact_at, write_all_at, AlignedBuf, Drive, DriveKind, UringConfig, UringDrive,
@@ -9,7 +9,6 @@ use appliance_device::{
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::Arc;
 use std::thread;
 
@@ -286,59 +285,21 @@ fn dropping_tickets_and_the_drive_with_operations_in_flight_is_clean() {
     }
 }
 
-/// A loop device attached to a backing file, detached when dropped.
-struct LoopDevice {
-    device: PathBuf,
-}
-
-impl LoopDevice {
-    fn attach(backing: &Path) -> Result<LoopDevice, String> {
-        let output = Command::new("losetup")
-            .arg("--find")
-            .arg("--show")
-            .arg(backing)
-            .output()
-            .map_err(|error| format!("cannot run losetup: {error}"))?;
-        if !output.status.success() {
-            let stderr = String::from_utf8_lossy(&output.stderr);
-            return Err(format!("losetup failed: {}", stderr.trim()));
-        }
-        let device = String::from_utf8_lossy(&output.stdout).trim().to_string();
-        Ok(LoopDevice {
-            device: PathBuf::from(device),
-        })
-    }
-}
-
-impl Drop for LoopDevice {
-    fn drop(&mut self) {
-        let status = Command::new("losetup").arg("-d").arg(&self.device).status();
-        if !matches!(status, Ok(status) if status.success()) {
-            eprintln!("could not detach {}: {status:?}", self.device.display());
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid takes no arguments and cannot fail.
-    unsafe { libc::geteuid() == 0 }
-}
-
 #[test]
 fn loop_device_round_trip() {
-    if !is_root() {
+    if !appliance_testkit::is_root() {
         eprintln!("skipping the loop device test: it needs root to run losetup");
         return;
     }
     let backing = ScratchFile::new("loop-backing", 64 * MIB);
-    let loop_device = match LoopDevice::attach(&backing.path) {
+    let loop_device = match appliance_testkit::LoopDevice::attach(&backing.path) {
         Ok(loop_device) => loop_device,
         Err(reason) => {
             eprintln!("skipping the loop device test: {reason}");
             return;
         }
     };
-    let drive = open(&loop_device.device, 16);
+    let drive = open(&loop_device.path, 16);
     let info = drive.info();
     assert_eq!(info.kind, DriveKind::BlockDevice);
     assert_eq!(info.size_bytes, 64 * MIB);
@@ -352,7 +313,7 @@ fn loop_device_round_trip() {
     drive.read_cached(MIB, &mut cached).expect("cached read");
     assert!(cached[..] == pattern(MIB, 64 * 1024, 3)[..4096]);
     check_discard(&drive, 32 * MIB);
-    let error = UringDrive::open(&loop_device.device, &UringConfig::default())
+    let error = UringDrive::open(&loop_device.path, &UringConfig::default())
         .err()
         .expect("a second open of the device must fail");
     assert!(error.to_string().contains("in use"), "{error}");

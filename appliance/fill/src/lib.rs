@@ -5,6 +5,8 @@
 //! `manifest`, `signature`, `plan`, `schedule` and `bucket` are pure and table-tested; `load`,
 //! `fetch` and `runner` do the network and store work.
 
+#![forbid(unsafe_code)]
+
 pub mod bucket;
 pub mod fetch;
 pub mod load;
@@ -15,5 +17,5 @@ pub mod schedule;
 pub mod signature;
 
 pub use load::LoadConfig;
-pub use runner::{FillConfig, FillReport, Filler, ManifestLocation};
+pub use runner::{AlreadyRunning, FillConfig, FillReport, Filler, ManifestLocation};
 pub use signature::ManifestKey;

@@ -12,6 +12,7 @@ use crate::load::{load_manifest, LoadConfig};
 use crate::manifest::{Manifest, ManifestFile};
 use crate::plan::{plan, Dropped, HeldFile, Plan, PlanInput};
 use crate::schedule::{start_delay_s, FillWindow};
+use appliance_proto::{FillStatus, SourceCounts};
 use appliance_store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
@@ -77,41 +78,11 @@ pub struct DroppedRow {
     pub last_rank: u64,
 }
 
-/// One file that could not be filled.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Failure {
-    pub path: String,
-    pub error: String,
-}
+pub use appliance_proto::{FillFailure as Failure, FillReport};
 
-/// The outcome of one fill.
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct FillReport {
-    pub started_unix_s: u64,
-    pub ended_unix_s: u64,
-    pub manifest_generated_at: String,
-    pub files_in_manifest: u64,
-    pub files_held_ok: u64,
-    pub files_planned: u64,
-    pub files_fetched: u64,
-    pub files_failed: u64,
-    pub bytes_fetched: u64,
-    pub files_deleted: u64,
-    pub cannot_fit: Vec<String>,
-    pub failures: Vec<Failure>,
-    /// A reason the fill did not run at all (bad manifest, unreachable manifest).
-    pub error: Option<String>,
-    pub cancelled: bool,
-}
-
-impl FillReport {
-    pub fn succeeded(&self) -> bool {
-        self.error.is_none()
-            && !self.cancelled
-            && self.files_failed == 0
-            && self.cannot_fit.is_empty()
-    }
-}
+/// A second start while a fill runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct AlreadyRunning;
 
 /// What survives a restart.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -200,6 +171,9 @@ impl Filler {
         }
         let token = CancellationToken::new();
         *current = Some(token.clone());
+        self.progress
+            .started_unix_s
+            .store(now_unix_s(), Ordering::SeqCst);
         self.progress.running.store(true, Ordering::SeqCst);
         Some(token)
     }
@@ -237,42 +211,49 @@ impl Filler {
     }
 
     /// Status for operators: progress of the running fill, the last result, per source.
-    pub fn status_json(&self) -> serde_json::Value {
+    pub fn status(&self) -> FillStatus {
         let progress = &self.progress;
         let bytes_done = self
             .bytes_from_sources()
             .saturating_sub(progress.bytes_at_start.load(Ordering::Relaxed));
         let state = self.lock_state();
-        let sources: Vec<serde_json::Value> = self
+        let sources = self
             .sources
             .iter()
-            .map(|source| {
-                serde_json::json!({
-                    "base_url": source.base_url,
-                    "files_ok": source.files_ok.load(Ordering::Relaxed),
-                    "bytes": source.bytes.load(Ordering::Relaxed),
-                    "errors": source.errors.load(Ordering::Relaxed),
-                    "missing": source.missing.load(Ordering::Relaxed),
-                    "bad_bytes": source.bad_bytes.load(Ordering::Relaxed),
-                })
+            .map(|source| SourceCounts {
+                base_url: source.base_url.clone(),
+                files_ok: source.files_ok.load(Ordering::Relaxed),
+                bytes: source.bytes.load(Ordering::Relaxed),
+                errors: source.errors.load(Ordering::Relaxed),
+                missing: source.missing.load(Ordering::Relaxed),
+                bad_bytes: source.bad_bytes.load(Ordering::Relaxed),
             })
             .collect();
-        serde_json::json!({
-            "running": self.is_running(),
-            "started_unix_s": progress.started_unix_s.load(Ordering::Relaxed),
-            "files_total": progress.files_total.load(Ordering::Relaxed),
-            "files_done": progress.files_done.load(Ordering::Relaxed),
-            "files_failed": progress.files_failed.load(Ordering::Relaxed),
-            "bytes_total": progress.bytes_total.load(Ordering::Relaxed),
-            "bytes_done": bytes_done,
-            "window": self.window().as_ref().map(|window| format!(
-                "{:02}:{:02}-{:02}:{:02} {}",
-                window.start_minute / 60, window.start_minute % 60,
-                window.end_minute / 60, window.end_minute % 60, window.time_zone)),
-            "pending_deletes": state.dropped.len(),
-            "sources": sources,
-            "last": state.last,
-        })
+        let started = progress.started_unix_s.load(Ordering::Relaxed);
+        FillStatus {
+            running: self.is_running(),
+            window: self.window().as_ref().map(|window| {
+                format!(
+                    "{:02}:{:02}-{:02}:{:02} {}",
+                    window.start_minute / 60,
+                    window.start_minute % 60,
+                    window.end_minute / 60,
+                    window.end_minute % 60,
+                    window.time_zone
+                )
+            }),
+            started_unix_s: (started > 0)
+                .then_some(started)
+                .or_else(|| state.last.as_ref().map(|last| last.started_unix_s)),
+            files_total: progress.files_total.load(Ordering::Relaxed),
+            files_done: progress.files_done.load(Ordering::Relaxed),
+            files_failed: progress.files_failed.load(Ordering::Relaxed),
+            bytes_total: progress.bytes_total.load(Ordering::Relaxed),
+            bytes_done,
+            pending_deletes: state.dropped.len() as u64,
+            sources,
+            last: state.last.clone(),
+        }
     }
 
     fn lock_state(&self) -> std::sync::MutexGuard<'_, FillState> {
@@ -290,11 +271,34 @@ impl Filler {
                 ..FillReport::default()
             };
         };
-        let _running = RunningGuard(self);
-        let started = now_unix_s();
-        self.progress
-            .started_unix_s
-            .store(started, Ordering::Relaxed);
+        let running = RunningGuard(Arc::clone(self));
+        self.run_begun(running, cancel, manifest).await
+    }
+
+    /// Starts a fill on the current runtime unless one runs. The check and the mark are one
+    /// step under one lock, so of two callers at once exactly one starts and the other gets
+    /// [`AlreadyRunning`]. The fill counts as running from the moment this returns `Ok`.
+    pub fn start(
+        self: &Arc<Self>,
+        manifest: Option<ManifestLocation>,
+    ) -> Result<tokio::task::JoinHandle<FillReport>, AlreadyRunning> {
+        let cancel = self.begin().ok_or(AlreadyRunning)?;
+        let running = RunningGuard(Arc::clone(self));
+        let filler = Arc::clone(self);
+        Ok(tokio::spawn(async move {
+            filler.run_begun(running, cancel, manifest).await
+        }))
+    }
+
+    /// The fill itself, once `begin` marked it running; `_running` clears the mark however
+    /// the fill ends (even if its task is dropped before it first runs).
+    async fn run_begun(
+        self: &Arc<Self>,
+        _running: RunningGuard,
+        cancel: CancellationToken,
+        manifest: Option<ManifestLocation>,
+    ) -> FillReport {
+        let started = self.progress.started_unix_s.load(Ordering::SeqCst);
         self.progress
             .bytes_at_start
             .store(self.bytes_from_sources(), Ordering::Relaxed);
@@ -617,9 +621,9 @@ impl Filler {
 }
 
 /// Marks the fill stopped when `run_once` ends, or when its future is dropped mid-way.
-struct RunningGuard<'a>(&'a Filler);
+struct RunningGuard(Arc<Filler>);
 
-impl Drop for RunningGuard<'_> {
+impl Drop for RunningGuard {
     fn drop(&mut self) {
         let mut current = self.0.lock_current();
         *current = None;

@@ -2,12 +2,20 @@
 //! line each way over a Unix stream socket. A request names the protocol version and a
 //! command; the daemon answers with zero or more progress lines and one final response. An
 //! unknown version or a malformed request gets an error response, never a dropped connection.
-//! This crate holds only types and their (de)serialisation: no I/O.
+//! This crate holds only types and their (de)serialisation: no I/O. Every answer is a typed
+//! value (`views`), so the daemon, `/health`, `/metrics` and `appliance-ctl` share one shape.
+
+#![forbid(unsafe_code)]
+
+mod views;
+
+pub use views::*;
 
 use serde::{Deserialize, Serialize};
 
-/// The protocol version this build speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// The protocol version this build speaks. Version 2: typed replies (`Reply`) and typed
+/// errors (`Error`) instead of free JSON.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// The default socket path.
 pub const DEFAULT_SOCKET: &str = "/run/appliance/control.sock";
@@ -45,43 +53,102 @@ pub enum Command {
     Verify { path: Option<String> },
 }
 
-/// A line the daemon sends back.
+/// Why a command failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorKind {
+    /// The request line is not a request this daemon understands.
+    BadRequest,
+    /// The request names a protocol version this daemon does not speak.
+    UnsupportedVersion,
+    /// A fill was asked to start while one runs.
+    AlreadyRunning,
+    /// The command ran and failed.
+    Failed,
+}
+
+/// A command's failure.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Error {
+    pub kind: ErrorKind,
+    pub message: String,
+}
+
+impl Error {
+    pub fn new(kind: ErrorKind, message: impl Into<String>) -> Error {
+        Error {
+            kind,
+            message: message.into(),
+        }
+    }
+}
+
+impl std::fmt::Display for Error {
+    fn fmt(&self, out: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        out.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Error {}
+
+/// A command's result (or progress), one variant per kind of answer.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "kind", content = "value", rename_all = "snake_case")]
+pub enum Reply {
+    Status(Box<Status>),
+    Drives(Vec<DriveRow>),
+    FillStarted(FillStarted),
+    FillCancelled(FillCancelled),
+    FillStatus(Box<FillStatus>),
+    /// The state after a drain or undrain.
+    State(State),
+    VerifyProgress(VerifyProgress),
+    VerifyReport(VerifyReport),
+}
+
+/// A line the daemon sends back: progress lines (`done: false`), then one final line with
+/// either a reply or an error.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Response {
     pub version: u32,
-    /// Set on progress lines; the final line has `done: true`.
     pub done: bool,
-    /// The error, when the command failed.
-    pub error: Option<String>,
-    /// The command's result or progress, as JSON.
-    pub body: serde_json::Value,
+    pub error: Option<Error>,
+    pub reply: Option<Reply>,
 }
 
 impl Response {
-    pub fn ok(body: serde_json::Value) -> Response {
+    pub fn ok(reply: Reply) -> Response {
         Response {
             version: PROTOCOL_VERSION,
             done: true,
             error: None,
-            body,
+            reply: Some(reply),
         }
     }
 
-    pub fn progress(body: serde_json::Value) -> Response {
+    pub fn progress(reply: Reply) -> Response {
         Response {
             version: PROTOCOL_VERSION,
             done: false,
             error: None,
-            body,
+            reply: Some(reply),
         }
     }
 
-    pub fn error(message: impl Into<String>) -> Response {
+    pub fn error(error: Error) -> Response {
         Response {
             version: PROTOCOL_VERSION,
             done: true,
-            error: Some(message.into()),
-            body: serde_json::Value::Null,
+            error: Some(error),
+            reply: None,
+        }
+    }
+
+    /// The final line for `result`.
+    pub fn result(result: Result<Reply, Error>) -> Response {
+        match result {
+            Ok(reply) => Response::ok(reply),
+            Err(error) => Response::error(error),
         }
     }
 
@@ -108,8 +175,19 @@ impl Request {
     }
 }
 
-/// Parses a request line; the error is the text of the error response to send.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+/// Parses a request line; the error is the error response to send.
+pub fn parse_request(line: &[u8]) -> Result<Request, Error> {
+    parse(line).map_err(|message| {
+        let kind = if message.starts_with("unsupported protocol version") {
+            ErrorKind::UnsupportedVersion
+        } else {
+            ErrorKind::BadRequest
+        };
+        Error::new(kind, message)
+    })
+}
+
+fn parse(line: &[u8]) -> Result<Request, String> {
     let value: serde_json::Value =
         serde_json::from_slice(line).map_err(|error| format!("malformed request: {error}"))?;
     let serde_json::Value::Object(mut fields) = value else {
@@ -148,37 +226,39 @@ mod tests {
     fn check(line: &str, expected: Result<Command, &str>) {
         match (parse_request(line.as_bytes()), expected) {
             (Ok(request), Ok(command)) => assert_eq!(request.command, command, "{line}"),
-            (Err(error), Err(fragment)) => assert!(error.contains(fragment), "{line}: {error}"),
+            (Err(error), Err(fragment)) => {
+                assert!(error.message.contains(fragment), "{line}: {error}")
+            }
             (got, want) => panic!("{line}: got {got:?}, want {want:?}"),
         }
     }
 
     #[test]
     fn requests_parse_or_get_a_clear_error() {
-        check(r#"{"version":1,"command":"status"}"#, Ok(Command::Status));
+        check(r#"{"version":2,"command":"status"}"#, Ok(Command::Status));
         check(
-            r#"{"version":1,"command":"fill","manifest":"http://o/m.json"}"#,
+            r#"{"version":2,"command":"fill","manifest":"http://o/m.json"}"#,
             Ok(Command::Fill {
                 manifest: Some("http://o/m.json".into()),
             }),
         );
         check(
-            r#"{"version":1,"command":"verify","path":null}"#,
+            r#"{"version":2,"command":"verify","path":null}"#,
             Ok(Command::Verify { path: None }),
         );
         check(
-            r#"{"version":2,"command":"status"}"#,
-            Err("unsupported protocol version 2"),
+            r#"{"version":1,"command":"status"}"#,
+            Err("unsupported protocol version 1"),
         );
         check(r#"{"command":"status"}"#, Err("no protocol version"));
         check(
-            r#"{"version":1,"command":"format_everything"}"#,
+            r#"{"version":2,"command":"format_everything"}"#,
             Err("malformed"),
         );
-        check(r#"{"version":1}"#, Err("malformed"));
+        check(r#"{"version":2}"#, Err("malformed"));
         check("not json", Err("malformed"));
         check(
-            r#"{"version":1,"command":"status","extra":1}"#,
+            r#"{"version":2,"command":"status","extra":1}"#,
             Err("malformed"),
         );
         check(
@@ -194,8 +274,19 @@ mod tests {
             parse_request(request.to_line().as_bytes()).unwrap(),
             request
         );
-        let response = Response::ok(serde_json::json!({"state": "serving"}));
-        let decoded: Response = serde_json::from_str(&response.to_line()).unwrap();
-        assert_eq!(decoded, response);
+        for response in [
+            Response::ok(Reply::State(State::Drained)),
+            Response::progress(Reply::VerifyProgress(VerifyProgress {
+                files_done: 1,
+                files_total: 2,
+            })),
+            Response::error(Error::new(
+                ErrorKind::AlreadyRunning,
+                "a fill is already running",
+            )),
+        ] {
+            let decoded: Response = serde_json::from_str(&response.to_line()).unwrap();
+            assert_eq!(decoded, response);
+        }
     }
 }

@@ -1,96 +1,77 @@
-//! The admin listener (loopback by default): `GET /health` for steering (JSON: serving,
-//! draining or drained; drives; version), `GET /metrics` (Prometheus text), and
-//! `POST /drain` / `POST /undrain` for maintenance. One request per connection.
+//! The admin listener's transport: read-only HTTP for steering and Prometheus. `GET` (or
+//! `HEAD`) `/health` and `/metrics` only; any other method on them gets 405, any other path
+//! 404, so it can face a management network. The answers come from an [`AdminView`] the daemon
+//! provides (its operations service); this module only speaks HTTP. Connections are capped
+//! (the excess is closed at once) and each gets one whole-request deadline covering the read
+//! of its head and the write of its answer. One request per connection.
 
 use crate::http::{
     error_response, http_date, parse_request, request_method, write_response_head, Limits, Parse,
     ResponseHead,
 };
-use crate::server::Shared;
-use appliance_store::DriveStatus;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{watch, Semaphore};
 
-/// More admin routes, provided by the daemon (the fill's, for one).
-pub trait AdminExtension: Send + Sync {
-    /// Answers `method path?query` with a status and a JSON body; `None` when the route is
-    /// not the extension's.
-    fn handle(
-        &self,
-        method: &str,
-        path: &str,
-        query: Option<&str>,
-    ) -> Option<(u16, serde_json::Value)>;
+/// What the admin listener shows.
+pub trait AdminView: Send + Sync {
+    /// The `/health` JSON document, and whether steering should send clients (200) or not
+    /// (503).
+    fn health(&self) -> (bool, String);
 
-    /// More metrics in the OpenMetrics text format (without the closing `# EOF`).
-    fn metrics(&self) -> String {
-        String::new()
-    }
+    /// The whole `/metrics` exposition in the OpenMetrics text format (`# EOF` included).
+    fn metrics(&self) -> String;
 }
 
-/// How long an admin client may take to send its request.
-const ADMIN_READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Admin connections open at once; more are closed as soon as they are accepted.
+pub const ADMIN_CONNECTIONS_MAX: usize = 16;
+/// Everything an admin client gets: reading its request and writing the answer.
+pub const ADMIN_REQUEST_DEADLINE: Duration = Duration::from_secs(5);
+/// Request heads are small: a scraper's head fits in a few hundred bytes.
+const ADMIN_HEAD_BYTES_MAX: usize = 8 * 1024;
 
-/// The state steering sees.
-pub fn state_name(shared: &Shared) -> &'static str {
-    match (shared.is_draining(), shared.connections_active()) {
-        (false, _) => "serving",
-        (true, 0) => "drained",
-        (true, _) => "draining",
-    }
-}
+const OPENMETRICS: &str = "application/openmetrics-text; version=1.0.0; charset=utf-8";
 
-/// The `/health` document.
-pub fn health_json(shared: &Shared) -> serde_json::Value {
-    let stats = shared.store.stats();
-    let drives: Vec<serde_json::Value> = stats
-        .drives
-        .iter()
-        .map(|drive| {
-            let (state, error) = match &drive.status {
-                DriveStatus::Ok => ("ok", None),
-                DriveStatus::Failed(reason) => ("failed", Some(reason.clone())),
-            };
-            serde_json::json!({
-                "path": drive.path.display().to_string(),
-                "state": state,
-                "error": error,
-                "files": drive.files,
-            })
-        })
-        .collect();
-    serde_json::json!({
-        "state": state_name(shared),
-        "version": env!("CARGO_PKG_VERSION"),
-        "connections_active": shared.connections_active(),
-        "files": stats.files,
-        "drives": drives,
-    })
-}
-
-pub async fn serve_admin(listener: TcpListener, shared: Arc<Shared>) {
+/// Answers admin requests until `stop` turns true.
+pub async fn serve_admin(
+    listener: TcpListener,
+    view: Arc<dyn AdminView>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let slots = Arc::new(Semaphore::new(ADMIN_CONNECTIONS_MAX));
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => return,
+        };
+        let Ok((stream, _)) = accepted else {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         };
-        let shared = Arc::clone(&shared);
+        let Ok(permit) = Arc::clone(&slots).try_acquire_owned() else {
+            tracing::debug!("admin connection limit reached: closing a new connection");
+            continue;
+        };
+        let view = Arc::clone(&view);
         tokio::spawn(async move {
-            let _ = admin_request(stream, &shared).await;
+            let _ =
+                tokio::time::timeout(ADMIN_REQUEST_DEADLINE, admin_request(stream, &*view)).await;
+            drop(permit);
         });
     }
 }
 
-async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Result<()> {
-    let limits = Limits::default();
+async fn admin_request(mut stream: TcpStream, view: &dyn AdminView) -> std::io::Result<()> {
+    let limits = Limits {
+        header_bytes_max: ADMIN_HEAD_BYTES_MAX,
+        ..Limits::default()
+    };
     let mut buf = Vec::with_capacity(1024);
     let head = loop {
-        let read = tokio::time::timeout(ADMIN_READ_TIMEOUT, stream.read_buf(&mut buf)).await;
-        match read {
-            Ok(Ok(0)) | Ok(Err(_)) | Err(_) => return Ok(()),
-            Ok(Ok(_)) => {}
+        if stream.read_buf(&mut buf).await? == 0 {
+            return Ok(());
         }
         match parse_request(&buf, &limits) {
             Ok(Parse::Complete { head, .. }) => break Ok(head),
@@ -113,67 +94,26 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
             return stream.write_all(&out).await;
         }
     };
-    let raw_method = first_word(&buf);
-    let extended = shared.admin_extension().and_then(|extension| {
-        extension
-            .handle(raw_method, &head.path, head.query.as_deref())
-            .map(|(status, body)| (status, "application/json", body.to_string() + "\n"))
-    });
-    let (status, content_type, body) = match extended {
-        Some(answer) => answer,
-        None => match (raw_method, head.path.as_str()) {
-            ("GET", "/health") => {
-                let status = if state_name(shared) == "serving" {
-                    200
-                } else {
-                    503
-                };
-                (
-                    status,
-                    "application/json",
-                    health_json(shared).to_string() + "\n",
-                )
-            }
-            ("GET", "/metrics") => {
-                let mut text = shared.metrics.encode();
-                if let Some(extension) = shared.admin_extension() {
-                    if let Some(stripped) = text.strip_suffix("# EOF\n") {
-                        text = format!("{stripped}{}# EOF\n", extension.metrics());
-                    }
-                }
-                (
-                    200,
-                    "application/openmetrics-text; version=1.0.0; charset=utf-8",
-                    text,
-                )
-            }
-            ("POST", "/drain") => {
-                shared.set_draining(true);
-                tracing::info!("draining: steering is told to send no new clients");
-                (
-                    200,
-                    "application/json",
-                    health_json(shared).to_string() + "\n",
-                )
-            }
-            ("POST", "/undrain") => {
-                shared.set_draining(false);
-                tracing::info!("serving again");
-                (
-                    200,
-                    "application/json",
-                    health_json(shared).to_string() + "\n",
-                )
-            }
-            (_, "/health" | "/metrics" | "/drain" | "/undrain") => {
-                error_response(405, false, head.method, &date, &mut out);
-                return stream.write_all(&out).await;
-            }
-            _ => {
-                error_response(404, false, head.method, &date, &mut out);
-                return stream.write_all(&out).await;
-            }
-        },
+    let method = first_word(&buf);
+    let read_only = matches!(method, "GET" | "HEAD");
+    let (status, content_type, body) = match head.path.as_str() {
+        "/health" | "/metrics" if !read_only => {
+            error_response(405, false, head.method, &date, &mut out);
+            return stream.write_all(&out).await;
+        }
+        "/health" => {
+            let (healthy, body) = view.health();
+            (
+                if healthy { 200 } else { 503 },
+                "application/json",
+                body + "\n",
+            )
+        }
+        "/metrics" => (200, OPENMETRICS, view.metrics()),
+        _ => {
+            error_response(404, false, head.method, &date, &mut out);
+            return stream.write_all(&out).await;
+        }
     };
     let extra = [("Content-Type", content_type.to_string())];
     write_response_head(
@@ -187,7 +127,9 @@ async fn admin_request(mut stream: TcpStream, shared: &Shared) -> std::io::Resul
         },
         &mut out,
     );
-    out.extend_from_slice(body.as_bytes());
+    if method != "HEAD" {
+        out.extend_from_slice(body.as_bytes());
+    }
     stream.write_all(&out).await?;
     stream.shutdown().await
 }

@@ -5,6 +5,8 @@
 //! `send_rate` (the send timeout and minimum send rate of a response) are pure; the connection
 //! loop, limits, drain and counters live in `server`.
 
+#![forbid(unsafe_code)]
+
 pub mod access_log;
 pub mod admin;
 pub mod http;
@@ -14,6 +16,6 @@ pub mod server;
 pub mod signed;
 
 pub use access_log::AccessLogTarget;
-pub use admin::AdminExtension;
+pub use admin::AdminView;
 pub use send_rate::SendRateMin;
-pub use server::{ServeConfig, Server, Shared};
+pub use server::{ServeConfig, Server, Shared, TrafficCounts};

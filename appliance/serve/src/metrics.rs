@@ -1,8 +1,7 @@
 //! Serving counters, kept as Prometheus metrics: requests by status, bytes sent, hits and
 //! misses, errors, active connections. Handles for the hot path are created up front, so a
-//! request only touches atomics.
+//! request only touches atomics; the daemon registers them once in its one registry.
 
-use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
@@ -16,10 +15,10 @@ const STATUSES: [u16; 17] = [
 
 type StatusFamily = Family<Vec<(String, String)>, Counter>;
 
-/// The serving metrics and their registry.
+/// The serving metrics.
 pub struct Metrics {
-    registry: Registry,
-    by_status: Vec<Counter>,
+    by_status: StatusFamily,
+    by_status_handles: Vec<Counter>,
     /// Responses of any status (for rates).
     pub responses: Counter,
     pub bytes_sent: Counter,
@@ -39,9 +38,8 @@ pub struct Metrics {
 
 impl Metrics {
     pub fn new() -> Metrics {
-        let mut registry = Registry::with_prefix("appliance");
-        let family = StatusFamily::default();
-        let by_status = STATUSES
+        let by_status = StatusFamily::default();
+        let by_status_handles = STATUSES
             .iter()
             .map(|status| {
                 let label = if *status == 0 {
@@ -49,14 +47,14 @@ impl Metrics {
                 } else {
                     status.to_string()
                 };
-                family
+                by_status
                     .get_or_create(&vec![("status".to_string(), label)])
                     .clone()
             })
             .collect();
-        registry.register("http_requests", "HTTP responses by status", family);
-        let metrics = Metrics {
+        Metrics {
             by_status,
+            by_status_handles,
             responses: Counter::default(),
             bytes_sent: Counter::default(),
             hits: Counter::default(),
@@ -69,66 +67,68 @@ impl Metrics {
             timeouts: Counter::default(),
             slow_clients: Counter::default(),
             access_log_dropped: Counter::default(),
-            registry,
-        };
-        let mut metrics = metrics;
-        let registry = &mut metrics.registry;
+        }
+    }
+
+    /// Registers every serving metric (handles to the same atomics) in `registry`.
+    pub fn register(&self, registry: &mut Registry) {
         registry.register(
-            "http_sent_bytes",
-            "Body and head bytes sent",
-            metrics.bytes_sent.clone(),
+            "http_requests",
+            "HTTP responses by status",
+            self.by_status.clone(),
         );
-        registry.register(
-            "http_hits",
-            "Requests for stored files",
-            metrics.hits.clone(),
-        );
-        registry.register(
-            "http_misses",
-            "Requests for files not stored",
-            metrics.misses.clone(),
-        );
-        registry.register(
-            "http_errors",
-            "Connections ended by a server-side error",
-            metrics.errors.clone(),
-        );
-        registry.register(
-            "http_client_aborts",
-            "Connections the client closed in the middle of a response",
-            metrics.client_aborts.clone(),
-        );
+        let counters = [
+            (
+                "http_sent_bytes",
+                "Body and head bytes sent",
+                &self.bytes_sent,
+            ),
+            ("http_hits", "Requests for stored files", &self.hits),
+            ("http_misses", "Requests for files not stored", &self.misses),
+            (
+                "http_errors",
+                "Connections ended by a server-side error",
+                &self.errors,
+            ),
+            (
+                "http_client_aborts",
+                "Connections the client closed in the middle of a response",
+                &self.client_aborts,
+            ),
+            (
+                "http_connections",
+                "Client connections accepted",
+                &self.connections_total,
+            ),
+            (
+                "http_connections_refused",
+                "Connections refused at the connection limit",
+                &self.connections_refused,
+            ),
+            (
+                "http_timeouts",
+                "Connections closed by a header, idle or send timeout",
+                &self.timeouts,
+            ),
+            (
+                "http_slow_clients",
+                "Connections closed for taking less than the minimum send rate over a window",
+                &self.slow_clients,
+            ),
+            (
+                "access_log_dropped_lines",
+                "Access-log lines dropped because the writer fell behind",
+                &self.access_log_dropped,
+            ),
+        ];
+        for (name, help, counter) in counters {
+            registry.register(name, help, counter.clone());
+        }
         registry.register(
             "http_connections_active",
             "Open client connections",
-            metrics.connections_active.clone(),
+            self.connections_active.clone(),
         );
-        registry.register(
-            "http_connections",
-            "Client connections accepted",
-            metrics.connections_total.clone(),
-        );
-        registry.register(
-            "http_connections_refused",
-            "Connections refused at the connection limit",
-            metrics.connections_refused.clone(),
-        );
-        registry.register(
-            "http_timeouts",
-            "Connections closed by a header, idle or send timeout",
-            metrics.timeouts.clone(),
-        );
-        registry.register(
-            "http_slow_clients",
-            "Connections closed for taking less than the minimum send rate over a window",
-            metrics.slow_clients.clone(),
-        );
-        registry.register(
-            "access_log_dropped_lines",
-            "Access-log lines dropped because the writer fell behind",
-            metrics.access_log_dropped.clone(),
-        );
-        metrics
     }
 
     /// Counts one response.
@@ -137,15 +137,8 @@ impl Metrics {
             .iter()
             .position(|known| *known == status)
             .unwrap_or(STATUSES.len() - 1);
-        self.by_status[at].inc();
+        self.by_status_handles[at].inc();
         self.responses.inc();
-    }
-
-    /// The Prometheus text exposition of every metric.
-    pub fn encode(&self) -> String {
-        let mut out = String::new();
-        encode(&mut out, &self.registry).expect("writing to a String cannot fail");
-        out
     }
 }
 

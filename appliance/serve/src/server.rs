@@ -58,7 +58,6 @@ fn date_now() -> String {
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
     pub listen: SocketAddr,
-    pub admin_listen: SocketAddr,
     pub limits: Limits,
     /// From a request's first byte (or the connection's start) to its complete head.
     pub header_read_timeout: Duration,
@@ -86,7 +85,6 @@ impl Default for ServeConfig {
     fn default() -> ServeConfig {
         ServeConfig {
             listen: "0.0.0.0:8080".parse().expect("valid"),
-            admin_listen: "127.0.0.1:8081".parse().expect("valid"),
             limits: Limits::default(),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -105,15 +103,24 @@ impl Default for ServeConfig {
     }
 }
 
-/// What every connection shares.
+/// What every connection shares. The daemon reaches it only through methods.
 pub struct Shared {
-    pub store: Store,
-    pub config: ServeConfig,
-    pub metrics: Metrics,
+    store: Store,
+    config: ServeConfig,
+    metrics: Metrics,
     draining: AtomicBool,
     access_log: AccessLog,
     signer: Option<UrlSigner>,
-    admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
+}
+
+/// Serving's counters, as operators see them.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct TrafficCounts {
+    pub responses: u64,
+    pub bytes_sent: u64,
+    pub hits: u64,
+    pub misses: u64,
+    pub connections_active: u64,
 }
 
 impl Shared {
@@ -125,13 +132,24 @@ impl Shared {
         self.draining.store(draining, Ordering::SeqCst);
     }
 
-    pub fn connections_active(&self) -> i64 {
-        self.metrics.connections_active.get()
+    pub fn connections_active(&self) -> u64 {
+        u64::try_from(self.metrics.connections_active.get()).unwrap_or(0)
     }
 
-    /// The daemon's extra admin routes, if any.
-    pub fn admin_extension(&self) -> Option<&Arc<dyn crate::admin::AdminExtension>> {
-        self.admin_extension.as_ref()
+    /// The counters since start.
+    pub fn traffic(&self) -> TrafficCounts {
+        TrafficCounts {
+            responses: self.metrics.responses.get(),
+            bytes_sent: self.metrics.bytes_sent.get(),
+            hits: self.metrics.hits.get(),
+            misses: self.metrics.misses.get(),
+            connections_active: self.connections_active(),
+        }
+    }
+
+    /// Registers serving's metrics in the daemon's registry.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.metrics.register(registry);
     }
 
     /// Points the access log at another destination (SIGHUP with a changed config).
@@ -154,39 +172,21 @@ impl Shared {
     }
 }
 
-/// A bound server: the subscriber listener and the admin listener.
+/// A bound server: the subscriber listener.
 pub struct Server {
     shared: Arc<Shared>,
     listener: TcpListener,
-    admin: TcpListener,
 }
 
 impl Server {
-    /// Binds both listeners; must run inside a tokio runtime.
+    /// Binds the listener; must run inside a tokio runtime.
     pub async fn bind(store: Store, config: ServeConfig) -> io::Result<Server> {
-        Server::bind_with(store, config, None).await
-    }
-
-    /// `bind`, with extra admin routes.
-    pub async fn bind_with(
-        store: Store,
-        config: ServeConfig,
-        admin_extension: Option<Arc<dyn crate::admin::AdminExtension>>,
-    ) -> io::Result<Server> {
         let listener = TcpListener::bind(config.listen).await.map_err(|error| {
             io::Error::new(
                 error.kind(),
                 format!("listening on {}: {error}", config.listen),
             )
         })?;
-        let admin = TcpListener::bind(config.admin_listen)
-            .await
-            .map_err(|error| {
-                io::Error::new(
-                    error.kind(),
-                    format!("admin listener on {}: {error}", config.admin_listen),
-                )
-            })?;
         let signer = config.url_signing_key.as_deref().map(UrlSigner::new);
         let shared = Arc::new(Shared {
             store,
@@ -195,21 +195,12 @@ impl Server {
             metrics: Metrics::new(),
             draining: AtomicBool::new(false),
             signer,
-            admin_extension,
         });
-        Ok(Server {
-            shared,
-            listener,
-            admin,
-        })
+        Ok(Server { shared, listener })
     }
 
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
         self.listener.local_addr()
-    }
-
-    pub fn admin_addr(&self) -> io::Result<SocketAddr> {
-        self.admin.local_addr()
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -219,12 +210,7 @@ impl Server {
     /// Serves until `stop` turns true; then stops accepting and waits up to the grace period
     /// for the connections in flight.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Server {
-            shared,
-            listener,
-            admin,
-        } = self;
-        let admin_task = tokio::spawn(crate::admin::serve_admin(admin, Arc::clone(&shared)));
+        let Server { shared, listener } = self;
         let slots = Arc::new(Semaphore::new(shared.config.connections_max));
         loop {
             let permit = tokio::select! {
@@ -255,7 +241,6 @@ impl Server {
         while shared.connections_active() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        admin_task.abort();
     }
 }
 

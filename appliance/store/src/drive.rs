@@ -4,8 +4,8 @@
 use crate::error::StoreError;
 use crate::layout::to_usize;
 use crate::layout::{
-    record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, Superblock,
-    RECORD_HEADER_BYTES,
+    record_salt, DecodeError, FileMeta, LogPosition, RecordHeader, SegmentKind, SegmentRow,
+    Superblock, RECORD_HEADER_BYTES,
 };
 use crate::log::CommitQueue;
 use appliance_device::Drive;
@@ -40,37 +40,165 @@ pub(crate) struct OpenSegment {
     pub cursor_bytes: u64,
 }
 
-/// Segment allocation state of one drive.
+/// Segment allocation state of one drive: what each segment holds, how much of it is live,
+/// and which lists it is on. Every change is one of the transitions below, each taken under
+/// the drive's space lock.
 pub(crate) struct Space {
-    pub kinds: Vec<SegmentKind>,
+    kinds: Vec<SegmentKind>,
     /// Data segments: live bytes. Log segments: live Publish records.
-    pub live: Vec<u64>,
+    live: Vec<u64>,
     /// Segments currently open for appends (pooled or owned by a writer).
-    pub open: Vec<bool>,
+    open: Vec<bool>,
     /// Free segments, oldest-freed first (spreads wear).
-    pub free: VecDeque<u32>,
+    free: VecDeque<u32>,
     /// Partly written data segments that writers may continue.
-    pub pool: Vec<OpenSegment>,
+    pool: Vec<OpenSegment>,
     /// Segments with nothing live, waiting for their readers to leave before reuse.
-    pub pending_free: Vec<u32>,
+    pending_free: Vec<u32>,
     /// Files published on this drive.
-    pub files: u64,
+    files: u64,
     /// Writers of new files (not replacements) placed on this drive and not yet finished: each
     /// may add a file.
-    pub writers: u64,
+    writers: u64,
 }
 
 impl Space {
+    /// The state a checkpoint recorded: one row per segment and its file count. Nothing is
+    /// open, pooled or free until replay and `rebuild_free_list` have run.
+    pub fn from_checkpoint(rows: &[SegmentRow], files: u64) -> Space {
+        Space {
+            kinds: rows.iter().map(|row| row.kind).collect(),
+            live: rows.iter().map(|row| row.live).collect(),
+            open: vec![false; rows.len()],
+            free: VecDeque::new(),
+            pool: Vec::new(),
+            pending_free: Vec::new(),
+            files,
+            writers: 0,
+        }
+    }
+
+    pub fn kind(&self, segment: u32) -> SegmentKind {
+        self.kinds[segment as usize]
+    }
+
+    /// Live bytes of a data segment, live Publish records of a log segment.
+    pub fn live(&self, segment: u32) -> u64 {
+        self.live[segment as usize]
+    }
+
+    /// Whether a writer owns the segment or it waits in the pool for one.
+    pub fn is_open(&self, segment: u32) -> bool {
+        self.open[segment as usize]
+    }
+
+    /// Each segment's kind and live count, in segment order (a checkpoint's rows).
+    pub fn rows(&self) -> impl Iterator<Item = SegmentRow> + '_ {
+        self.kinds
+            .iter()
+            .zip(&self.live)
+            .map(|(kind, live)| SegmentRow {
+                kind: *kind,
+                live: *live,
+            })
+    }
+
+    /// Live bytes in data segments.
+    pub fn data_live_bytes(&self) -> u64 {
+        self.rows()
+            .filter(|row| row.kind == SegmentKind::Data)
+            .map(|row| row.live)
+            .sum()
+    }
+
+    pub fn free_count(&self) -> usize {
+        self.free.len()
+    }
+
+    /// Partly written data segments waiting for a writer.
+    pub fn pooled(&self) -> &[OpenSegment] {
+        &self.pool
+    }
+
+    pub fn files(&self) -> u64 {
+        self.files
+    }
+
+    /// Replay: a Link record names `segment` as where the log continued.
+    pub fn mark_log(&mut self, segment: u32) {
+        self.kinds[segment as usize] = SegmentKind::Log;
+    }
+
+    /// Applying a Publish: an extent of the file lies in `segment`, which is data from now on
+    /// (in replay it may have been taken after the checkpoint was written).
+    pub fn mark_data(&mut self, segment: u32) {
+        if self.kinds[segment as usize] != SegmentKind::Data {
+            self.kinds[segment as usize] = SegmentKind::Data;
+            self.free.retain(|&free| free != segment);
+        }
+    }
+
+    /// End of recovery: every segment that is free, data with nothing live, or log with
+    /// nothing live outside `chain` goes on the free list.
+    pub fn rebuild_free_list(&mut self, chain: &VecDeque<u32>) {
+        for segment in 0..self.segment_count() {
+            let at = segment as usize;
+            let dead = self.live[at] == 0;
+            let unused = match self.kinds[at] {
+                SegmentKind::Free => true,
+                SegmentKind::Data => dead,
+                SegmentKind::Log => dead && !chain.contains(&segment),
+            };
+            if unused {
+                self.kinds[at] = SegmentKind::Free;
+                self.free.push_back(segment);
+            }
+        }
+    }
+
+    /// Takes a free segment for the log, down to the last one.
+    pub fn allocate_log(&mut self) -> Option<u32> {
+        self.allocate(SegmentKind::Log, 0)
+    }
+
+    /// Takes a free segment for a writer's data, keeping `reserve` free segments for the log;
+    /// the segment is open until the writer seals it.
+    pub fn open_new_data(&mut self, reserve: usize) -> Option<u32> {
+        let segment = self.allocate(SegmentKind::Data, reserve)?;
+        self.open[segment as usize] = true;
+        Some(segment)
+    }
+
     /// Takes a free segment for `kind`, keeping `reserve` free segments for the log.
-    pub fn allocate(&mut self, kind: SegmentKind, reserve: usize) -> Option<u32> {
+    fn allocate(&mut self, kind: SegmentKind, reserve: usize) -> Option<u32> {
         if self.free.len() <= reserve {
             return None;
         }
         let segment = self.free.pop_front()?;
-        debug_assert_eq!(self.kinds[segment as usize], SegmentKind::Free);
+        assert_eq!(
+            self.kinds[segment as usize],
+            SegmentKind::Free,
+            "segment {segment} on the free list is not free"
+        );
         self.kinds[segment as usize] = kind;
         self.live[segment as usize] = 0;
         Some(segment)
+    }
+
+    /// Takes the pooled segment with the most room (`room_bytes` of each), for a writer.
+    pub fn take_pooled(&mut self, room_bytes: impl Fn(&OpenSegment) -> u64) -> Option<OpenSegment> {
+        let at = (0..self.pool.len()).max_by_key(|&at| room_bytes(&self.pool[at]))?;
+        Some(self.pool.swap_remove(at))
+    }
+
+    /// A writer hands back a segment with room left; it stays open for the next writer.
+    pub fn return_to_pool(&mut self, open: OpenSegment) {
+        self.pool.push(open);
+    }
+
+    /// A writer is done with a full segment: no more appends, reclaim may choose it.
+    pub fn seal(&mut self, segment: u32) {
+        self.open[segment as usize] = false;
     }
 
     /// Adds `bytes` of live data to a data segment.
@@ -87,8 +215,69 @@ impl Space {
         Ok(())
     }
 
-    pub fn free_count(&self) -> usize {
-        self.free.len()
+    /// Counts a writer of a new file unless files and such writers already reach
+    /// `files_max`; false when there is no room for another file.
+    pub fn reserve_new_file(&mut self, files_max: u64) -> bool {
+        if self.files + self.writers >= files_max {
+            return false;
+        }
+        self.writers += 1;
+        true
+    }
+
+    /// A writer counted by `reserve_new_file` finished (published or not).
+    pub fn release_new_file(&mut self) {
+        self.writers -= 1;
+    }
+
+    pub fn file_added(&mut self) {
+        self.files += 1;
+    }
+
+    pub fn file_removed(&mut self) {
+        self.files -= 1;
+    }
+
+    pub fn is_queued_for_free(&self, segment: u32) -> bool {
+        self.pending_free.contains(&segment)
+    }
+
+    /// Queues a segment with nothing live to be freed once no reader pins it.
+    pub fn queue_for_free(&mut self, segment: u32) {
+        if !self.pending_free.contains(&segment) {
+            self.pending_free.push(segment);
+        }
+    }
+
+    /// Frees the queued segments that are still dead and not `is_pinned`, calling
+    /// `before_reuse` on each first (drop its cache, discard it); pinned ones stay queued.
+    /// Returns how many were freed.
+    pub fn free_queued(
+        &mut self,
+        is_pinned: impl Fn(u32) -> bool,
+        mut before_reuse: impl FnMut(u32),
+    ) -> u64 {
+        let pending = std::mem::take(&mut self.pending_free);
+        let mut freed = 0;
+        for segment in pending {
+            let at = segment as usize;
+            if self.live[at] != 0 || self.kinds[at] == SegmentKind::Free {
+                continue;
+            }
+            if is_pinned(segment) {
+                self.pending_free.push(segment);
+                continue;
+            }
+            before_reuse(segment);
+            self.kinds[at] = SegmentKind::Free;
+            self.free.push_back(segment);
+            freed += 1;
+        }
+        freed
+    }
+
+    fn segment_count(&self) -> u32 {
+        u32::try_from(self.kinds.len()).expect("segment count fits u32")
     }
 }
 
@@ -243,7 +432,7 @@ impl DriveRt {
     pub fn quarantine(&self, index: &crate::index::Index, tag: u64, location: u64) {
         let mut space = lock(&self.space);
         if index.remove(tag, location) {
-            space.files -= 1;
+            space.file_removed();
             lock(&self.quarantined).insert(location & OFFSET_MASK);
         }
     }
@@ -264,7 +453,7 @@ impl DriveRt {
             self.superblock.segment_offset_bytes(open.segment) + self.superblock.segment_bytes
         };
         let partial: u64 = space
-            .pool
+            .pooled()
             .iter()
             .map(|open| segment_end(open) - open.cursor_bytes)
             .sum();
@@ -273,5 +462,91 @@ impl DriveRt {
 
     pub fn salt_for(superblock: &Superblock) -> u32 {
         record_salt(&superblock.drive_uuid)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn row(kind: SegmentKind, live: u64) -> SegmentRow {
+        SegmentRow { kind, live }
+    }
+
+    /// Segments 0..4 as a checkpoint left them: free, data with 5 live bytes, the log (in the
+    /// chain, nothing live), dead data; one file.
+    fn recovered() -> Space {
+        let rows = [
+            row(SegmentKind::Free, 0),
+            row(SegmentKind::Data, 5),
+            row(SegmentKind::Log, 0),
+            row(SegmentKind::Data, 0),
+        ];
+        let mut space = Space::from_checkpoint(&rows, 1);
+        space.rebuild_free_list(&VecDeque::from([2]));
+        space
+    }
+
+    #[test]
+    fn recovery_frees_what_holds_nothing_outside_the_chain() {
+        let space = recovered();
+        let kinds: Vec<SegmentKind> = (0..4).map(|segment| space.kind(segment)).collect();
+        use SegmentKind::{Data, Free, Log};
+        assert_eq!(kinds, [Free, Data, Log, Free]);
+        assert_eq!(space.free_count(), 2);
+        assert_eq!(space.data_live_bytes(), 5);
+    }
+
+    #[test]
+    fn allocation_keeps_the_reserve_and_takes_the_oldest_free() {
+        let mut space = recovered();
+        assert_eq!(space.open_new_data(1), Some(0));
+        assert!(space.is_open(0));
+        assert_eq!(space.kind(0), SegmentKind::Data);
+        assert_eq!(
+            space.open_new_data(1),
+            None,
+            "the last free segment is the log's"
+        );
+        assert_eq!(space.allocate_log(), Some(3));
+        assert_eq!(space.allocate_log(), None);
+        space.seal(0);
+        assert!(!space.is_open(0));
+        space.add_live(0, 10);
+        assert!(space.remove_live(0, 11).is_err());
+        assert_eq!(space.remove_live(0, 10), Ok(()));
+    }
+
+    #[test]
+    fn a_queued_segment_is_freed_once_unpinned_and_dropped_first() {
+        let mut space = recovered();
+        space.queue_for_free(3);
+        space.queue_for_free(3);
+        let segment = space.open_new_data(0).expect("segment 0 is free");
+        space.queue_for_free(segment);
+        assert_eq!(space.free_queued(|_| true, |_| panic!("pinned")), 0);
+        assert!(space.is_queued_for_free(segment));
+        let mut dropped = Vec::new();
+        let freed = space.free_queued(|_| false, |segment| dropped.push(segment));
+        // Segment 3 was already free: it is dropped from the queue, not freed twice.
+        assert_eq!((freed, dropped), (1, vec![segment]));
+        assert_eq!(space.kind(segment), SegmentKind::Free);
+        assert!(!space.is_queued_for_free(3));
+        assert_eq!(space.free_count(), 2);
+    }
+
+    #[test]
+    fn new_file_writers_count_against_files_max() {
+        let mut space = recovered();
+        assert!(space.reserve_new_file(2));
+        assert!(
+            !space.reserve_new_file(2),
+            "one file and one writer fill two"
+        );
+        space.release_new_file();
+        space.file_removed();
+        assert!(space.reserve_new_file(2));
+        assert!(space.reserve_new_file(2));
+        assert_eq!(space.files(), 0);
     }
 }

@@ -100,7 +100,7 @@ pub struct Superblock {
 impl Superblock {
     /// Offset of checkpoint region `slot` (0 or 1).
     pub fn checkpoint_offset_bytes(&self, slot: u64) -> u64 {
-        debug_assert!(slot < 2);
+        assert!(slot < 2, "checkpoint slot {slot} (there are two)");
         2 * SUPERBLOCK_BYTES + slot * self.checkpoint_region_bytes
     }
 

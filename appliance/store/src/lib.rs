@@ -6,6 +6,8 @@
 //! concerns (opening device paths, persisting the failed-drive list, signals) belong to the
 //! daemon. See ARCHITECTURE.md for the on-disk format and the invariants.
 
+#![forbid(unsafe_code)]
+
 mod buffers;
 mod drive;
 mod error;

@@ -11,7 +11,7 @@ use crate::index::Index;
 use crate::layout::to_usize;
 use crate::layout::{
     encode_link, CheckpointHeader, Deletion, FileMeta, LogPosition, RecordHeader, RecordKind,
-    SegmentKind, SegmentRow, CHECKPOINT_HEADER_BYTES, RECORD_HEADER_BYTES,
+    CHECKPOINT_HEADER_BYTES, RECORD_HEADER_BYTES,
 };
 use appliance_device::{write_all_at, AlignedBuf, BLOCK_BYTES};
 use std::collections::HashMap;
@@ -278,7 +278,7 @@ fn append_batch(
 /// Ends the current log segment with a Link to a newly allocated one.
 fn link_new_segment(rt: &DriveRt, layout: &mut Layout) -> Result<(), StoreError> {
     let next = lock(&rt.space)
-        .allocate(SegmentKind::Log, 0)
+        .allocate_log()
         .ok_or_else(|| StoreError::DriveFull(rt.path()))?;
     layout.push_record(rt.salt, RecordKind::Link, &encode_link(next));
     let remainder = block_remainder(layout.position());
@@ -316,10 +316,7 @@ pub(crate) fn apply(
                 let segment = superblock
                     .segment_of(extent.offset_bytes)
                     .ok_or_else(|| format!("extent at {} outside segments", extent.offset_bytes))?;
-                if space.kinds[segment as usize] != SegmentKind::Data {
-                    space.kinds[segment as usize] = SegmentKind::Data;
-                    space.free.retain(|&free| free != segment);
-                }
+                space.mark_data(segment);
                 space.add_live(segment, extent.length_bytes);
             }
             space.add_live(meta_segment(offset_bytes)?, 1);
@@ -337,7 +334,7 @@ pub(crate) fn apply(
                             index
                                 .insert(*tag, new_location)
                                 .map_err(|_| "index full while applying a publish".to_string())?;
-                            space.files += 1;
+                            space.file_added();
                         } else if !rt.is_failed() {
                             return Err(format!("replaced version of {} not indexed", meta.path));
                         }
@@ -347,7 +344,7 @@ pub(crate) fn apply(
                     index
                         .insert(*tag, new_location)
                         .map_err(|_| "index full while applying a publish".to_string())?;
-                    space.files += 1;
+                    space.file_added();
                     // `fail_drive` marks the drive before emptying its entries, so an entry
                     // added after that sweep is seen here and taken out again.
                     if rt.is_failed() {
@@ -363,11 +360,11 @@ pub(crate) fn apply(
             space.remove_live(meta_segment(deletion.retired.meta_offset_bytes)?, 1)?;
             let old = location(rt.number, deletion.retired.meta_offset_bytes);
             if index.remove(*tag, old) {
-                space.files -= 1;
+                space.file_removed();
             } else if lock(&rt.quarantined).remove(&deletion.retired.meta_offset_bytes) {
                 // Dropped when its record rotted: already uncounted.
             } else if rt.is_failed() {
-                space.files -= 1;
+                space.file_removed();
             } else {
                 return Err(format!("deleted file {} not indexed", deletion.path));
             }
@@ -457,13 +454,9 @@ pub(crate) fn write_checkpoint(index: &Index, rt: &DriveRt) -> Result<(), StoreE
     {
         let space = lock(&rt.space);
         let mut row_bytes = Vec::with_capacity(16);
-        for (kind, live) in space.kinds.iter().zip(&space.live) {
+        for row in space.rows() {
             row_bytes.clear();
-            SegmentRow {
-                kind: *kind,
-                live: *live,
-            }
-            .encode(&mut row_bytes);
+            row.encode(&mut row_bytes);
             writer.push(&row_bytes);
         }
     }

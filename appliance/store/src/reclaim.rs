@@ -73,9 +73,9 @@ fn reclaim_pass(inner: &Arc<Inner>, rt: &Arc<DriveRt>) -> Result<u64, StoreError
     let moved = relocate(inner, rt, &data_victims, &log_victims);
     {
         let mut space = lock(&rt.space);
-        for segment in data_victims.iter().chain(&log_victims) {
-            if space.live[*segment as usize] == 0 && !space.pending_free.contains(segment) {
-                space.pending_free.push(*segment);
+        for &segment in data_victims.iter().chain(&log_victims) {
+            if space.live(segment) == 0 {
+                space.queue_for_free(segment);
             }
         }
     }
@@ -106,16 +106,15 @@ fn choose_victims(inner: &Inner, rt: &DriveRt) -> (BTreeSet<u32>, BTreeSet<u32>)
     let mut data = Vec::new();
     let mut log = Vec::new();
     for segment in 0..rt.superblock.segment_count {
-        let at = segment as usize;
-        if space.open[at] || rt.is_pinned(segment) || space.pending_free.contains(&segment) {
+        if space.is_open(segment) || rt.is_pinned(segment) || space.is_queued_for_free(segment) {
             continue;
         }
-        let live = space.live[at];
-        match space.kinds[at] {
-            SegmentKind::Data if live == 0 => space.pending_free.push(segment),
+        let live = space.live(segment);
+        match space.kind(segment) {
+            SegmentKind::Data if live == 0 => space.queue_for_free(segment),
             SegmentKind::Data if live < threshold => data.push((live, segment)),
             SegmentKind::Log if chain.contains(&segment) || segment == current_log => {}
-            SegmentKind::Log if live == 0 => space.pending_free.push(segment),
+            SegmentKind::Log if live == 0 => space.queue_for_free(segment),
             SegmentKind::Log if live <= LOG_LIVE_RELOCATE_MAX => log.push(segment),
             _ => {}
         }
@@ -284,26 +283,14 @@ fn copy_extent(
 
 /// Returns segments with nothing live and no readers to the free list.
 fn free_pending(rt: &DriveRt) -> u64 {
-    let mut space = lock(&rt.space);
-    let pending = std::mem::take(&mut space.pending_free);
-    let mut freed = 0;
-    for segment in pending {
-        let at = segment as usize;
-        if space.live[at] != 0 || space.kinds[at] == SegmentKind::Free {
-            continue;
-        }
-        if rt.is_pinned(segment) {
-            space.pending_free.push(segment);
-            continue;
-        }
-        let offset = rt.superblock.segment_offset_bytes(segment);
-        let length = rt.superblock.segment_bytes;
-        // Coherence rule: no cached page of a reused range may outlive its reuse.
-        let _ = rt.drive.drop_cached(offset, length);
-        let _ = rt.drive.discard(offset, length);
-        space.kinds[at] = SegmentKind::Free;
-        space.free.push_back(segment);
-        freed += 1;
-    }
-    freed
+    lock(&rt.space).free_queued(
+        |segment| rt.is_pinned(segment),
+        |segment| {
+            let offset = rt.superblock.segment_offset_bytes(segment);
+            let length = rt.superblock.segment_bytes;
+            // Coherence rule: no cached page of a reused range may outlive its reuse.
+            let _ = rt.drive.drop_cached(offset, length);
+            let _ = rt.drive.discard(offset, length);
+        },
+    )
 }

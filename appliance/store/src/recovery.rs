@@ -10,8 +10,8 @@ use crate::index::Index;
 use crate::layout::to_usize;
 use crate::layout::{
     decode_link, CheckpointHeader, DecodeError, Deletion, FileMeta, RecordHeader, RecordKind,
-    SegmentKind, SegmentRow, Superblock, CHECKPOINT_HEADER_BYTES, ENTRY_ROW_BYTES,
-    RECORD_HEADER_BYTES, SEGMENT_ROW_BYTES, SUPERBLOCK_BYTES,
+    SegmentRow, Superblock, CHECKPOINT_HEADER_BYTES, ENTRY_ROW_BYTES, RECORD_HEADER_BYTES,
+    SEGMENT_ROW_BYTES, SUPERBLOCK_BYTES,
 };
 use crate::log::{apply, write_checkpoint, Mutation};
 use appliance_device::{read_exact_at, AlignedBuf, Drive, BLOCK_BYTES};
@@ -39,16 +39,7 @@ pub(crate) fn open_drive(
         pins: (0..superblock.segment_count)
             .map(|_| AtomicU32::new(0))
             .collect(),
-        space: Mutex::new(Space {
-            kinds: rows.iter().map(|row| row.kind).collect(),
-            live: rows.iter().map(|row| row.live).collect(),
-            open: vec![false; superblock.segment_count as usize],
-            free: VecDeque::new(),
-            pool: Vec::new(),
-            pending_free: Vec::new(),
-            files: checkpoint.entry_count,
-            writers: 0,
-        }),
+        space: Mutex::new(Space::from_checkpoint(&rows, checkpoint.entry_count)),
         log: Mutex::new(LogState {
             segment: 0,
             cursor_bytes: 0,
@@ -279,7 +270,7 @@ fn replay(index: &Index, rt: &DriveRt, checkpoint: &CheckpointHeader) -> Result<
                 if next >= superblock.segment_count {
                     return Err(format!("link to segment {next} out of range"));
                 }
-                lock(&rt.space).kinds[next as usize] = SegmentKind::Log;
+                lock(&rt.space).mark_log(next);
                 chain.push_back(next);
                 segment = next;
                 position = superblock.segment_offset_bytes(next);
@@ -317,20 +308,7 @@ fn finish(rt: &DriveRt, end: LogEnd, checkpoint_epoch: u32) -> Result<(), String
     let mut space = lock(&rt.space);
     let mut log = lock(&rt.log);
     let tail_segment = *end.chain.back().expect("chain holds the head segment");
-    for segment in 0..superblock.segment_count {
-        let index = segment as usize;
-        let in_chain = end.chain.contains(&segment);
-        let dead = space.live[index] == 0;
-        let unused = match space.kinds[index] {
-            SegmentKind::Free => true,
-            SegmentKind::Data => dead,
-            SegmentKind::Log => dead && !in_chain,
-        };
-        if unused {
-            space.kinds[index] = SegmentKind::Free;
-            space.free.push_back(segment);
-        }
-    }
+    space.rebuild_free_list(&end.chain);
     let aligned = end.offset_bytes.div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
     let segment_end = superblock.segment_offset_bytes(tail_segment) + superblock.segment_bytes;
     log.segment = tail_segment;

@@ -339,12 +339,11 @@ impl Store {
         // Only writers of new files can add a file; a replacing writer (or relocation) cannot.
         if replaced.is_none() {
             let mut space = lock(&rt.space);
-            if space.files + space.writers >= rt.superblock.files_max
-                || self.inner.index.len() >= self.inner.files_max
+            if self.inner.index.len() >= self.inner.files_max
+                || !space.reserve_new_file(rt.superblock.files_max)
             {
                 return Err(StoreError::IndexFull);
             }
-            space.writers += 1;
         }
         Ok(FileWriter::new(
             Arc::clone(&self.inner),
@@ -533,13 +532,7 @@ impl Store {
                 DriveSlot::Ready(rt) => {
                     let space = lock(&rt.space);
                     let superblock = &rt.superblock;
-                    let live_bytes = space
-                        .kinds
-                        .iter()
-                        .zip(&space.live)
-                        .filter(|(kind, _)| **kind == crate::layout::SegmentKind::Data)
-                        .map(|(_, live)| *live)
-                        .sum();
+                    let live_bytes = space.data_live_bytes();
                     DriveStats {
                         path: rt.path(),
                         model: rt.drive.info().model.clone(),
@@ -551,7 +544,7 @@ impl Store {
                         segment_count: superblock.segment_count,
                         free_segments: space.free_count() as u64,
                         live_bytes,
-                        files: if rt.is_failed() { 0 } else { space.files },
+                        files: if rt.is_failed() { 0 } else { space.files() },
                         recovery_ms: rt.recovery_ms,
                         bytes_read: rt.drive.io_bytes().0,
                         bytes_written: rt.drive.io_bytes().1,

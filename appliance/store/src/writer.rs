@@ -9,7 +9,7 @@ use crate::drive::{lock, DriveRt, OpenSegment};
 use crate::error::StoreError;
 use crate::index::tag_of;
 use crate::layout::to_usize;
-use crate::layout::{Extent, FileMeta, Replaced, SegmentKind, EXTENTS_PER_FILE_MAX};
+use crate::layout::{Extent, FileMeta, Replaced, EXTENTS_PER_FILE_MAX};
 use crate::log::{commit, Mutation};
 use crate::store::{fail_drive, Inner, PathClaim};
 use appliance_device::{AlignedBuf, Ticket, BLOCK_BYTES};
@@ -160,7 +160,6 @@ impl FileWriter {
 
     /// Readies a buffer for the next bytes, opening a segment or an extent where needed.
     fn start_buffer(&mut self) -> Result<(), StoreError> {
-        let segment_bytes = self.rt.superblock.segment_bytes;
         let needs_segment = match &self.current {
             Some(open) => self.segment_end(open.segment) == open.cursor_bytes,
             None => true,
@@ -173,7 +172,11 @@ impl FileWriter {
         let capacity = self.inner.config.write_buffer_bytes;
         let buffer = self.take_buffer()?;
         self.buffer_target = capacity.min(usize::try_from(remaining).expect("segment fits"));
-        debug_assert!((self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && segment_bytes > 0);
+        assert!(
+            (self.buffer_target as u64).is_multiple_of(BLOCK_BYTES) && self.buffer_target > 0,
+            "write buffer of {} bytes is not a positive number of blocks",
+            self.buffer_target
+        );
         self.buffer = Some(buffer);
         self.buffer_offset_bytes = open.cursor_bytes;
         self.filled = 0;
@@ -202,20 +205,16 @@ impl FileWriter {
     /// Continues a partly written segment, or opens a free one.
     fn acquire_segment(&mut self) -> Result<(), StoreError> {
         if let Some(open) = self.current.take() {
-            lock(&self.rt.space).open[open.segment as usize] = false;
+            lock(&self.rt.space).seal(open.segment);
         }
         let mut space = lock(&self.rt.space);
-        let pooled = (0..space.pool.len()).max_by_key(|&at| {
-            let open = space.pool[at];
-            self.segment_end(open.segment) - open.cursor_bytes
-        });
+        let pooled = space.take_pooled(|open| self.segment_end(open.segment) - open.cursor_bytes);
         let open = match pooled {
-            Some(at) => space.pool.swap_remove(at),
+            Some(open) => open,
             None => {
                 let segment = space
-                    .allocate(SegmentKind::Data, self.reserve_segments)
+                    .open_new_data(self.reserve_segments)
                     .ok_or_else(|| StoreError::DriveFull(self.rt.path()))?;
-                space.open[segment as usize] = true;
                 OpenSegment {
                     segment,
                     cursor_bytes: self.rt.superblock.segment_offset_bytes(segment),
@@ -316,9 +315,9 @@ impl FileWriter {
         };
         let mut space = lock(&self.rt.space);
         if self.segment_end(open.segment) - open.cursor_bytes >= BLOCK_BYTES {
-            space.pool.push(open);
+            space.return_to_pool(open);
         } else {
-            space.open[open.segment as usize] = false;
+            space.seal(open.segment);
         }
     }
 }
@@ -342,7 +341,7 @@ impl Drop for FileWriter {
                 self.rt.unpin(segment);
             }
             if self.new_file {
-                lock(&self.rt.space).writers -= 1;
+                lock(&self.rt.space).release_new_file();
             }
         }
     }

@@ -1,7 +1,11 @@
 //! `cargo xtask`: the project's automation in Rust: `test` (every test tier, what CI runs),
-//! `demo` (the appliance's main job on file-backed drives), `bench <name>` (figures beside
-//! the peer measured in the same run, written to target/bench/<name>.json), `soak` (the
-//! SIGKILL crash soak) and `fuzz` (build or run the cargo-fuzz targets).
+//! `demo` (the appliance's main job on file-backed drives), `image` (the bootable disk image),
+//! `vm-test` (boots it under QEMU), `sim` (the store simulations with more seeds), `bench
+//! <name>` (figures beside the peer measured in the same run, written to
+//! target/bench/<name>.json), `soak` (the SIGKILL crash soak) and `fuzz` (build or run the
+//! cargo-fuzz targets).
+
+#![forbid(unsafe_code)]
 
 mod bench;
 mod bench_fill;
@@ -98,6 +102,7 @@ fn test() -> Result<()> {
         ],
     )?;
     util::run_in(&root, "cargo", &["build", "--workspace", "--all-targets"])?;
+    // Every crate's tests, xtask's tidy test (tools/xtask/tests/tidy.rs) among them.
     util::run_in(&root, "cargo", &["test", "--workspace"])?;
     // A short crash soak of the dev-profile daemon that the black-box tests just used.
     soak::soak(soak::Options {

@@ -20,8 +20,9 @@
 //! The guest's network is QEMU user mode with `restrict=on`: it reaches nothing but the
 //! `guestfwd` origin, and the host reaches it only on 127.0.0.1 (`hostfwd`: serving, and the
 //! read-only admin port's `/health` and `/metrics`). Actions run `appliance-ctl` in the guest
-//! through the QEMU guest agent (`guest-exec` on a virtio-serial port; `guest_agent.rs`). Everything
-//! started here (QEMU, nginx) is stopped by guards when the test ends, fails or panics.
+//! through the QEMU guest agent (`guest-exec` on a virtio-serial port; `guest_agent.rs`).
+//! Everything started here (QEMU, nginx) is stopped by guards when the test ends, fails or
+//! panics.
 //! Work files: target/vm-test/ (serial.log is the guest's console).
 
 use crate::guest_agent::GuestAgent;
