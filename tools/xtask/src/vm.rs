@@ -387,7 +387,9 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
     let block = &text[from..];
     let block = &block[..block.find(end).map_or(block.len(), |at| at + end.len())];
     println!("vm-test: 5. from the guest's console:");
-    for line in block.lines() {
+    // Journal lines copied to the console meanwhile (qemu-ga's guest-exec notes) are not
+    // part of the report.
+    for line in block.lines().filter(|line| !is_journal_line(line)) {
         println!("  {}", line.trim_end_matches('\r'));
     }
     timings.add("5. systemd-analyze security from the guest", step);
@@ -939,6 +941,17 @@ fn watchdog_sec() -> Result<Duration> {
     Ok(Duration::from_secs(seconds))
 }
 
+/// A kernel or journal line on the console: `[  132.627033] ...`.
+fn is_journal_line(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim();
+            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+}
+
 /// The PID of the last `NAME[PID]:` journal line on the console.
 fn last_pid(console: &str, name: &str) -> Option<u32> {
     let marker = format!("{name}[");
@@ -1138,6 +1151,35 @@ impl Qmp {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_journal_line;
+
+    #[test]
+    fn journal_lines_are_told_from_the_security_report() {
+        for (line, expected) in [
+            (
+                "[  132.627033] qemu-ga[352]: info: guest-exec called: \"/usr/bin/x\"",
+                true,
+            ),
+            ("[    0.000000] Linux version 6.12", true),
+            (
+                "  ✓ RemoveIPC=      Service user cannot leave SysV IPC objects around",
+                false,
+            ),
+            ("  NAME         DESCRIPTION        EXPOSURE", false),
+            (
+                "→ Overall exposure level for applianced.service: 1.6 OK",
+                false,
+            ),
+            ("[  OK  ] Started qemu-guest-agent.service", false),
+            ("[] empty", false),
+        ] {
+            assert_eq!(is_journal_line(line), expected, "{line}");
         }
     }
 }
