@@ -63,6 +63,14 @@ fn fill_and_wait(daemon: &Daemon) -> serde_json::Value {
     ctl.fill_status().expect("appliance-ctl status")
 }
 
+/// `files` and their manifest under `scratch/origin`, served by nginx.
+fn nginx_origin(scratch: &Scratch, files: &[(String, Vec<u8>)]) -> (PathBuf, Nginx) {
+    let root = scratch.path("origin");
+    write_catalog(&root, files);
+    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
+    (root, nginx)
+}
+
 fn check_served(daemon: &Daemon, files: &[(String, Vec<u8>)]) {
     for (path, bytes) in files {
         let served = daemon
@@ -79,9 +87,7 @@ fn check_served(daemon: &Daemon, files: &[(String, Vec<u8>)]) {
 fn fill_from_nginx_then_serve_every_byte() {
     let scratch = Scratch::new("fill-nginx");
     let files = catalog(12, 3 << 20, 1);
-    let root = scratch.path("origin");
-    write_catalog(&root, &files);
-    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
+    let (_, nginx) = nginx_origin(&scratch, &files);
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
     let manifest = nginx.url("/manifest.json");
     let daemon = daemon(&scratch, &drives, fill_section(&manifest, &[nginx.url("")]));
@@ -254,14 +260,12 @@ fn a_broken_manifest_is_refused_and_the_box_keeps_what_it_has() {
 fn a_sibling_is_tried_first_and_the_origin_fills_the_rest() {
     let scratch = Scratch::new("fill-sibling");
     let files = catalog(10, 1 << 20, 4);
-    let root = scratch.path("origin");
-    write_catalog(&root, &files);
+    let (root, nginx) = nginx_origin(&scratch, &files);
     std::fs::write(
         root.join("first-half.json"),
         Manifest::of(&files[..5]).to_json(),
     )
     .unwrap();
-    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
     // Appliance A holds the first half.
     let scratch_a = Scratch::new("fill-sibling-a");
     let drives_a = formatted_drives(&scratch_a, 1, 96 << 20, 8);
@@ -300,9 +304,7 @@ fn a_sibling_is_tried_first_and_the_origin_fills_the_rest() {
 fn sigkill_during_a_fill_then_the_next_fill_resumes() {
     let scratch = Scratch::new("fill-kill");
     let files = catalog(16, 2 << 20, 5);
-    let root = scratch.path("origin");
-    write_catalog(&root, &files);
-    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
+    let (_, nginx) = nginx_origin(&scratch, &files);
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
     let manifest = nginx.url("/manifest.json");
     // A cap of 40 Mbit/s makes the fill last a few seconds.
@@ -412,13 +414,11 @@ fn paths_that_need_encoding_come_byte_exact_from_nginx_and_a_sibling() {
         .zip(names)
         .map(|((_, bytes), name)| (name.to_string(), bytes))
         .collect();
-    let root = scratch.path("origin");
-    write_catalog(&root, &files);
+    let (root, nginx) = nginx_origin(&scratch, &files);
     std::fs::create_dir_all(root.join("odd/A")).unwrap();
     for decoy in ["odd/A/.mp4", "odd/part", "odd/what"] {
         std::fs::write(root.join(decoy), b"decoy").unwrap();
     }
-    let nginx = Nginx::start(&scratch.path("nginx"), &root).expect("nginx");
     let manifest = nginx.url("/manifest.json");
     // Appliance A fills from nginx.
     let scratch_a = Scratch::new("fill-odd-paths-a");

@@ -673,3 +673,77 @@ fn write_atomically(path: &std::path::Path, bytes: &[u8]) -> std::io::Result<()>
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use appliance_device::{SimConfig, SimDrive, SimFaults};
+    use appliance_store::{format_drive, DriveSource, FormatOptions, StoreConfig};
+
+    /// A filler over a one-drive simulated store, reading a manifest file that is not there
+    /// (every fill ends at once with an error).
+    fn filler(folder: &std::path::Path) -> Arc<Filler> {
+        let drive = Arc::new(SimDrive::new(&SimConfig {
+            name: "sim0".into(),
+            size_bytes: 64 << 20,
+            seed: 1,
+            faults: SimFaults::default(),
+        }));
+        let options = FormatOptions {
+            segment_bytes: 2 << 20,
+            files_max: Some(64),
+            force: false,
+            drive_uuid: [1; 16],
+            now_unix_s: 1_700_000_000,
+        };
+        format_drive(&*drive, &options).expect("format");
+        let store = Store::open(
+            vec![DriveSource::Opened(
+                drive as Arc<dyn appliance_device::Drive>,
+            )],
+            StoreConfig::default(),
+        );
+        let config = FillConfig {
+            manifest: Some(ManifestLocation::File(folder.join("absent.json"))),
+            manifest_load: LoadConfig {
+                bytes_max: 1 << 20,
+                public_keys: Vec::new(),
+            },
+            sources: vec!["http://127.0.0.1:9".into()],
+            concurrency: 1,
+            bandwidth_bits_per_s: 0,
+            fetch: FetchConfig::default(),
+            delete_grace_s: 0,
+            window: None,
+            start_delay_max_s: 0,
+            refetch_interval_s: 3600,
+            state_path: folder.join("fill-state.json"),
+        };
+        Arc::new(Filler::new(store, config).expect("filler"))
+    }
+
+    /// Two starts with no await between them (so the first fill's task has not run yet):
+    /// the check and the mark are one step, so the second is refused, and a start after the
+    /// first fill ended is accepted again.
+    #[test]
+    fn a_second_start_before_the_first_fill_runs_is_refused() {
+        let folder = std::env::temp_dir().join(format!("fill-start-{}", std::process::id()));
+        std::fs::create_dir_all(&folder).unwrap();
+        let filler = filler(&folder);
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let first = filler.start(None).expect("the first start");
+            assert!(filler.is_running(), "running from the moment start returns");
+            assert_eq!(filler.start(None).err(), Some(AlreadyRunning));
+            let report = first.await.unwrap();
+            assert!(report.error.is_some(), "{report:?}");
+            assert!(!filler.is_running());
+            let again = filler.start(None).expect("a start after the fill ended");
+            again.await.unwrap();
+        });
+        let _ = std::fs::remove_dir_all(&folder);
+    }
+}

@@ -80,6 +80,17 @@ pub fn http(
     parse(method, target, received)
 }
 
+/// `GET path` from 127.0.0.1:`port`, of the bytes `first..=last` when `range` is given.
+pub fn get(port: u16, path: &str, range: Option<(u64, u64)>) -> io::Result<Response> {
+    match range {
+        Some((first, last)) => {
+            let range = format!("bytes={first}-{last}");
+            http(port, "GET", path, &[("Range", &range)])
+        }
+        None => http(port, "GET", path, &[]),
+    }
+}
+
 /// Splits a whole response into status, head and body, and checks the body's length.
 fn parse(method: &str, target: &str, mut received: Vec<u8>) -> io::Result<Response> {
     let end = received

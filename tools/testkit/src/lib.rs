@@ -19,11 +19,11 @@ pub mod seeded;
 
 pub use config::{Config, Fill, Serve};
 pub use ctl::{Ctl, Output};
-pub use http::{free_port, http, wait_for_ok, Response};
+pub use http::{free_port, get, http, wait_for_ok, Response};
 pub use loop_device::LoopDevice;
 pub use manifest::{sha256_hex, Manifest, ManifestFile};
 pub use nginx::Nginx;
-pub use process::{have, is_root, send_signal, Guard, Launch};
+pub use process::{have, is_root, parent_of, pids, send_signal, Guard, Launch};
 pub use seeded::{fill_seeded, seeded_bytes, write_seeded_file, SplitMix64};
 
 /// An error of this kit: what failed, in words (an `io::Error` of kind `Other`).

@@ -55,25 +55,32 @@ pub(crate) fn find_program(tool: &str) -> Option<std::path::PathBuf> {
     found
 }
 
-/// The pids whose parent is `pid` (from /proc; empty when it has none or is gone).
-pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+/// Every process's pid (from /proc).
+pub fn pids() -> Vec<u32> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     entries
-        .filter_map(|entry| entry.ok())
-        .filter_map(|entry| {
-            let child: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let stat = std::fs::read_to_string(entry.path().join("stat")).ok()?;
-            // After the name in parentheses: state, then the parent's pid.
-            let parent: u32 = stat
-                .get(stat.rfind(')')? + 1..)?
-                .split_whitespace()
-                .nth(1)?
-                .parse()
-                .ok()?;
-            (parent == pid).then_some(child)
-        })
+        .filter_map(|entry| entry.ok()?.file_name().to_str()?.parse().ok())
+        .collect()
+}
+
+/// The parent of `pid` (from /proc/PID/stat; None when it is gone).
+pub fn parent_of(pid: u32) -> Option<u32> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // After the name in parentheses: state, then the parent's pid.
+    stat.get(stat.rfind(')')? + 1..)?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
+/// The pids whose parent is `pid` (empty when it has none or is gone).
+pub(crate) fn children_of(pid: u32) -> Vec<u32> {
+    pids()
+        .into_iter()
+        .filter(|child| parent_of(*child) == Some(pid))
         .collect()
 }
 

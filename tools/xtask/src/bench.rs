@@ -149,23 +149,6 @@ pub(crate) fn round_to(value: f64, places: i32) -> f64 {
     (value * scale).round() / scale
 }
 
-/// A free loopback port.
-pub(crate) fn free_port() -> Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
-    Ok(listener.local_addr()?.port())
-}
-
-/// The nginx binary (root's tools live in /usr/sbin).
-pub(crate) fn nginx_binary() -> Result<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/usr/sbin", "/sbin"])
-        .map(|dir| Path::new(dir).join("nginx"))
-        .find(|candidate| candidate.is_file());
-    found.context("nginx not found")
-}
-
 /// fio's sequential direct write rate in MiB/s into `path` (io_uring, 1 MiB, QD16): the
 /// storage peer of the write and fill benchmarks.
 pub(crate) fn fio_write_once(path: &Path, total_bytes: u64) -> Result<f64> {
@@ -390,13 +373,10 @@ fn index() -> Result<Map<String, Value>> {
     // Lookups as serving does them: index probe, record read, path check, pins.
     let lookups = env_u64("BENCH_LOOKUPS", 1_000_000);
     let started = Instant::now();
-    let mut state = 0x9E37_79B9_7F4A_7C15u64;
+    let mut rng = appliance_testkit::SplitMix64(0x9E37_79B9_7F4A_7C15);
     let mut found = 0u64;
     for _ in 0..lookups {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let handle = store.open_file(&bench_path(state % count))?;
+        let handle = store.open_file(&bench_path(rng.below(count)))?;
         found += u64::from(handle.is_some());
     }
     let lookups_per_s = lookups as f64 / started.elapsed().as_secs_f64();

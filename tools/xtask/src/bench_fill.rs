@@ -11,17 +11,19 @@
 //! Everything started here is stopped by a guard, on errors too, and the drive files, fio's
 //! file and curl's downloads are removed at the end.
 
-use crate::bench::{env_u64, fio_write_once, free_port, nginx_binary, round_to};
+use crate::bench::{env_u64, fio_write_once, round_to};
 use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
+use appliance_testkit::{
+    free_port, get, parent_of, pids, write_seeded_file, Config, Ctl, Fill, Guard, Launch, Manifest,
+    ManifestFile, Nginx, Serve, SplitMix64,
+};
 use serde_json::{json, Map, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::ffi::{OsStr, OsString};
-use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::io::Read;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::Stdio;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -106,15 +108,8 @@ pub fn fill() -> Result<Map<String, Value>> {
         settings.files,
         settings.file_bytes,
     )?;
-    let cap_set: Vec<CatalogFile> = catalog
-        .iter()
-        .take(usize::try_from(settings.cap_files)?)
-        .cloned()
-        .collect();
-    std::fs::write(
-        origin_root.join("manifest-cap.json"),
-        manifest_json(&cap_set),
-    )?;
+    let cap_set = &catalog[..usize::try_from(settings.cap_files)?];
+    ranked(cap_set).write(&origin_root.join("manifest-cap.json"))?;
     let new_set = ensure_set(
         &origin_root,
         "new",
@@ -124,21 +119,18 @@ pub fn fill() -> Result<Map<String, Value>> {
     )?;
     // The next night's manifest: the catalog and the new files. The catalog stays listed so
     // that the fill deletes nothing that wrk is requesting; only the new files are fetched.
-    let next_set: Vec<CatalogFile> = catalog.iter().chain(&new_set).cloned().collect();
-    std::fs::write(
-        origin_root.join("manifest-next.json"),
-        manifest_json(&next_set),
-    )?;
+    let next_set: Vec<ManifestFile> = catalog.iter().chain(&new_set).cloned().collect();
+    ranked(&next_set).write(&origin_root.join("manifest-next.json"))?;
     let origin = start_origin(&dir, &origin_root)?;
     let hot: Vec<PathBuf> = next_set
         .iter()
-        .map(|file| file.local(&origin_root))
+        .map(|file| local(&origin_root, file))
         .collect();
     println!(
         "  origin: nginx on 127.0.0.1:{} (worker pid {}); its {:.1} GiB of files are read \
          before each measurement so that it serves them from the page cache",
         origin.port,
-        origin.worker,
+        origin.worker_pid(),
         (settings.catalog_bytes() + settings.new_files * settings.file_bytes) as f64
             / f64::from(1u32 << 30)
     );
@@ -152,25 +144,18 @@ pub fn fill() -> Result<Map<String, Value>> {
     let fill_config = dir.join("fill.toml");
     let main_manifest = origin.url("/manifest.json");
     let (ours, fill_watch) = quiet.measure("fill", true, &mut notes, || {
-        fresh_drive(
+        prepare_fill(
             &applianced,
-            &drive,
+            (&drive, &state, &fill_config),
             settings.catalog_bytes() + new_bytes + SPARE_BYTES,
-        )?;
-        fresh_dir(&state)?;
-        write_config(
-            &fill_config,
-            &drive,
-            &state,
-            &fill_section(&main_manifest, &origin.url(""), settings.parallel, 0),
-            None,
+            fill_settings(&main_manifest, &origin.url(""), settings.parallel, 0),
         )?;
         timed_fill(
             &applianced,
             &fill_config,
             &dir,
             "fill",
-            origin.worker,
+            origin.worker_pid(),
             ticks_per_s,
         )
     })?;
@@ -236,26 +221,23 @@ pub fn fill() -> Result<Map<String, Value>> {
     let cap_config = dir.join("fill-cap.toml");
     let cap_manifest = origin.url("/manifest-cap.json");
     let (capped, _) = quiet.measure("capped fill", true, &mut notes, || {
-        fresh_drive(&applianced, &cap_drive, cap_bytes + SPARE_BYTES)?;
-        fresh_dir(&cap_state)?;
-        write_config(
-            &cap_config,
-            &cap_drive,
-            &cap_state,
-            &fill_section(
+        prepare_fill(
+            &applianced,
+            (&cap_drive, &cap_state, &cap_config),
+            cap_bytes + SPARE_BYTES,
+            fill_settings(
                 &cap_manifest,
                 &origin.url(""),
                 settings.parallel,
                 CAP_BITS_PER_S,
             ),
-            None,
         )?;
         timed_fill(
             &applianced,
             &cap_config,
             &dir,
             "fill-cap",
-            origin.worker,
+            origin.worker_pid(),
             ticks_per_s,
         )
     })?;
@@ -267,7 +249,7 @@ pub fn fill() -> Result<Map<String, Value>> {
         &cap_config,
         &dir,
         "fill-noop",
-        origin.worker,
+        origin.worker_pid(),
         ticks_per_s,
     )?;
     if noop.report["files_planned"].as_u64() != Some(0) {
@@ -423,7 +405,6 @@ fn ensure_tools() -> Result<()> {
         ("curl", "curl"),
         ("taskset", "util-linux"),
         ("fallocate", "util-linux"),
-        ("sha256sum", "coreutils"),
         ("top", "procps"),
     ];
     let missing: BTreeSet<&str> = tools
@@ -483,51 +464,36 @@ impl Drop for Cleanup {
     }
 }
 
-/// One file of a generated set, as its manifest row says.
-#[derive(Clone, Debug)]
-struct CatalogFile {
-    /// The URL path, `/fill/title-0000.mp4`.
-    path: String,
-    size_bytes: u64,
-    sha256: String,
+/// Where the origin keeps the file of a manifest row (`/fill/title-0000.mp4`).
+fn local(root: &Path, file: &ManifestFile) -> PathBuf {
+    root.join(file.path.trim_start_matches('/'))
 }
 
-impl CatalogFile {
-    fn local(&self, root: &Path) -> PathBuf {
-        root.join(self.path.trim_start_matches('/'))
+/// The manifest of `files`, ranked in their order.
+fn ranked(files: &[ManifestFile]) -> Manifest {
+    let files = files
+        .iter()
+        .zip(1u64..)
+        .map(|(file, rank)| ManifestFile {
+            rank,
+            ..file.clone()
+        })
+        .collect();
+    Manifest {
+        files,
+        ..Manifest::default()
     }
 }
 
-fn manifest_json(files: &[CatalogFile]) -> String {
-    let rows: Vec<Value> = files
-        .iter()
-        .zip(1u64..)
-        .map(|(file, rank)| {
-            json!({
-                "path": file.path,
-                "size_bytes": file.size_bytes,
-                "sha256": file.sha256,
-                "rank": rank,
-            })
-        })
-        .collect();
-    let document = json!({
-        "version": 1,
-        "generated_at": "2026-11-23T02:00:00Z",
-        "files": rows,
-    });
-    document.to_string()
-}
-
-/// `count` files of `file_bytes` pseudo-random bytes named `/fill/PREFIX-NNNN.mp4` under
-/// `root`, with `root/manifest[-PREFIX].json`; reused when the manifest and the sizes match.
+/// `count` files of `file_bytes` seeded bytes named `/fill/PREFIX-NNNN.mp4` under `root`,
+/// with `root/manifest[-PREFIX].json`; reused when the manifest and the sizes match.
 fn ensure_set(
     root: &Path,
     prefix: &str,
     salt: u64,
     count: u64,
     file_bytes: u64,
-) -> Result<Vec<CatalogFile>> {
+) -> Result<Vec<ManifestFile>> {
     let manifest = if prefix == "title" {
         root.join("manifest.json")
     } else {
@@ -545,49 +511,19 @@ fn ensure_set(
         root.join("fill").display()
     );
     std::fs::create_dir_all(root.join("fill"))?;
-    let mut chunk = vec![0u8; usize::try_from(MIB)?];
-    let mut locals = Vec::new();
+    let mut set = Manifest::default();
     for (number, path) in (0u64..).zip(&wanted) {
-        let mut state = (salt << 32 | (number + 1)).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
         let local = root.join(path.trim_start_matches('/'));
-        let mut file = std::io::BufWriter::new(std::fs::File::create(&local)?);
-        for _ in 0..file_bytes / MIB {
-            for word in chunk.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            file.write_all(&chunk)?;
-        }
-        file.flush()?;
-        locals.push(local);
-    }
-    let args: Vec<&str> = locals
-        .iter()
-        .map(|local| text(local))
-        .collect::<Result<_>>()?;
-    let sums = output("sha256sum", &args)?;
-    let by_local: BTreeMap<&str, &str> = sums
-        .lines()
-        .filter_map(|line| {
-            let (sum, local) = line.split_once("  ")?;
-            Some((local, sum))
-        })
-        .collect();
-    let mut files = Vec::new();
-    for (path, local) in wanted.iter().zip(&locals) {
-        let sum = by_local
-            .get(text(local)?)
-            .with_context(|| format!("sha256sum printed nothing for {}", local.display()))?;
-        files.push(CatalogFile {
+        let sha256 = write_seeded_file(&local, salt << 32 | (number + 1), file_bytes)?;
+        set.files.push(ManifestFile {
             path: path.clone(),
             size_bytes: file_bytes,
-            sha256: (*sum).to_string(),
+            sha256,
+            rank: number + 1,
         });
     }
-    std::fs::write(&manifest, manifest_json(&files))?;
-    Ok(files)
+    set.write(&manifest)?;
+    Ok(set.files)
 }
 
 /// The files of an earlier run's manifest, when they are exactly the wanted ones.
@@ -596,26 +532,16 @@ fn reusable(
     manifest: &Path,
     wanted: &[String],
     file_bytes: u64,
-) -> Option<Vec<CatalogFile>> {
-    let document: Value = serde_json::from_slice(&std::fs::read(manifest).ok()?).ok()?;
-    let rows = document["files"].as_array()?;
-    if rows.len() != wanted.len() {
-        return None;
-    }
-    let mut files = Vec::new();
-    for (row, path) in rows.iter().zip(wanted) {
-        let file = CatalogFile {
-            path: row["path"].as_str()?.to_string(),
-            size_bytes: row["size_bytes"].as_u64()?,
-            sha256: row["sha256"].as_str()?.to_string(),
-        };
-        let on_disk = std::fs::metadata(file.local(root)).ok()?.len();
-        if file.path != *path || file.size_bytes != file_bytes || on_disk != file_bytes {
-            return None;
-        }
-        files.push(file);
-    }
-    Some(files)
+) -> Option<Vec<ManifestFile>> {
+    let files = Manifest::from_json(&std::fs::read(manifest).ok()?)
+        .ok()?
+        .files;
+    let exact = files.len() == wanted.len()
+        && files.iter().zip(wanted).all(|(file, path)| {
+            let on_disk = std::fs::metadata(local(root, file)).map(|meta| meta.len());
+            file.path == *path && file.size_bytes == file_bytes && on_disk.ok() == Some(file_bytes)
+        });
+    exact.then_some(files)
 }
 
 /// Reads every file once so that the origin serves them from the page cache.
@@ -645,212 +571,38 @@ fn resident_share(paths: &[PathBuf]) -> Option<f64> {
 }
 
 /// GETs every file once through the appliance (its page cache then holds them).
-fn warm_served(port: u16, files: &[CatalogFile]) -> Result<()> {
+fn warm_served(port: u16, files: &[ManifestFile]) -> Result<()> {
     for file in files {
-        let (status, body) = http(port, "GET", &file.path, None)?;
-        if status != 200 || body.len() as u64 != file.size_bytes {
+        let response = get(port, &file.path, None)?;
+        if response.status != 200 || response.body.len() as u64 != file.size_bytes {
             bail!(
-                "warm-up GET {} answered {status} with {} bytes",
+                "warm-up GET {} answered {} with {} bytes",
                 file.path,
-                body.len()
+                response.status,
+                response.body.len()
             );
         }
     }
     Ok(())
 }
 
-/// A child process stopped when dropped: SIGTERM, then SIGKILL after 15 s (and its helpers).
-pub(crate) struct Process {
-    name: String,
-    child: Child,
-    /// Further processes to kill if the child had to be killed (nginx's worker).
-    helpers: Vec<u32>,
-}
-
-impl Process {
-    pub(crate) fn new(name: &str, child: Child) -> Process {
-        Process {
-            name: name.to_string(),
-            child,
-            helpers: Vec::new(),
-        }
-    }
-
-    pub(crate) fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-
-    pub(crate) fn pid(&self) -> u32 {
-        self.child.id()
-    }
-
-    /// SIGTERM, then waits up to `grace`; SIGKILL after that. Returns how it ended.
-    pub(crate) fn stop(&mut self, grace: Duration) -> Result<ExitStatus> {
-        if let Some(status) = self.child.try_wait()? {
-            return Ok(status);
-        }
-        let _ = Command::new("kill")
-            .args(["-TERM", &self.pid().to_string()])
-            .status();
-        let deadline = Instant::now() + grace;
-        while Instant::now() < deadline {
-            if let Some(status) = self.child.try_wait()? {
-                return Ok(status);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!(
-            "  {} did not stop on SIGTERM within {} s; killing it",
-            self.name,
-            grace.as_secs()
-        );
-        let _ = self.child.kill();
-        let status = self.child.wait()?;
-        for helper in &self.helpers {
-            let _ = Command::new("kill")
-                .args(["-KILL", &helper.to_string()])
-                .status();
-        }
-        Ok(status)
+/// How the benchmarks start their children: stopped if this process dies without running its
+/// guards, and on `core` when given.
+pub(crate) fn launch(core: Option<usize>) -> Launch {
+    Launch {
+        stop_with_parent: true,
+        core,
     }
 }
 
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.stop(Duration::from_secs(15));
-    }
-}
-
-/// `program` under `taskset -c CORE` when a core is given, and under `setpriv --pdeathsig
-/// TERM` when setpriv is there, so that the child stops if this process dies without running
-/// its guards (SIGINT, SIGTERM). The child's pid stays the program's (both exec).
-pub(crate) fn child_command(program: &OsStr, core: Option<&str>) -> Command {
-    let mut words: Vec<OsString> = Vec::new();
-    if util::have("setpriv") {
-        words.extend(["setpriv", "--pdeathsig", "TERM"].map(OsString::from));
-    }
-    if let Some(core) = core {
-        words.extend(["taskset", "-c", core].map(OsString::from));
-    }
-    words.push(program.to_os_string());
-    let mut command = Command::new(&words[0]);
-    command.args(&words[1..]);
-    command
-}
-
-/// nginx serving the catalog folder on loopback, in the foreground.
-pub(crate) struct Origin {
-    pub(crate) port: u16,
-    worker: u32,
-    _process: Process,
-}
-
-impl Origin {
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-}
-
-pub(crate) fn start_origin(dir: &Path, root: &Path) -> Result<Origin> {
+/// nginx serving `root` on loopback from the folder `dir/nginx` (emptied first), as the origin.
+pub(crate) fn start_origin(dir: &Path, root: &Path) -> Result<Nginx> {
     let prefix = dir.join("nginx");
     let _ = std::fs::remove_dir_all(&prefix);
-    std::fs::create_dir_all(prefix.join("logs"))?;
-    let port = free_port()?;
-    // As root, nginx's worker would otherwise run as nobody and may not read target/.
-    let user = if util::is_root() { "user root;\n" } else { "" };
-    let conf = prefix.join("nginx.conf");
-    let error_log = prefix.join("logs/error.log");
-    std::fs::write(
-        &conf,
-        format!(
-            "{user}daemon off;\nworker_processes 1;\npid {pid};\nerror_log {err} warn;\n\
-             events {{ worker_connections 256; }}\n\
-             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
-             \x20 default_type application/octet-stream;\n\
-             \x20 client_body_temp_path {tmp};\n  proxy_temp_path {tmp};\n\
-             \x20 fastcgi_temp_path {tmp};\n  uwsgi_temp_path {tmp};\n  scgi_temp_path {tmp};\n\
-             \x20 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-            pid = prefix.join("nginx.pid").display(),
-            err = error_log.display(),
-            tmp = prefix.join("logs").display(),
-            root = root.display(),
-        ),
-    )?;
-    let binary = nginx_binary()?;
-    let prefix_text = format!("{}/", prefix.display());
-    let child = child_command(binary.as_os_str(), None)
-        .args([
-            "-e",
-            text(&error_log)?,
-            "-p",
-            &prefix_text,
-            "-c",
-            text(&conf)?,
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .context("starting nginx")?;
-    let mut process = Process::new("nginx", child);
-    let master = process.pid();
-    let started = Instant::now();
-    let worker = loop {
-        let children = output("pgrep", &["-P", &master.to_string()]).unwrap_or_default();
-        let worker = children
-            .lines()
-            .find_map(|line| line.trim().parse::<u32>().ok());
-        if let Some(worker) = worker {
-            if http(port, "GET", "/manifest.json", None).is_ok_and(|(status, _)| status == 200) {
-                break worker;
-            }
-        }
-        if !process.alive() || started.elapsed() > Duration::from_secs(20) {
-            bail!("nginx did not start; see {}", error_log.display());
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    };
-    process.helpers.push(worker);
-    Ok(Origin {
-        port,
-        worker,
-        _process: process,
-    })
-}
-
-/// One request on a fresh connection (Connection: close), read to the end: status and body.
-pub(crate) fn http(
-    port: u16,
-    method: &str,
-    path: &str,
-    range: Option<(u64, u64)>,
-) -> Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut request =
-        format!("{method} {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if method == "POST" {
-        request.push_str("Content-Length: 0\r\n");
-    }
-    if let Some((first, last)) = range {
-        let _ = write!(request, "Range: bytes={first}-{last}\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes())?;
-    let mut all = Vec::new();
-    stream.read_to_end(&mut all)?;
-    let end = all
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .context("no complete response head")?;
-    let head = String::from_utf8_lossy(&all[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|word| word.parse().ok())
-        .context("no status in the response")?;
-    Ok((status, all.split_off(end + 4)))
+    Nginx::builder(&prefix, root)
+        .launch(launch(None))
+        .start()
+        .context("starting nginx as the origin")
 }
 
 fn fresh_dir(path: &Path) -> Result<()> {
@@ -872,41 +624,39 @@ fn fresh_drive(applianced: &Path, path: &Path, size_bytes: u64) -> Result<()> {
     Ok(())
 }
 
-fn fill_section(manifest: &str, source: &str, parallel: u64, bandwidth_bits_per_s: u64) -> String {
-    let mut section = format!(
-        "[fill]\nmanifest = {manifest:?}\nsources = [{source:?}]\nconcurrency = {parallel}\n"
-    );
-    if bandwidth_bits_per_s > 0 {
-        let _ = writeln!(section, "bandwidth_bits_per_s = {bandwidth_bits_per_s}");
+fn fill_settings(manifest: &str, source: &str, parallel: u64, bandwidth_bits_per_s: u64) -> Fill {
+    Fill {
+        manifest: Some(manifest.to_string()),
+        sources: vec![source.to_string()],
+        concurrency: Some(parallel),
+        bandwidth_bits_per_s: (bandwidth_bits_per_s > 0).then_some(bandwidth_bits_per_s),
+        ..Fill::default()
     }
-    section
 }
 
-/// A config with one drive; `serve` = (listen port, admin port) adds a `[serve]` section.
-fn write_config(
-    path: &Path,
-    drive: &Path,
-    state: &Path,
-    fill: &str,
-    serve: Option<(u16, u16)>,
+/// Makes `drive` a fresh drive of `size_bytes` and `state` an empty folder, and writes to
+/// `config` the configuration of a fill with `fill` into them.
+fn prepare_fill(
+    applianced: &Path,
+    (drive, state, config): (&Path, &Path, &Path),
+    size_bytes: u64,
+    fill: Fill,
 ) -> Result<()> {
-    // A control socket of its own: the default one may belong to another appliance here.
-    let mut config = format!(
-        "drives = [{:?}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n",
-        text(drive)?,
-        text(state)?,
-        text(&state.join("control.sock"))?
-    );
-    if let Some((port, admin)) = serve {
-        let _ = write!(
-            config,
-            "[serve]\nlisten = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin}\"\n\
-             worker_threads = 1\naccess_log = \"off\"\n"
-        );
-    }
-    config.push_str(fill);
-    std::fs::write(path, config)?;
+    fresh_drive(applianced, drive, size_bytes)?;
+    fresh_dir(state)?;
+    fill_config_of(drive, state, fill).write(config)?;
     Ok(())
+}
+
+/// A config with one drive and `fill`, and a control socket of its own in `state` (the
+/// default one may belong to another appliance here).
+fn fill_config_of(drive: &Path, state: &Path, fill: Fill) -> Config {
+    Config {
+        state_dir: Some(state.to_path_buf()),
+        control_socket: Some(state.join("control.sock")),
+        fill,
+        ..Config::new(&[drive])
+    }
 }
 
 /// utime + stime in clock ticks from a /proc/.../stat line, and the name in parentheses.
@@ -1003,14 +753,15 @@ fn timed_fill(
     let log_path = dir.join(format!("{label}.log"));
     let origin_before = process_ticks(origin_worker);
     let started = Instant::now();
-    let child = child_command(applianced.as_os_str(), None)
+    let child = launch(None)
+        .command(applianced)
         .args(["fill", "--config", text(config)?])
         .stdin(Stdio::null())
         .stdout(std::fs::File::create(&stdout_path)?)
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()
         .context("starting applianced fill")?;
-    let mut process = Process::new("applianced fill", child);
+    let mut process = Guard::new("applianced fill", child);
     let pid = process.pid();
     let mut threads: BTreeMap<u64, (String, f64)> = BTreeMap::new();
     let mut switches: BTreeMap<u64, u64> = BTreeMap::new();
@@ -1020,7 +771,7 @@ fn timed_fill(
     let mut finished_at_s = None;
     let mut last = (0.0f64, 0.0f64, written_bytes(pid).unwrap_or(0));
     let status = loop {
-        if let Some(status) = process.child.try_wait()? {
+        if let Some(status) = process.child().try_wait()? {
             break status;
         }
         let now_s = started.elapsed().as_secs_f64();
@@ -1120,7 +871,7 @@ fn check_fill_report(label: &str, report: &Value, files: u64, bytes: u64) -> Res
 }
 
 /// Downloads every file with `parallel` curls at once into `into`, then syncs; returns seconds.
-fn curl_all(into: &Path, origin: &Origin, files: &[CatalogFile], parallel: u64) -> Result<f64> {
+fn curl_all(into: &Path, origin: &Nginx, files: &[ManifestFile], parallel: u64) -> Result<f64> {
     fresh_dir(into)?;
     let next = AtomicU64::new(0);
     let started = Instant::now();
@@ -1356,26 +1107,14 @@ impl Drop for Watch {
 /// descendants.
 fn other_benchmarks() -> Vec<String> {
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
     let mut found = Vec::new();
-    for entry in entries.filter_map(|entry| entry.ok()) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+    for pid in pids().into_iter().filter(|pid| *pid != me) {
+        let proc_dir = Path::new("/proc").join(pid.to_string());
+        let comm = std::fs::read_to_string(proc_dir.join("comm")).unwrap_or_default();
         let comm = comm.trim();
         let is_benchmark = match comm {
             "wrk" | "fio" => true,
-            "xtask" => std::fs::read(entry.path().join("cmdline"))
+            "xtask" => std::fs::read(proc_dir.join("cmdline"))
                 .map(|line| {
                     let words: Vec<&[u8]> = line.split(|byte| *byte == 0).collect();
                     let word = words.get(1).copied().unwrap_or_default();
@@ -1395,34 +1134,20 @@ fn other_benchmarks() -> Vec<String> {
 /// kernel thread (name, ticks).
 fn foreign_ticks() -> BTreeMap<u32, (String, f64)> {
     let me = std::process::id();
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return BTreeMap::new();
+    // pid 2 is kthreadd, the parent of every kernel thread.
+    let foreign = |pid: &u32| {
+        *pid != me && *pid != 2 && parent_of(*pid) != Some(2) && !descends_from(*pid, me)
     };
-    let mut found = BTreeMap::new();
-    for entry in entries.filter_map(|entry| entry.ok()) {
-        let Some(pid) = entry
-            .file_name()
-            .to_str()
-            .and_then(|name| name.parse::<u32>().ok())
-        else {
-            continue;
-        };
-        let Ok(line) = std::fs::read_to_string(entry.path().join("stat")) else {
-            continue;
-        };
-        let parent = line
-            .rfind(')')
-            .and_then(|close| line.get(close + 1..))
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|word| word.parse::<u32>().ok());
-        if pid == me || pid == 2 || parent == Some(2) || descends_from(pid, me) {
-            continue;
-        }
-        if let Some(sample) = stat_ticks(&entry.path().join("stat")) {
-            found.insert(pid, sample);
-        }
-    }
-    found
+    pids()
+        .into_iter()
+        .filter(foreign)
+        .filter_map(|pid| {
+            Some((
+                pid,
+                stat_ticks(&Path::new("/proc").join(pid.to_string()).join("stat"))?,
+            ))
+        })
+        .collect()
 }
 
 /// Cores other processes used between two `foreign_ticks` snapshots `seconds` apart, and the
@@ -1458,15 +1183,7 @@ fn foreign_load(
 fn descends_from(pid: u32, me: u32) -> bool {
     let mut current = pid;
     for _ in 0..32 {
-        let Ok(line) = std::fs::read_to_string(format!("/proc/{current}/stat")) else {
-            return false;
-        };
-        let parent = line
-            .rfind(')')
-            .and_then(|close| line.get(close + 1..))
-            .and_then(|rest| rest.split_whitespace().nth(1))
-            .and_then(|word| word.parse::<u32>().ok());
-        match parent {
+        match parent_of(current) {
             Some(parent) if parent == me => return true,
             Some(parent) if parent > 1 => current = parent,
             _ => return false,
@@ -1505,15 +1222,8 @@ request = function()
   return wrk.format("GET", path, {{ ["Range"] = header }})
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH requests=%.0f bytes=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f " ..
-    "status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f\n",
-    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
-    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"#
+{hook}"#,
+        hook = crate::wrk::SUMMARY_HOOK
     );
     std::fs::write(&path, script)?;
     Ok(path)
@@ -1521,13 +1231,13 @@ end
 
 /// wrk (16 connections, one thread) against `port`, pinned to core 0 when `pin`.
 struct WrkChild {
-    process: Process,
+    process: Guard,
     out_path: PathBuf,
     deadline: Instant,
 }
 
 fn start_wrk(port: u16, seconds: u64, script: &Path, pin: bool, label: &str) -> Result<WrkChild> {
-    let mut command = child_command("wrk".as_ref(), pin.then_some("0"));
+    let mut command = launch(pin.then_some(0)).command("wrk");
     let out_path = script.with_file_name(format!("wrk-{label}.out"));
     let out = std::fs::File::create(&out_path)?;
     command
@@ -1548,7 +1258,7 @@ fn start_wrk(port: u16, seconds: u64, script: &Path, pin: bool, label: &str) -> 
         .stderr(out);
     let child = command.spawn().context("starting wrk")?;
     Ok(WrkChild {
-        process: Process::new("wrk", child),
+        process: Guard::new("wrk", child),
         out_path,
         deadline: Instant::now() + Duration::from_secs(seconds + 60),
     })
@@ -1557,7 +1267,7 @@ fn start_wrk(port: u16, seconds: u64, script: &Path, pin: bool, label: &str) -> 
 impl WrkChild {
     /// None while running; the result once wrk ended.
     fn poll(&mut self) -> Result<Option<WrkRun>> {
-        let Some(status) = self.process.child.try_wait()? else {
+        let Some(status) = self.process.child().try_wait()? else {
             if Instant::now() > self.deadline {
                 bail!("wrk ran past its deadline");
             }
@@ -1567,40 +1277,14 @@ impl WrkChild {
         if !status.success() {
             bail!("wrk failed ({status}):\n{text}");
         }
-        let line = text
-            .lines()
-            .find(|line| line.starts_with("BENCH "))
-            .with_context(|| format!("wrk printed no summary:\n{text}"))?;
-        let fields: BTreeMap<&str, f64> = line
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|pair| {
-                let (name, value) = pair.split_once('=')?;
-                Some((name, value.parse().ok()?))
-            })
-            .collect();
-        let field = |name: &str| -> Result<f64> {
-            fields
-                .get(name)
-                .copied()
-                .with_context(|| format!("wrk summary without {name}: {line}"))
-        };
-        let requests = field("requests")?;
+        let summary = crate::wrk::Summary::parse(&text)?;
         Ok(Some(WrkRun {
-            p50_ms: field("p50_us")? / 1000.0,
-            p99_ms: field("p99_us")? / 1000.0,
-            rps: requests / (field("duration_us")? / 1e6),
-            requests,
-            errors: field("connect")?
-                + field("read")?
-                + field("write")?
-                + field("status")?
-                + field("timeout")?,
-            bytes_per_response: if requests > 0.0 {
-                field("bytes")? / requests
-            } else {
-                0.0
-            },
+            p50_ms: summary.p50_ms,
+            p99_ms: summary.p99_ms,
+            rps: summary.requests_per_s(),
+            requests: summary.requests,
+            errors: summary.errors,
+            bytes_per_response: summary.bytes_per_response(),
         }))
     }
 
@@ -1626,82 +1310,56 @@ struct FillProgress {
     notes: Vec<String>,
 }
 
-/// The fill's admin status.
-fn fill_status(admin: u16) -> Result<Value> {
-    let (status, body) = http(admin, "GET", "/fill", None)?;
-    if status != 200 {
-        bail!("GET /fill answered {status}");
-    }
-    serde_json::from_slice(&body).context("GET /fill JSON")
-}
-
 struct ServePhase<'a> {
     applianced: &'a Path,
     dir: &'a Path,
     drive: &'a Path,
     state: &'a Path,
     config: &'a Path,
-    origin: &'a Origin,
+    origin: &'a Nginx,
     main_manifest: &'a str,
     new_manifest: &'a str,
     settings: &'a Settings,
-    catalog: &'a [CatalogFile],
+    catalog: &'a [ManifestFile],
     pin: bool,
 }
 
-fn percent_encode(text: &str) -> String {
-    text.bytes()
-        .map(|byte| {
-            if byte.is_ascii_alphanumeric() || b"-._~".contains(&byte) {
-                char::from(byte).to_string()
-            } else {
-                format!("%{byte:02X}")
-            }
-        })
-        .collect()
-}
-
 /// `applianced run` on the filled drive: p99 of 1 MiB ranges idle, then while a fill of new
-/// files runs (started through the admin listener).
+/// files runs (started with `appliance-ctl fill`).
 fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
-    let port = free_port()?;
-    let admin = free_port()?;
-    write_config(
-        phase.config,
-        phase.drive,
-        phase.state,
-        &fill_section(
-            phase.main_manifest,
-            &phase.origin.url(""),
-            phase.settings.parallel,
-            0,
-        ),
-        Some((port, admin)),
-    )?;
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (port, admin) = (free_port()?, free_port()?);
+    let fill = fill_settings(
+        phase.main_manifest,
+        &phase.origin.url(""),
+        phase.settings.parallel,
+        0,
+    );
+    let config = Config {
+        serve: Serve {
+            listen: Some(loopback(port)),
+            admin_listen: Some(loopback(admin)),
+            worker_threads: Some(1),
+            access_log: Some("off".into()),
+            ..Serve::default()
+        },
+        ..fill_config_of(phase.drive, phase.state, fill)
+    };
+    config.write(phase.config)?;
+    let ctl = Ctl::next_to(phase.applianced, &phase.state.join("control.sock"))?;
     let log_path = phase.dir.join("serve.log");
     let log = std::fs::File::create(&log_path)?;
-    let mut command = child_command(phase.applianced.as_os_str(), phase.pin.then_some("1"));
-    let child = command
+    let child = launch(phase.pin.then_some(1))
+        .command(phase.applianced)
         .args(["run", "--config", text(phase.config)?])
         .stdin(Stdio::null())
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("starting applianced run")?;
-    let mut daemon = Process::new("applianced run", child);
-    let started = Instant::now();
-    loop {
-        if http(admin, "GET", "/health", None).is_ok_and(|(status, _)| status == 200) {
-            break;
-        }
-        if !daemon.alive() || started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "the appliance did not become healthy; see {}",
-                log_path.display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut daemon = Guard::new("applianced run", child);
+    appliance_testkit::wait_for_ok(admin, "/health", Duration::from_secs(60), || daemon.alive())
+        .with_context(|| format!("see {}", log_path.display()))?;
     check_ranges(port, phase)?;
     // Both runs with the stored catalog in the page cache: what differs is the fill.
     warm_served(port, phase.catalog)?;
@@ -1713,30 +1371,11 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
     );
 
     let mut progress = FillProgress::default();
-    let url = format!(
-        "http://127.0.0.1:{admin}/fill?manifest={}",
-        percent_encode(phase.new_manifest)
-    );
-    let code = output(
-        "curl",
-        &[
-            "-s",
-            "-o",
-            "/dev/null",
-            "-w",
-            "%{http_code}",
-            "-X",
-            "POST",
-            &url,
-        ],
-    )?;
-    if code.trim() != "202" {
-        bail!("POST /fill answered {code}");
-    }
+    ctl.fill(Some(phase.new_manifest))?;
     let fill_started = Instant::now();
     // Wait until the fill is downloading before measuring.
     loop {
-        let status = fill_status(admin)?;
+        let status = ctl.fill_status()?;
         if status["running"] == true && status["bytes_done"].as_u64().unwrap_or(0) > 0 {
             break;
         }
@@ -1748,7 +1387,7 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    let before = fill_status(admin)?;
+    let before = ctl.fill_status()?;
     let bytes_before = before["bytes_done"].as_u64().unwrap_or(0);
     let mut wrk = start_wrk(port, phase.settings.seconds, &script, phase.pin, "during")?;
     let wrk_started = Instant::now();
@@ -1760,7 +1399,7 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
             break run;
         }
         if ended_at.is_none() {
-            let status = fill_status(admin)?;
+            let status = ctl.fill_status()?;
             if status["running"] == true {
                 last_running = Instant::now();
                 bytes_last = status["bytes_done"].as_u64().unwrap_or(bytes_last);
@@ -1776,7 +1415,7 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
     let wrk_s = wrk_started.elapsed().as_secs_f64();
     if ended_at.is_none() {
         // Still running when wrk stopped: it covered the whole run.
-        let status = fill_status(admin)?;
+        let status = ctl.fill_status()?;
         if status["running"] == true {
             last_running = Instant::now();
             bytes_last = status["bytes_done"].as_u64().unwrap_or(bytes_last);
@@ -1821,12 +1460,12 @@ fn serve_phase(phase: &ServePhase) -> Result<(WrkRun, WrkRun, FillProgress)> {
     }
     // Let the fill finish and check its report.
     let status = loop {
-        let status = fill_status(admin)?;
+        let status = ctl.fill_status()?;
         if status["running"] == false && !status["last"].is_null() {
             break status;
         }
         if fill_started.elapsed() > FILL_DEADLINE {
-            let _ = http(admin, "POST", "/fill/cancel", None);
+            let _ = ctl.ok(&["fill", "--cancel"]);
             bail!(
                 "the fill of new files ran past {} s",
                 FILL_DEADLINE.as_secs()
@@ -1866,16 +1505,14 @@ fn check_ranges(port: u16, phase: &ServePhase) -> Result<()> {
     let root = phase.dir.join("origin");
     let size = phase.settings.file_bytes;
     let count = u64::try_from(phase.catalog.len())?;
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
+    let mut rng = SplitMix64(0x2545_F491_4F6C_DD1D);
     for _ in 0..4 {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        let file = &phase.catalog[usize::try_from(state % count)?];
-        let first = (state >> 20) % (size - RANGE_BYTES) / 4096 * 4096;
+        let file = &phase.catalog[usize::try_from(rng.below(count))?];
+        let first = rng.below(size - RANGE_BYTES) / 4096 * 4096;
         let last = first + RANGE_BYTES - 1;
-        let (status, body) = http(port, "GET", &file.path, Some((first, last)))?;
-        let source = std::fs::read(file.local(&root))?;
+        let response = get(port, &file.path, Some((first, last)))?;
+        let (status, body) = (response.status, response.body);
+        let source = std::fs::read(local(&root, file))?;
         let want = &source[usize::try_from(first)?..=usize::try_from(last)?];
         if status != 206 || body != want {
             bail!(

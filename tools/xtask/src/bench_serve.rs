@@ -6,16 +6,16 @@
 //! after round, and the figures are the medians of the rounds. Everything started here is
 //! stopped by a guard, on errors too.
 
-use crate::bench::{env_u64, free_port, median, nginx_binary, round_to};
+use crate::bench::{env_u64, median, round_to};
 use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
+use appliance_testkit::{free_port, get, Config, Guard, Launch, Nginx, Serve, SplitMix64};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 const MIB: u64 = 1 << 20;
@@ -180,7 +180,7 @@ pub fn serve() -> Result<Map<String, Value>> {
     }
     // The appliance's own counters, for a look at what it saw.
     if let Some(port) = appliance.admin_port {
-        let response = http_get(port, "/metrics", None)?;
+        let response = get(port, "/metrics", None)?;
         std::fs::write(dir.join("appliance-metrics.txt"), &response.body)?;
     }
     drop(nginx);
@@ -330,12 +330,8 @@ fn machine_busy_ticks() -> Result<f64> {
 /// not a disturbance.
 fn softirq_ticks() -> Result<f64> {
     let mut total = 0.0;
-    for entry in std::fs::read_dir("/proc")? {
-        let Ok(entry) = entry else { continue };
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let comm = std::fs::read_to_string(entry.path().join("comm")).unwrap_or_default();
+    for pid in appliance_testkit::pids() {
+        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
         if comm.starts_with("ksoftirqd/") {
             total += cpu_ticks(pid).unwrap_or(0.0);
         }
@@ -456,74 +452,10 @@ fn generate_catalog(catalog: &Path, files: u64) -> Result<()> {
     );
     let _ = std::fs::remove_dir_all(catalog);
     std::fs::create_dir_all(&bench)?;
-    let mut chunk = vec![0u8; usize::try_from(MIB)?];
     for number in 0..files {
-        let mut state = (number + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        let mut file = std::fs::File::create(bench.join(file_name(number)))?;
-        for _ in 0..FILE_BYTES / MIB {
-            for word in chunk.chunks_exact_mut(8) {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                word.copy_from_slice(&state.to_le_bytes());
-            }
-            file.write_all(&chunk)?;
-        }
+        appliance_testkit::write_seeded_file(&bench.join(file_name(number)), number, FILE_BYTES)?;
     }
     Ok(())
-}
-
-/// `command` under `taskset -c 1` when pinning.
-fn pinned(program: &Path, pin: bool) -> Command {
-    if pin {
-        let mut command = Command::new("taskset");
-        command.args(["-c", "1"]).arg(program);
-        command
-    } else {
-        Command::new(program)
-    }
-}
-
-/// A child process that is stopped (SIGTERM, then SIGKILL) when dropped.
-struct Guard {
-    name: &'static str,
-    child: Child,
-    /// Further processes to kill if the child had to be killed (nginx's worker).
-    helpers: Vec<u32>,
-}
-
-impl Guard {
-    fn alive(&mut self) -> bool {
-        matches!(self.child.try_wait(), Ok(None))
-    }
-}
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        if !self.alive() {
-            return;
-        }
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill").args(["-TERM", &pid]).status();
-        let deadline = Instant::now() + Duration::from_secs(15);
-        while Instant::now() < deadline {
-            if !self.alive() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        eprintln!(
-            "  {} did not stop on SIGTERM within 15 s; killing it",
-            self.name
-        );
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        for helper in &self.helpers {
-            let _ = Command::new("kill")
-                .args(["-KILL", &helper.to_string()])
-                .status();
-        }
-    }
 }
 
 /// A server under test.
@@ -534,8 +466,17 @@ struct Server {
     cpu_pid: u32,
     /// The appliance's admin port, for /metrics.
     admin_port: Option<u16>,
-    /// Stops the server when the bench is done (or fails).
-    _process: Guard,
+    /// Stops the server when the bench is done (or fails): the appliance's `Guard` or the
+    /// `Nginx`, held only to be dropped.
+    _process: Box<dyn std::any::Any>,
+}
+
+/// How a server under test is started: on core 1 when pinning.
+fn launch(pin: bool) -> Launch {
+    Launch {
+        stop_with_parent: false,
+        core: pin.then_some(1),
+    }
 }
 
 impl Server {
@@ -544,8 +485,8 @@ impl Server {
         let Some(port) = self.admin_port else {
             return Ok(BTreeMap::new());
         };
-        let response = http_get(port, "/metrics", None)?;
-        let text = String::from_utf8_lossy(&response.body);
+        let response = get(port, "/metrics", None)?;
+        let text = response.text();
         Ok(text
             .lines()
             .filter(|line| !line.starts_with('#'))
@@ -589,202 +530,75 @@ fn start_appliance(
         ],
     )?;
     println!("  imported in {:.1} s", started.elapsed().as_secs_f64());
-    let port = free_port()?;
-    let admin_port = free_port()?;
+    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+    let (port, admin_port) = (free_port()?, free_port()?);
     let config = dir.join("appliance.toml");
-    std::fs::write(
-        &config,
-        format!(
-            "drives = [{drive_text:?}]\nstate_dir = {state_text:?}\n[serve]\n\
-             listen = \"127.0.0.1:{port}\"\nadmin_listen = \"127.0.0.1:{admin_port}\"\n\
-             worker_threads = 1\naccess_log = \"off\"\nconnections_max = 20000\n"
-        ),
-    )?;
+    Config {
+        state_dir: Some(state.clone()),
+        control_socket: Some(state.join("control.sock")),
+        serve: Serve {
+            listen: Some(loopback(port)),
+            admin_listen: Some(loopback(admin_port)),
+            worker_threads: Some(1),
+            access_log: Some("off".into()),
+            connections_max: Some(20000),
+            ..Serve::default()
+        },
+        ..Config::new(&[&drive])
+    }
+    .write(&config)?;
     let log = std::fs::File::create(dir.join("applianced.log"))?;
-    let child = pinned(binary, pin)
+    let child = launch(pin)
+        .command(binary)
         .args(["run", "--config", config.to_str().context("config path")?])
         .stdout(log.try_clone()?)
         .stderr(log)
         .spawn()
         .context("starting applianced run")?;
-    let mut process = Guard {
-        name: "applianced",
-        child,
-        helpers: Vec::new(),
-    };
-    let started = Instant::now();
-    loop {
-        if http_get(admin_port, "/health", None).is_ok_and(|response| response.status == 200) {
-            break;
-        }
-        if !process.alive() || started.elapsed() > Duration::from_secs(60) {
-            bail!(
-                "the appliance did not become healthy; see {}",
-                dir.join("applianced.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
+    let mut process = Guard::new("applianced", child);
+    appliance_testkit::wait_for_ok(admin_port, "/health", Duration::from_secs(60), || {
+        process.alive()
+    })
+    .with_context(|| format!("see {}", dir.join("applianced.log").display()))?;
     println!("  appliance serving on 127.0.0.1:{port} (admin {admin_port})");
     Ok(Server {
         name: "appliance",
         port,
-        cpu_pid: process.child.id(),
+        cpu_pid: process.pid(),
         admin_port: Some(admin_port),
-        _process: process,
+        _process: Box::new(process),
     })
 }
 
+/// nginx with sendfile, tuned as a user would tune it for this load, serving the catalog.
 fn start_nginx(dir: &Path, catalog: &Path, pin: bool) -> Result<Server> {
     let prefix = dir.join("nginx");
     let _ = std::fs::remove_dir_all(&prefix);
-    std::fs::create_dir_all(prefix.join("logs"))?;
-    std::fs::create_dir_all(prefix.join("body"))?;
-    let port = free_port()?;
-    let user = if util::is_root() { "user root;\n" } else { "" };
-    let conf = prefix.join("nginx.conf");
-    let error_log = prefix.join("logs/error.log");
-    std::fs::write(
-        &conf,
-        format!(
-            "{user}worker_processes 1;\nworker_rlimit_nofile 65536;\npid {pid};\n\
-             error_log {error_log} warn;\n\
-             events {{ worker_connections 20000; }}\n\
-             http {{\n  access_log off;\n  sendfile on;\n  tcp_nopush on;\n\
-             \x20 keepalive_requests 100000;\n  keepalive_timeout 65;\n\
-             \x20 open_file_cache max=1000;\n  client_body_temp_path {body};\n\
-             \x20 types {{ video/mp4 mp4; }}\n  default_type application/octet-stream;\n\
-             \x20 server {{\n    listen 127.0.0.1:{port};\n    root {root};\n  }}\n}}\n",
-            pid = prefix.join("nginx.pid").display(),
-            error_log = error_log.display(),
-            body = prefix.join("body").display(),
-            root = catalog.display(),
-        ),
-    )?;
-    let binary = nginx_binary()?;
-    let conf_text = conf.to_str().context("nginx.conf path")?;
-    let prefix_text = format!("{}/", prefix.display());
-    let error_text = error_log.to_str().context("error log path")?;
-    output(
-        binary.to_str().context("nginx path")?,
-        &[
-            "-t",
-            "-q",
-            "-e",
-            error_text,
-            "-p",
-            &prefix_text,
-            "-c",
-            conf_text,
-        ],
-    )
-    .context("nginx -t on the generated configuration")?;
-    let child = pinned(&binary, pin)
-        .args([
-            "-e",
-            error_text,
-            "-p",
-            &prefix_text,
-            "-c",
-            conf_text,
-            "-g",
-            "daemon off;",
-        ])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .spawn()
+    let nginx = Nginx::builder(&prefix, catalog)
+        .worker_connections(20000)
+        .main_directive("worker_rlimit_nofile 65536;")
+        .http_directive("keepalive_requests 100000;")
+        .http_directive("keepalive_timeout 65;")
+        .http_directive("open_file_cache max=1000;")
+        .http_directive("types { video/mp4 mp4; }")
+        .launch(launch(pin))
+        .start()
         .context("starting nginx")?;
-    let mut process = Guard {
-        name: "nginx",
-        child,
-        helpers: Vec::new(),
-    };
-    let master = process.child.id();
-    let started = Instant::now();
-    let worker = loop {
-        let children = output("pgrep", &["-P", &master.to_string()]).unwrap_or_default();
-        let worker = children
-            .lines()
-            .find_map(|line| line.trim().parse::<u32>().ok());
-        if let Some(worker) = worker {
-            if http_get(port, &url_path(0), Some((0, 0))).is_ok() {
-                break worker;
-            }
-        }
-        if !process.alive() || started.elapsed() > Duration::from_secs(20) {
-            bail!(
-                "nginx did not start; see {}",
-                prefix.join("logs/error.log").display()
-            );
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    };
-    process.helpers.push(worker);
+    let (port, worker) = (nginx.port, nginx.worker_pid());
     println!("  nginx serving on 127.0.0.1:{port} (worker pid {worker})");
     Ok(Server {
         name: "nginx",
         port,
         cpu_pid: worker,
         admin_port: None,
-        _process: process,
+        _process: Box::new(nginx),
     })
-}
-
-struct Response {
-    status: u16,
-    head: String,
-    body: Vec<u8>,
-}
-
-/// One GET on a fresh connection (Connection: close), read to the end.
-fn http_get(port: u16, path: &str, range: Option<(u64, u64)>) -> Result<Response> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(30)))?;
-    let mut request = format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n");
-    if let Some((first, last)) = range {
-        let _ = write!(request, "Range: bytes={first}-{last}\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes())?;
-    let mut all = Vec::new();
-    stream.read_to_end(&mut all)?;
-    let end = all
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .context("no complete response head")?;
-    let head = String::from_utf8_lossy(&all[..end]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|word| word.parse().ok())
-        .context("no status in the response")?;
-    let body = all.split_off(end + 4);
-    let length = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        name.eq_ignore_ascii_case("content-length")
-            .then(|| value.trim().parse::<usize>().ok())?
-    });
-    if let Some(length) = length {
-        if length != body.len() {
-            bail!(
-                "GET {path}: Content-Length {length} but {} body bytes",
-                body.len()
-            );
-        }
-    }
-    Ok(Response { status, head, body })
 }
 
 /// Random ranges and one whole file from `server` must equal the source files.
 fn verify_ranges(server: &Server, catalog: &Path, files: u64) -> Result<()> {
-    let mut state = 0x2545_F491_4F6C_DD1Du64;
-    let mut next = |bound: u64| {
-        state ^= state << 13;
-        state ^= state >> 7;
-        state ^= state << 17;
-        state % bound
-    };
+    let mut rng = SplitMix64(0x2545_F491_4F6C_DD1D);
+    let mut next = |bound: u64| rng.below(bound);
     let mut checks: Vec<(u64, Option<(u64, u64)>)> = Vec::new();
     for length in [1, 4096, 65536, MIB, 3 * MIB + 17] {
         for _ in 0..2 {
@@ -797,7 +611,7 @@ fn verify_ranges(server: &Server, catalog: &Path, files: u64) -> Result<()> {
     for (number, range) in checks {
         let source = std::fs::read(catalog.join("bench").join(file_name(number)))?;
         let path = url_path(number);
-        let response = http_get(server.port, &path, range)?;
+        let response = get(server.port, &path, range)?;
         let (want_status, want) = match range {
             Some((first, last)) => (
                 206,
@@ -829,7 +643,7 @@ fn verify_ranges(server: &Server, catalog: &Path, files: u64) -> Result<()> {
 /// Reads every file once through the server, so its page cache holds the catalog.
 fn warm(server: &Server, files: u64) -> Result<()> {
     for number in 0..files {
-        let response = http_get(server.port, &url_path(number), None)?;
+        let response = get(server.port, &url_path(number), None)?;
         if response.status != 200 || response.body.len() as u64 != FILE_BYTES {
             bail!(
                 "{}: warm-up GET {} answered {} with {} bytes",
@@ -868,15 +682,8 @@ request = function()
   return wrk.format("GET", path, {{ ["Range"] = "bytes=" .. first .. "-" .. (first + range - 1) }})
 end
 
-done = function(summary, latency, requests)
-  local e = summary.errors
-  io.write(string.format(
-    "BENCH requests=%.0f bytes=%.0f duration_us=%.0f connect=%.0f read=%.0f write=%.0f " ..
-    "status=%.0f timeout=%.0f p50_us=%.0f p99_us=%.0f\n",
-    summary.requests, summary.bytes, summary.duration, e.connect, e.read, e.write,
-    e.status, e.timeout, latency:percentile(50), latency:percentile(99)))
-end
-"#,
+{hook}"#,
+        hook = crate::wrk::SUMMARY_HOOK,
         name = case.name,
         size = FILE_BYTES,
         range = case.range_bytes,
@@ -939,14 +746,10 @@ fn wrk(
     let ticks_before = cpu_ticks(server.cpu_pid)?;
     let foreign_before = foreign_ticks()?;
     let machine_before = machine_busy_ticks()?;
-    let mut child = Guard {
-        name: "wrk",
-        child: command.spawn().context("starting wrk")?,
-        helpers: Vec::new(),
-    };
+    let mut child = Guard::new("wrk", command.spawn().context("starting wrk")?);
     let deadline = Instant::now() + Duration::from_secs(seconds + 60);
     let status = loop {
-        if let Some(status) = child.child.try_wait()? {
+        if let Some(status) = child.child().try_wait()? {
             break status;
         }
         if Instant::now() > deadline {
@@ -961,40 +764,17 @@ fn wrk(
     if !status.success() {
         bail!("wrk against {} failed ({status}):\n{text}", server.name);
     }
-    let line = text
-        .lines()
-        .find(|line| line.starts_with("BENCH "))
-        .with_context(|| format!("wrk printed no summary:\n{text}"))?;
-    let fields: BTreeMap<&str, f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|pair| {
-            let (name, value) = pair.split_once('=')?;
-            Some((name, value.parse().ok()?))
-        })
-        .collect();
-    let field = |name: &str| -> Result<f64> {
-        fields
-            .get(name)
-            .copied()
-            .with_context(|| format!("wrk summary without {name}: {line}"))
-    };
-    let duration_s = field("duration_us")? / 1e6;
-    let bytes = field("bytes")?;
-    let requests = field("requests")?;
+    let summary = crate::wrk::Summary::parse(&text)?;
+    let (duration_s, bytes) = (summary.duration_s, summary.bytes);
     let cpu_s = (ticks_after - ticks_before) / ticks_per_s;
     let others_s = foreign / ticks_per_s - cpu_s;
     Ok(Run {
         gbps: bytes / duration_s / GB,
-        rps: requests / duration_s,
-        p50_ms: field("p50_us")? / 1000.0,
-        p99_ms: field("p99_us")? / 1000.0,
-        errors: field("connect")?
-            + field("read")?
-            + field("write")?
-            + field("status")?
-            + field("timeout")?,
-        timeouts: field("timeout")?,
+        rps: summary.requests_per_s(),
+        p50_ms: summary.p50_ms,
+        p99_ms: summary.p99_ms,
+        errors: summary.errors,
+        timeouts: summary.timeouts,
         cpu_s_per_gb: if bytes > 0.0 {
             cpu_s / (bytes / GB)
         } else {
@@ -1005,11 +785,7 @@ fn wrk(
         } else {
             0.0
         },
-        bytes_per_response: if requests > 0.0 {
-            bytes / requests
-        } else {
-            0.0
-        },
+        bytes_per_response: summary.bytes_per_response(),
         other_cores: others_s.max(0.0) / duration_s,
     })
 }

@@ -64,19 +64,7 @@ pub fn image() -> Result<PathBuf> {
         &[("/usr/lib/grub/i386-pc/boot.img", "grub-pc-bin")],
     )?;
     let root = util::workspace_root();
-    util::run_in(
-        &root,
-        "cargo",
-        &[
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "applianced",
-            "-p",
-            "appliance-ctl",
-        ],
-    )?;
+    util::applianced()?;
     util::run_in(&root, "bash", &["image/build.sh"])?;
     let image = root.join("target/image/appliance.img");
     println!(

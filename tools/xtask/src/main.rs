@@ -18,6 +18,7 @@ mod sim;
 mod soak;
 mod util;
 mod vm;
+mod wrk;
 
 use anyhow::{bail, Result};
 

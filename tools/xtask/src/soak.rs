@@ -14,15 +14,20 @@
 //! The seed fixes the catalog, the manifest sequence, the kill points and which fills
 //! complete; `--seed S` replays them (the kill lands at the same share of the fill, not at the
 //! same instruction). The summary goes to standard output and target/soak/soak.json; the
-//! daemon's log to target/soak/daemon.log. The origin and process helpers are
-//! `bench_fill`'s.
+//! daemon's log to target/soak/daemon.log. Fills are started and watched with
+//! `appliance-ctl` on the control socket, as an operator would; the origin is `bench_fill`'s;
+//! processes, HTTP, the configuration and the manifests come from `appliance-testkit`.
 
-use crate::bench_fill::{child_command, http, start_origin, Origin, Process};
+use crate::bench_fill::{launch, start_origin};
 use crate::util::{output, run_in, workspace_root};
 use anyhow::{bail, Context, Result};
+use appliance_testkit::{
+    free_port, get, seeded_bytes, sha256_hex, Config, Ctl, Fill, Guard, Manifest, ManifestFile,
+    Nginx, Serve, SplitMix64,
+};
 use serde_json::{json, Value};
-use sha2::Digest;
 use std::collections::BTreeMap;
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -132,10 +137,18 @@ pub fn soak(options: Options) -> Result<()> {
     Ok(())
 }
 
-/// The daemon binary the soak runs (every round the same one), built first.
+/// The daemon binary the soak runs (every round the same one), built first with the
+/// `appliance-ctl` beside it.
 fn build_daemon(release: bool) -> Result<PathBuf> {
     let root = workspace_root();
-    let mut args = vec!["build", "--quiet", "-p", "applianced"];
+    let mut args = vec![
+        "build",
+        "--quiet",
+        "-p",
+        "applianced",
+        "-p",
+        "appliance-ctl",
+    ];
     if release {
         args.push("--release");
     }
@@ -144,25 +157,9 @@ fn build_daemon(release: bool) -> Result<PathBuf> {
     Ok(root.join("target").join(profile).join("applianced"))
 }
 
-/// A small seeded generator (SplitMix64).
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn below(&mut self, bound: u64) -> u64 {
-        self.next() % bound.max(1)
-    }
-
-    fn one_in(&mut self, count: u64) -> bool {
-        self.below(count) == 0
-    }
+/// True once in `count` draws of `rng`.
+fn one_in(rng: &mut SplitMix64, count: u64) -> bool {
+    rng.below(count) == 0
 }
 
 /// One published version of a path: what the origin serves while a manifest holding it is
@@ -180,7 +177,7 @@ struct Catalog {
 }
 
 impl Catalog {
-    fn generate(rng: &mut Rng) -> Catalog {
+    fn generate(rng: &mut SplitMix64) -> Catalog {
         let mut catalog = Catalog {
             versions: Vec::new(),
             manifests: [Vec::new(), Vec::new()],
@@ -207,11 +204,11 @@ impl Catalog {
     }
 
     /// A new version of `path` (`None`: a new path); returns its id.
-    fn add(&mut self, path: Option<String>, size_bytes: u64, rng: &mut Rng) -> usize {
+    fn add(&mut self, path: Option<String>, size_bytes: u64, rng: &mut SplitMix64) -> usize {
         let path =
             path.unwrap_or_else(|| format!("/soak/title-{:03}/main.mp4", self.versions.len() + 1));
         self.versions
-            .push(Version::generate(path, size_bytes, rng.next()));
+            .push(Version::generate(path, size_bytes, rng.next_u64()));
         self.versions.len() - 1
     }
 
@@ -237,17 +234,17 @@ impl Catalog {
 
     /// The manifest document: rank by position.
     fn manifest_json(&self, which: usize, generation: u64) -> String {
-        let files: Vec<Value> = self.manifests[which]
+        let files = self.manifests[which]
             .iter()
-            .enumerate()
-            .map(|(number, id)| {
+            .zip(1u64..)
+            .map(|(id, rank)| {
                 let version = &self.versions[*id];
-                json!({
-                    "path": version.path,
-                    "size_bytes": version.bytes.len(),
-                    "sha256": version.sha256_hex,
-                    "rank": number + 1,
-                })
+                ManifestFile {
+                    path: version.path.clone(),
+                    size_bytes: version.bytes.len() as u64,
+                    sha256: version.sha256_hex.clone(),
+                    rank,
+                }
             })
             .collect();
         // A distinct time per publication, as a control plane would stamp it.
@@ -256,12 +253,17 @@ impl Catalog {
             generation / 60 % 60,
             generation % 60
         );
-        json!({ "version": 1, "generated_at": generated_at, "files": files }).to_string()
+        let manifest = Manifest {
+            generated_at,
+            files,
+            ..Manifest::default()
+        };
+        manifest.to_json()
     }
 }
 
 /// File sizes adding up to about `budget` bytes.
-fn fill_budget(rng: &mut Rng, budget: u64) -> Vec<u64> {
+fn fill_budget(rng: &mut SplitMix64, budget: u64) -> Vec<u64> {
     let mut sizes = Vec::new();
     let mut left = budget;
     while left >= FILE_BYTES_MIN {
@@ -283,20 +285,11 @@ impl Version {
         version
     }
 
-    /// Pseudo-random bytes (distinct per version) and their SHA-256.
+    /// Seeded bytes (distinct per version) and their SHA-256.
     fn fill(&mut self, size_bytes: u64, seed: u64) {
-        let mut rng = Rng(seed);
         let size = usize::try_from(size_bytes).expect("file sizes fit in memory");
-        let mut bytes = Vec::with_capacity(size + 8);
-        while bytes.len() < size {
-            bytes.extend_from_slice(&rng.next().to_le_bytes());
-        }
-        bytes.truncate(size);
-        self.sha256_hex = sha2::Sha256::digest(&bytes)
-            .iter()
-            .map(|byte| format!("{byte:02x}"))
-            .collect();
-        self.bytes = bytes;
+        self.bytes = seeded_bytes(seed, size);
+        self.sha256_hex = sha256_hex(&self.bytes);
     }
 }
 
@@ -322,9 +315,11 @@ struct Soak {
     config: PathBuf,
     port: u16,
     admin_port: u16,
-    origin: Origin,
+    /// `appliance-ctl` on the daemon's control socket.
+    ctl: Ctl,
+    origin: Nginx,
     catalog: Catalog,
-    rng: Rng,
+    rng: SplitMix64,
     /// The manifest fills use now (0 or 1).
     current: usize,
     /// Manifest publications so far (stamps `generated_at`).
@@ -337,7 +332,7 @@ struct Soak {
 
 impl Soak {
     fn prepare(binary: &Path, dir: &Path, seed: u64) -> Result<Soak> {
-        let mut rng = Rng(seed);
+        let mut rng = SplitMix64(seed);
         let catalog = Catalog::generate(&mut rng);
         println!(
             "soak: {} versions of {} paths; manifest A {} MiB, manifest B {} MiB, drives {} x \
@@ -356,8 +351,9 @@ impl Soak {
             binary: binary.to_path_buf(),
             dir: dir.to_path_buf(),
             config: dir.join("appliance.toml"),
-            port: crate::bench::free_port()?,
-            admin_port: crate::bench::free_port()?,
+            port: free_port()?,
+            admin_port: free_port()?,
+            ctl: Ctl::next_to(binary, &dir.join("control.sock"))?,
             origin: start_origin(dir, &origin_root)?,
             catalog,
             rng,
@@ -372,28 +368,32 @@ impl Soak {
     }
 
     fn write_config(&self, drives: &[PathBuf]) -> Result<()> {
-        let list: Vec<String> = drives
-            .iter()
-            .map(|drive| format!("{:?}", drive.display().to_string()))
-            .collect();
-        let origin = format!("http://127.0.0.1:{}", self.origin.port);
-        std::fs::write(
-            &self.config,
-            format!(
-                "drives = [{}]\nstate_dir = {:?}\ncontrol_socket = {:?}\n\n[serve]\n\
-                 listen = \"127.0.0.1:{}\"\nadmin_listen = \"127.0.0.1:{}\"\n\
-                 access_log = \"off\"\n\n[fill]\nmanifest = \"{origin}/manifest.json\"\n\
-                 sources = [\"{origin}\"]\nconcurrency = 3\n\
-                 bandwidth_bits_per_s = {BANDWIDTH_BITS_PER_S}\ndelete_grace_s = 0\n\
-                 attempts_per_source = 3\nbackoff_initial_ms = 50\nbackoff_max_ms = 200\n\
-                 stall_timeout_ms = 2000\nresponse_timeout_ms = 5000\n",
-                list.join(", "),
-                self.dir.join("state").display().to_string(),
-                self.dir.join("control.sock").display().to_string(),
-                self.port,
-                self.admin_port,
-            ),
-        )?;
+        let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
+        let config = Config {
+            state_dir: Some(self.dir.join("state")),
+            control_socket: Some(self.ctl.socket().to_path_buf()),
+            serve: Serve {
+                listen: Some(loopback(self.port)),
+                admin_listen: Some(loopback(self.admin_port)),
+                access_log: Some("off".into()),
+                ..Serve::default()
+            },
+            fill: Fill {
+                manifest: Some(self.origin.url("/manifest.json")),
+                sources: vec![self.origin.url("")],
+                concurrency: Some(3),
+                bandwidth_bits_per_s: Some(BANDWIDTH_BITS_PER_S),
+                delete_grace_s: Some(0),
+                attempts_per_source: Some(3),
+                backoff_initial_ms: Some(50),
+                backoff_max_ms: Some(200),
+                stall_timeout_ms: Some(2000),
+                response_timeout_ms: Some(5000),
+                ..Fill::default()
+            },
+            ..Config::new(drives)
+        };
+        config.write(&self.config)?;
         Ok(())
     }
 
@@ -436,7 +436,7 @@ impl Soak {
         let mut daemon = self.start_daemon()?;
         self.check_served(round)?;
         let complete = self.rounds_since_completion + 1 >= COMPLETE_EVERY_MAX
-            || self.rng.one_in(COMPLETE_EVERY_MAX)
+            || one_in(&mut self.rng, COMPLETE_EVERY_MAX)
             || round + 1 == rounds;
         let name = manifest_name(self.current);
         let before = self.fill_status()?["last"].clone();
@@ -461,7 +461,7 @@ impl Soak {
         kill(&mut daemon)?;
         self.counts.kills += 1;
         // Now and then the manifest changes under a fill that did not complete.
-        if !complete && self.rng.one_in(4) {
+        if !complete && one_in(&mut self.rng, 4) {
             self.publish(1 - self.current)?;
             return Ok(format!(
                 "{outcome}; next fills use manifest {}",
@@ -528,7 +528,8 @@ impl Soak {
 
     /// Checks one path; `must`: the version that has to be served.
     fn check_path(&mut self, round: u64, path: &str, must: Option<usize>) -> Result<()> {
-        let (status, body) = http(self.port, "GET", path, None)?;
+        let response = get(self.port, path, None)?;
+        let (status, body) = (response.status, response.body);
         self.counts.files_checked += 1;
         match (status, must) {
             (404, None) => {}
@@ -563,52 +564,35 @@ impl Soak {
             .push(format!("round {round}: {message}"));
     }
 
-    fn start_daemon(&self) -> Result<Process> {
+    fn start_daemon(&self) -> Result<Guard> {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(self.dir.join("daemon.log"))?;
-        let child = child_command(self.binary.as_os_str(), None)
+        let child = launch(None)
+            .command(&self.binary)
             .args(["run", "--config", text(&self.config)?])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("starting applianced")?;
-        let mut daemon = Process::new("applianced", child);
-        let deadline = Instant::now() + START_DEADLINE;
-        loop {
-            if http(self.admin_port, "GET", "/health", None).is_ok_and(|(status, _)| status == 200)
-            {
-                return Ok(daemon);
-            }
-            if !daemon.alive() || Instant::now() > deadline {
-                bail!(
-                    "applianced did not become healthy; see {}",
-                    self.dir.join("daemon.log").display()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let mut daemon = Guard::new("applianced", child);
+        appliance_testkit::wait_for_ok(self.admin_port, "/health", START_DEADLINE, || {
+            daemon.alive()
+        })
+        .with_context(|| format!("see {}", self.dir.join("daemon.log").display()))?;
+        Ok(daemon)
     }
 
+    /// The `fill` part of `appliance-ctl status --json`.
     fn fill_status(&self) -> Result<Value> {
-        let (status, body) = http(self.admin_port, "GET", "/fill", None)?;
-        if status != 200 {
-            bail!("GET /fill: HTTP {status}");
-        }
-        Ok(serde_json::from_slice(&body)?)
+        Ok(self.ctl.fill_status()?)
     }
 
+    /// `appliance-ctl fill`.
     fn start_fill(&self) -> Result<()> {
-        let (status, body) = http(self.admin_port, "POST", "/fill", None)?;
-        if status != 202 {
-            bail!(
-                "POST /fill: HTTP {status}: {}",
-                String::from_utf8_lossy(&body)
-            );
-        }
-        Ok(())
+        Ok(self.ctl.fill(None)?)
     }
 
     /// Waits until a fill reported after `before` ended.
@@ -629,7 +613,7 @@ impl Soak {
     /// Waits for the seeded kill point: one round in five a few milliseconds after the start
     /// (manifest fetch, plan, deletes); otherwise a share of the fill's bytes.
     fn kill_point(&mut self, before: &Value) -> Result<KillPoint> {
-        if self.rng.one_in(5) {
+        if one_in(&mut self.rng, 5) {
             let delay_ms = self.rng.below(100);
             std::thread::sleep(Duration::from_millis(delay_ms));
             return Ok(KillPoint::Reached(format!(
@@ -705,9 +689,8 @@ enum KillPoint {
 }
 
 /// SIGKILL, then reap.
-fn kill(daemon: &mut Process) -> Result<()> {
-    output("kill", &["-KILL", &daemon.pid().to_string()])?;
-    daemon.stop(STOP_GRACE)?;
+fn kill(daemon: &mut Guard) -> Result<()> {
+    daemon.kill()?;
     Ok(())
 }
 

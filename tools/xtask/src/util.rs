@@ -1,6 +1,9 @@
-//! Small helpers of the automation: paths, running commands, process memory.
+//! Small helpers of the automation: paths, running commands, process memory. What the tools
+//! share with the tests (ports, HTTP, nginx, processes, configs, manifests) is in
+//! `appliance-testkit`.
 
 use anyhow::{bail, Context, Result};
+pub use appliance_testkit::{have, is_root};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -58,35 +61,24 @@ pub fn resident_bytes() -> u64 {
         .map_or(0, |kib| kib * 1024)
 }
 
-/// The release binary of `applianced`, built if needed.
+/// The release binary of `applianced`, built if needed, with the `appliance-ctl` beside it
+/// that drives it (`appliance_testkit::Ctl::next_to`).
 pub fn applianced() -> Result<PathBuf> {
     let root = workspace_root();
     run_in(
         &root,
         "cargo",
-        &["build", "--quiet", "--release", "-p", "applianced"],
+        &[
+            "build",
+            "--quiet",
+            "--release",
+            "-p",
+            "applianced",
+            "-p",
+            "appliance-ctl",
+        ],
     )?;
     Ok(root.join("target/release/applianced"))
-}
-
-/// True when `tool` is on the PATH (or in /sbin, /usr/sbin for root's tools).
-pub fn have(tool: &str) -> bool {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .chain(["/sbin", "/usr/sbin"])
-        .any(|dir| Path::new(dir).join(tool).is_file());
-    found
-}
-
-/// True when running as root (from /proc/self/status).
-pub fn is_root() -> bool {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
-    status
-        .lines()
-        .find_map(|line| line.strip_prefix("Uid:"))
-        .and_then(|ids| ids.split_whitespace().nth(1))
-        == Some("0")
 }
 
 /// True when `cargo NAME` is an installed subcommand (`cargo-NAME` on the PATH or in

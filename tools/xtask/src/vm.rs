@@ -28,9 +28,9 @@
 use crate::guest_agent::GuestAgent;
 use crate::{image, util};
 use anyhow::{anyhow, bail, Context, Result};
+use appliance_testkit::{free_port, Manifest, Nginx};
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -42,7 +42,6 @@ const VM_TOOLS: &[(&str, &str)] = &[
     ("qemu-img", "qemu-utils"),
     ("nginx", "nginx"),
     ("socat", "socat"),
-    ("sha256sum", "coreutils"),
     ("mkfs.ext4", "e2fsprogs"),
 ];
 
@@ -113,7 +112,9 @@ pub fn test() -> Result<()> {
             .sum::<usize>()
             >> 20
     );
-    let nginx = Nginx::start(&work, &work.join("origin"))?;
+    let nginx = Nginx::builder(&work.join("nginx"), &work.join("origin"))
+        .access_log(true)
+        .start()?;
     let mut vm = Vm::start(&work, &image, nginx.port)?;
     let result = run_steps(&mut vm, &catalog, &mut timings);
     if let Err(error) = &result {
@@ -439,59 +440,25 @@ impl Catalog {
     /// Writes `CATALOG_FILES` files of seeded pseudo-random bytes (sizes from 1 byte to about
     /// 6 MiB, about 120 MiB in all; a few on 4 KiB boundaries) and their manifest under `root`.
     fn write(root: &Path) -> Result<Catalog> {
-        let mut state: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut next = move || {
-            state ^= state << 13;
-            state ^= state >> 7;
-            state ^= state << 17;
-            state
-        };
+        let mut rng = appliance_testkit::SplitMix64(0x9E37_79B9_7F4A_7C15);
         let mut files = Vec::new();
+        let mut manifest = Manifest::default();
         for number in 0..CATALOG_FILES {
             let size = match number {
                 0 => 1,
                 1 => 4096,
                 2 => 1 << 20,
-                _ => 64 * 1024 + (next() % (6 << 20)) as usize,
+                _ => 64 * 1024 + usize::try_from(rng.below(6 << 20))?,
             };
-            let mut bytes = Vec::with_capacity(size + 8);
-            while bytes.len() < size {
-                bytes.extend_from_slice(&next().to_le_bytes());
-            }
-            bytes.truncate(size);
+            let bytes = appliance_testkit::seeded_bytes(rng.next_u64(), size);
             let path = format!("/video/title-{number:03}/main.mp4");
             let disk = root.join(&path[1..]);
             std::fs::create_dir_all(disk.parent().expect("a folder"))?;
             std::fs::write(&disk, &bytes)?;
+            manifest.add(&path, &bytes);
             files.push(CatalogFile { path, bytes });
         }
-        let disk_paths: Vec<String> = files
-            .iter()
-            .map(|file| root.join(&file.path[1..]).display().to_string())
-            .collect();
-        let args: Vec<&str> = disk_paths.iter().map(String::as_str).collect();
-        let sums = util::output("sha256sum", &args)?;
-        let rows: Vec<String> = files
-            .iter()
-            .zip(sums.lines())
-            .enumerate()
-            .map(|(number, (file, line))| {
-                let sha = line.split_whitespace().next().unwrap_or("");
-                format!(
-                    "{{\"path\":{:?},\"size_bytes\":{},\"sha256\":\"{sha}\",\"rank\":{}}}",
-                    file.path,
-                    file.bytes.len(),
-                    number + 1
-                )
-            })
-            .collect();
-        std::fs::write(
-            root.join("manifest.json"),
-            format!(
-                "{{\"version\":1,\"generated_at\":\"2026-11-23T02:00:00Z\",\"files\":[{}]}}",
-                rows.join(",")
-            ),
-        )?;
+        manifest.write(&root.join("manifest.json"))?;
         Ok(Catalog { files })
     }
 }
@@ -500,82 +467,6 @@ impl Catalog {
 struct Served {
     ok: Vec<String>,
     missing: Vec<String>,
-}
-
-// ---------------------------------------------------------------------------------------
-// nginx, the origin.
-
-struct Nginx {
-    child: Child,
-    port: u16,
-}
-
-impl Nginx {
-    fn start(work: &Path, root: &Path) -> Result<Nginx> {
-        let port = free_port()?;
-        let dir = work.join("nginx");
-        std::fs::create_dir_all(dir.join("logs"))?;
-        let config = dir.join("nginx.conf");
-        std::fs::write(
-            &config,
-            format!(
-                "daemon off;\nworker_processes 1;\npid {dir}/nginx.pid;\n\
-                 error_log {dir}/logs/error.log warn;\n\
-                 events {{ worker_connections 256; }}\n\
-                 http {{\n  access_log {dir}/logs/access.log;\n  sendfile on;\n\
-                 default_type application/octet-stream;\n\
-                 client_body_temp_path {dir}/logs;\n  proxy_temp_path {dir}/logs;\n\
-                 fastcgi_temp_path {dir}/logs;\n  uwsgi_temp_path {dir}/logs;\n\
-                 scgi_temp_path {dir}/logs;\n\
-                 server {{ listen 127.0.0.1:{port}; root {root}; }}\n}}\n",
-                dir = dir.display(),
-                root = root.display(),
-            ),
-        )?;
-        let child = Command::new("nginx")
-            .args([
-                "-c",
-                &config.display().to_string(),
-                "-p",
-                &dir.display().to_string(),
-            ])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .context("starting nginx")?;
-        let nginx = Nginx { child, port };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            if Instant::now() > deadline {
-                bail!("nginx did not listen on 127.0.0.1:{port}");
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Ok(nginx)
-    }
-}
-
-impl Drop for Nginx {
-    /// SIGTERM lets the master stop its worker (SIGKILL would orphan it); SIGKILL after 5 s.
-    fn drop(&mut self) {
-        let pid = self.child.id().to_string();
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid])
-            .stderr(Stdio::null())
-            .status();
-        for _ in 0..100 {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn free_port() -> Result<u16> {
-    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 // ---------------------------------------------------------------------------------------
@@ -997,51 +888,12 @@ fn drive_summary(health: &Value) -> String {
 // ---------------------------------------------------------------------------------------
 // HTTP/1.1 over loopback (one request per connection) and QMP.
 
-/// Sends one request to 127.0.0.1:`port`; returns the status and the body.
+/// Sends one request to 127.0.0.1:`port` (with a Range header when given); returns the
+/// status and the body.
 fn http(port: u16, method: &str, target: &str, range: Option<&str>) -> Result<(u16, Vec<u8>)> {
-    let mut stream = TcpStream::connect(("127.0.0.1", port))?;
-    stream.set_read_timeout(Some(Duration::from_secs(60)))?;
-    stream.set_write_timeout(Some(Duration::from_secs(10)))?;
-    let mut request =
-        format!("{method} {target} HTTP/1.1\r\nHost: appliance\r\nConnection: close\r\n");
-    if let Some(range) = range {
-        request.push_str(&format!("Range: {range}\r\n"));
-    }
-    if method == "POST" {
-        request.push_str("Content-Length: 0\r\n");
-    }
-    request.push_str("\r\n");
-    stream.write_all(request.as_bytes())?;
-    let mut response = Vec::new();
-    stream
-        .read_to_end(&mut response)
-        .with_context(|| format!("{method} {target}"))?;
-    let end = response
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .ok_or_else(|| anyhow!("{method} {target}: no complete response head"))?;
-    let head = String::from_utf8_lossy(&response[..end]).into_owned();
-    let status: u16 = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|code| code.parse().ok())
-        .ok_or_else(|| anyhow!("{method} {target}: bad status line in {head:?}"))?;
-    let mut body = response[end + 4..].to_vec();
-    let length = head.lines().find_map(|line| {
-        let (name, value) = line.split_once(':')?;
-        if name.eq_ignore_ascii_case("content-length") {
-            value.trim().parse::<usize>().ok()
-        } else {
-            None
-        }
-    });
-    if let Some(length) = length {
-        if body.len() < length {
-            bail!("{method} {target}: {} of {length} body bytes", body.len());
-        }
-        body.truncate(length);
-    }
-    Ok((status, body))
+    let range: Vec<(&str, &str)> = range.map(|range| ("Range", range)).into_iter().collect();
+    let response = appliance_testkit::http(port, method, target, &range)?;
+    Ok((response.status, response.body))
 }
 
 /// QEMU's machine protocol on a unix socket: commands, and the events that arrive between.
