@@ -144,6 +144,27 @@ install -D -m 0755 "$APPLIANCED" "$STAGE/usr/bin/applianced"
 install -D -m 0755 "$APPLIANCE_CTL" "$STAGE/usr/bin/appliance-ctl"
 strip --strip-debug "$STAGE/usr/bin/applianced" "$STAGE/usr/bin/appliance-ctl"
 
+# Shell completions (bash, zsh, fish) and man pages (gzipped, as Debian ships them), written
+# by the binaries themselves from their command lines (`generate-docs`: appliance/clidocs);
+# the build host runs the release binaries it just built, for its own architecture.
+DOCS="$WORK/docs"
+for program in applianced appliance-ctl; do
+    binary=$APPLIANCED
+    [ "$program" = appliance-ctl ] && binary=$APPLIANCE_CTL
+    "$binary" generate-docs --out "$DOCS/$program" >/dev/null
+    install -D -m 0644 "$DOCS/$program/bash/$program" \
+        "$STAGE/usr/share/bash-completion/completions/$program"
+    install -D -m 0644 "$DOCS/$program/zsh/_$program" \
+        "$STAGE/usr/share/zsh/vendor-completions/_$program"
+    install -D -m 0644 "$DOCS/$program/fish/$program.fish" \
+        "$STAGE/usr/share/fish/vendor_completions.d/$program.fish"
+done
+for page in "$DOCS"/*/man[18]/*; do
+    section=$(basename "$(dirname "$page")")
+    install -D -m 0644 "$page" "$STAGE/usr/share/man/$section/$(basename "$page")"
+    gzip -9n "$STAGE/usr/share/man/$section/$(basename "$page")"
+done
+
 # The units and snippets of systemd/, where the files themselves say they belong.
 SYS="$ROOT/systemd"
 install -D -m 0644 "$SYS/applianced.service" "$STAGE/usr/lib/systemd/system/applianced.service"

@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use appliance_proto::{
     Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Status, DEFAULT_SOCKET,
 };
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -60,6 +60,9 @@ enum Action {
         #[arg(long, conflicts_with = "path")]
         all: bool,
     },
+    /// Writes shell completions and man pages into a folder (the image build runs it).
+    #[command(hide = true)]
+    GenerateDocs(appliance_clidocs::GenerateDocsArgs),
 }
 
 /// The reply's one expected variant, or an error naming what came instead.
@@ -113,6 +116,9 @@ fn run(cli: &Cli) -> Result<()> {
             print(cli, &state, |state| println!("state: {state}"))
         }
         Action::Verify { path, .. } => verify(cli, path.clone()),
+        Action::GenerateDocs(args) => {
+            args.run(Cli::command(), appliance_clidocs::Section::UserCommands)
+        }
     }
 }
 

@@ -17,7 +17,7 @@ mod test_faults;
 mod upkeep;
 
 use anyhow::Result;
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 
 /// The ISP cache appliance daemon.
@@ -55,6 +55,9 @@ enum Command {
         #[arg(default_value = "/etc/appliance/appliance.toml")]
         config: PathBuf,
     },
+    /// Writes shell completions and man pages into a folder (the image build runs it).
+    #[command(hide = true)]
+    GenerateDocs(appliance_clidocs::GenerateDocsArgs),
 }
 
 /// Options of `applianced format`.
@@ -88,6 +91,9 @@ fn main() {
             .map(|_| {
                 println!("{}: ok", config.display());
             }),
+        Command::GenerateDocs(args) => {
+            args.run(Cli::command(), appliance_clidocs::Section::Administration)
+        }
     };
     if let Err(error) = result {
         eprintln!("applianced: {error:#}");

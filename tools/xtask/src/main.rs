@@ -12,6 +12,7 @@ mod bench_fill;
 mod bench_serve;
 mod demo;
 mod fuzz;
+mod guest_agent;
 mod image;
 mod sim;
 mod soak;

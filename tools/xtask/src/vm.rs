@@ -6,7 +6,9 @@
 //!    first boot formatted the four blank data drives and left out a fifth NVMe drive that
 //!    holds an ext4 filesystem (another kind of data), which stays untouched;
 //! 2. fill from nginx on the host's loopback, which the guest reaches only through QEMU's
-//!    `guestfwd` rule, then ranges of every file compared byte by byte through `hostfwd`;
+//!    `guestfwd` rule, started and awaited with `appliance-ctl --json fill --wait` in the
+//!    guest, then ranges of every file compared byte by byte through `hostfwd`; the guest's
+//!    `appliance-ctl status`, and its man page and bash completion in place;
 //! 3. one data drive hot-removed (`device_del` over QMP): the other drives keep serving, the
 //!    drive is reported failed in `/health` and `/metrics`, and the daemon was not restarted
 //!    (same PID on the serial console, no restart by systemd);
@@ -16,10 +18,14 @@
 //!    appliance-security-report.service at every boot).
 //!
 //! The guest's network is QEMU user mode with `restrict=on`: it reaches nothing but the
-//! `guestfwd` origin, and the host reaches it only on 127.0.0.1 (`hostfwd`). Everything
-//! started here (QEMU, nginx) is stopped by guards when the test ends, fails or panics.
+//! `guestfwd` origin, and the host reaches it only on 127.0.0.1 (`hostfwd`: serving, and the
+//! read-only admin port's `/health` and `/metrics`). Actions run `appliance-ctl` in the guest
+//! through the QEMU guest agent (`guest-exec` on a virtio-serial port; `guest_agent.rs`).
+//! Everything started here (QEMU, nginx) is stopped by guards when the test ends, fails or
+//! panics.
 //! Work files: target/vm-test/ (serial.log is the guest's console).
 
+use crate::guest_agent::GuestAgent;
 use crate::{image, util};
 use anyhow::{anyhow, bail, Context, Result};
 use appliance_testkit::{free_port, Manifest, Nginx};
@@ -48,6 +54,16 @@ const ORIGIN: &str = "10.0.2.100";
 const CATALOG_FILES: usize = 40;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
 const FILL_TIMEOUT: Duration = Duration::from_secs(240);
+/// How long a short `appliance-ctl` command (status) may take in the guest.
+const CTL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Where the image installs the CLI, its man page and its bash completion.
+const GUEST_CTL: &str = "/usr/bin/appliance-ctl";
+const GUEST_CTL_COMPLETION: &str = "/usr/share/bash-completion/completions/appliance-ctl";
+const GUEST_MAN_PAGES: &[&str] = &[
+    "/usr/share/man/man1/appliance-ctl.1.gz",
+    "/usr/share/man/man1/appliance-ctl-fill.1.gz",
+    "/usr/share/man/man8/applianced.8.gz",
+];
 
 /// The guest's base configuration, handed over through QEMU's fw_cfg (appliance-firstboot
 /// prefers it to /etc/appliance/appliance.base.toml): the admin listener on every address so
@@ -194,6 +210,12 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
     }
     timings.add(
         "2. fill through guestfwd + byte-exact ranges through hostfwd",
+        step,
+    );
+    let step = Instant::now();
+    vm.show_status_and_docs()?;
+    timings.add(
+        "2. appliance-ctl status, man page and completion in the guest",
         step,
     );
 
@@ -366,7 +388,9 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
     let block = &text[from..];
     let block = &block[..block.find(end).map_or(block.len(), |at| at + end.len())];
     println!("vm-test: 5. from the guest's console:");
-    for line in block.lines() {
+    // Journal lines copied to the console meanwhile (qemu-ga's guest-exec notes) are not
+    // part of the report.
+    for line in block.lines().filter(|line| !is_journal_line(line)) {
         println!("  {}", line.trim_end_matches('\r'));
     }
     timings.add("5. systemd-analyze security from the guest", step);
@@ -451,6 +475,7 @@ struct Served {
 struct Vm {
     child: Child,
     qmp: Qmp,
+    agent: GuestAgent,
     serial: PathBuf,
     foreign: PathBuf,
     http_port: u16,
@@ -490,6 +515,7 @@ impl Vm {
         std::fs::write(&lab, LAB_CONFIG)?;
         let serial = work.join("serial.log");
         let qmp_path = work.join("qmp.sock");
+        let agent_path = work.join("qga.sock");
         let http_port = free_port()?;
         let admin_port = free_port()?;
         let mut args: Vec<String> = [
@@ -517,6 +543,16 @@ impl Vm {
             format!("file:{}", serial.display()),
             "-qmp".into(),
             format!("unix:{},server=on,wait=off", qmp_path.display()),
+            // The guest agent's port: qemu-ga in the guest runs appliance-ctl for the host.
+            "-chardev".into(),
+            format!(
+                "socket,path={},server=on,wait=off,id=qga0",
+                agent_path.display()
+            ),
+            "-device".into(),
+            "virtio-serial".into(),
+            "-device".into(),
+            "virtserialport,chardev=qga0,name=org.qemu.guest_agent.0".into(),
             "-fw_cfg".into(),
             format!(
                 "name=opt/appliance/appliance.base.toml,file={}",
@@ -567,6 +603,7 @@ impl Vm {
         let mut vm = Vm {
             child,
             qmp: Qmp::placeholder(),
+            agent: GuestAgent { socket: agent_path },
             serial,
             foreign,
             http_port,
@@ -644,40 +681,60 @@ impl Vm {
         Ok(String::from_utf8_lossy(&body).into_owned())
     }
 
-    /// Starts a fill of the origin's manifest and waits for its report; fails unless it
-    /// succeeded.
+    /// Runs `appliance-ctl --json fill --manifest ... --wait` in the guest and returns the
+    /// fill's report; fails unless the fill succeeded (the CLI's exit code and the report).
     fn fill(&mut self) -> Result<Value> {
-        let before = self.admin_json("/fill")?["last"].clone();
-        let target = format!("/fill?manifest=http://{ORIGIN}/manifest.json");
-        let (status, body) = http(self.admin_port, "POST", &target, None)?;
-        if status != 202 {
-            bail!("POST {target}: {status} {}", String::from_utf8_lossy(&body));
+        self.check_alive()?;
+        let manifest = format!("http://{ORIGIN}/manifest.json");
+        let args = ["--json", "fill", "--manifest", &manifest, "--wait"];
+        let run = self.agent.run(GUEST_CTL, &args, FILL_TIMEOUT)?;
+        let report: Value = serde_json::from_str(&run.stdout).with_context(|| {
+            format!(
+                "appliance-ctl {args:?} in the guest (exit code {:?}) printed no report: {}{}",
+                run.exit_code, run.stdout, run.stderr
+            )
+        })?;
+        let failed = run.exit_code != Some(0)
+            || report["files_failed"].as_u64() != Some(0)
+            || !report["error"].is_null()
+            || report["cancelled"] == true
+            || report["cannot_fit"]
+                .as_array()
+                .is_some_and(|list| !list.is_empty());
+        if failed {
+            bail!(
+                "the fill did not succeed (appliance-ctl exit code {:?}): {report} {}",
+                run.exit_code,
+                run.stderr
+            );
         }
-        let deadline = Instant::now() + FILL_TIMEOUT;
-        loop {
-            self.check_alive()?;
-            let fill = self.admin_json("/fill")?;
-            if fill["running"] == false && fill["last"] != before && !fill["last"].is_null() {
-                let last = fill["last"].clone();
-                let failed = last["files_failed"].as_u64() != Some(0)
-                    || !last["error"].is_null()
-                    || last["cancelled"] == true
-                    || last["cannot_fit"]
-                        .as_array()
-                        .is_some_and(|list| !list.is_empty());
-                if failed {
-                    bail!("the fill did not succeed: {last}");
-                }
-                return Ok(last);
-            }
-            if Instant::now() > deadline {
-                bail!(
-                    "the fill did not end within {} s: {fill}",
-                    FILL_TIMEOUT.as_secs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(500));
+        Ok(report)
+    }
+
+    /// Prints the guest's `appliance-ctl status`; checks that the image installed the CLI's
+    /// man pages (gzipped) and that its bash completion loads in the guest's bash.
+    fn show_status_and_docs(&mut self) -> Result<()> {
+        let status = self
+            .agent
+            .run(GUEST_CTL, &["status"], CTL_TIMEOUT)?
+            .success("appliance-ctl status")?;
+        println!("vm-test: 2. appliance-ctl status, in the guest:");
+        for line in status.stdout.lines() {
+            println!("  {line}");
         }
+        // `complete -p` prints the completion that sourcing the file registered.
+        let script = r#"ls -l "$@" && . "$1" && complete -p appliance-ctl"#;
+        let mut args = vec!["-c", script, "bash", GUEST_CTL_COMPLETION];
+        args.extend(GUEST_MAN_PAGES);
+        let docs = self
+            .agent
+            .run("/bin/bash", &args, CTL_TIMEOUT)?
+            .success("the CLI's man pages and bash completion")?;
+        println!("vm-test: 2. in the guest, the CLI's man pages and bash completion:");
+        for line in docs.stdout.lines() {
+            println!("  {line}");
+        }
+        Ok(())
     }
 
     /// Requests ranges of every catalog file: the start, a middle stretch, the last 4097
@@ -773,6 +830,17 @@ fn watchdog_sec() -> Result<Duration> {
         .parse()
         .with_context(|| format!("WatchdogSec={value}: expected seconds"))?;
     Ok(Duration::from_secs(seconds))
+}
+
+/// A kernel or journal line on the console: `[  132.627033] ...`.
+fn is_journal_line(line: &str) -> bool {
+    line.trim_start()
+        .strip_prefix('[')
+        .and_then(|rest| rest.split_once(']'))
+        .is_some_and(|(stamp, _)| {
+            let stamp = stamp.trim();
+            !stamp.is_empty() && stamp.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
 }
 
 /// The PID of the last `NAME[PID]:` journal line on the console.
@@ -935,6 +1003,35 @@ impl Qmp {
                     }
                 }
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_journal_line;
+
+    #[test]
+    fn journal_lines_are_told_from_the_security_report() {
+        for (line, expected) in [
+            (
+                "[  132.627033] qemu-ga[352]: info: guest-exec called: \"/usr/bin/x\"",
+                true,
+            ),
+            ("[    0.000000] Linux version 6.12", true),
+            (
+                "  ✓ RemoveIPC=      Service user cannot leave SysV IPC objects around",
+                false,
+            ),
+            ("  NAME         DESCRIPTION        EXPOSURE", false),
+            (
+                "→ Overall exposure level for applianced.service: 1.6 OK",
+                false,
+            ),
+            ("[  OK  ] Started qemu-guest-agent.service", false),
+            ("[] empty", false),
+        ] {
+            assert_eq!(is_journal_line(line), expected, "{line}");
         }
     }
 }
