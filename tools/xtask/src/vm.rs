@@ -519,8 +519,14 @@ impl Vm {
         let http_port = free_port()?;
         let admin_port = free_port()?;
         let mut args: Vec<String> = [
+            // One host thread runs both vCPUs in turn. With multi-threaded TCG, the guest
+            // kernel's live text patching (a static key flipped at boot: int3 written,
+            // then the new instruction, then the int3 removed) can race with the other
+            // vCPU still running stale translated code. The result is an "Oops: int3" and a
+            // kernel panic early in boot, before any of our code runs. A CI run on
+            // 77f3741 hit this at the reboot of step 4.
             "-accel",
-            "tcg",
+            "tcg,thread=single",
             "-machine",
             "pc",
             "-m",
