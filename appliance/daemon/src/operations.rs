@@ -82,10 +82,10 @@ impl Operations {
         let traffic = self.serving.traffic();
         let draining = self.serving.is_draining();
         let problems = problems(&drives, &upkeep);
-        let in_service = drives
+        let in_service: Vec<&DriveRow> = drives
             .iter()
             .filter(|drive| drive.state == DriveState::Ok)
-            .count();
+            .collect();
         let state = match (draining, traffic.connections_active) {
             (true, 0) => State::Drained,
             (true, _) => State::Draining,
@@ -94,10 +94,10 @@ impl Operations {
         };
         let healthy = matches!(state, State::Serving | State::Degraded)
             && upkeep.state == UpkeepState::Ok
-            && in_service > 0;
+            && !in_service.is_empty();
+        let size_bytes = in_service.iter().map(|drive| drive.size_bytes).sum();
         let fill = self.filler.status();
         let samples = self.samples();
-        let in_service_rows = || drives.iter().filter(|row| row.state == DriveState::Ok);
         Status {
             state,
             healthy,
@@ -108,7 +108,7 @@ impl Operations {
             catalog: Catalog {
                 files: stats.files,
                 bytes: drives.iter().map(|drive| drive.used_bytes).sum(),
-                size_bytes: in_service_rows().map(|drive| drive.size_bytes).sum(),
+                size_bytes,
                 free_bytes: self.store.free_bytes(),
                 manifest_files: fill
                     .last
@@ -151,11 +151,10 @@ impl Operations {
         }
         let location = manifest.as_deref().map(ManifestLocation::parse);
         match self.filler.start(location) {
-            Ok(_) => {
+            Ok(started) => {
                 tracing::info!(actor, manifest = ?manifest, "fill started by an operator");
-                let fill = self.filler.status();
                 Ok(FillStarted {
-                    started_unix_s: fill.started_unix_s.unwrap_or(0),
+                    started_unix_s: started.started_unix_s,
                     manifest,
                 })
             }

@@ -17,5 +17,5 @@ pub mod schedule;
 pub mod signature;
 
 pub use load::LoadConfig;
-pub use runner::{AlreadyRunning, FillConfig, FillReport, Filler, ManifestLocation};
+pub use runner::{AlreadyRunning, FillConfig, FillReport, Filler, ManifestLocation, StartedFill};
 pub use signature::ManifestKey;

@@ -16,7 +16,7 @@ use appliance_proto::{FillStatus, SourceCounts};
 use appliance_store::Store;
 use serde::{Deserialize, Serialize};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::watch;
@@ -80,6 +80,12 @@ pub struct DroppedRow {
 
 pub use appliance_proto::{FillFailure as Failure, FillReport};
 
+/// A fill `Filler::start` started: when, and its task (which yields the report).
+pub struct StartedFill {
+    pub started_unix_s: u64,
+    pub task: tokio::task::JoinHandle<FillReport>,
+}
+
 /// A second start while a fill runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct AlreadyRunning;
@@ -94,7 +100,6 @@ pub struct FillState {
 /// Live progress of the running fill.
 #[derive(Default)]
 struct Progress {
-    running: AtomicBool,
     files_total: AtomicU64,
     files_done: AtomicU64,
     files_failed: AtomicU64,
@@ -163,23 +168,30 @@ impl Filler {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Marks a fill running with a fresh token; `None` when one already runs.
-    fn begin(&self) -> Option<CancellationToken> {
+    /// Marks a fill running with a fresh token and its start time, in one step under the
+    /// lock; `None` when one already runs. The fill counts as running until the returned
+    /// `Begun` is dropped.
+    fn begin(self: &Arc<Self>) -> Option<Begun> {
         let mut current = self.lock_current();
         if current.is_some() {
             return None;
         }
-        let token = CancellationToken::new();
-        *current = Some(token.clone());
+        let cancel = CancellationToken::new();
+        *current = Some(cancel.clone());
+        let started_unix_s = now_unix_s();
         self.progress
             .started_unix_s
-            .store(now_unix_s(), Ordering::SeqCst);
-        self.progress.running.store(true, Ordering::SeqCst);
-        Some(token)
+            .store(started_unix_s, Ordering::SeqCst);
+        Some(Begun {
+            cancel,
+            started_unix_s,
+            _running: RunningGuard(Arc::clone(self)),
+        })
     }
 
+    /// A fill runs while it holds the cancellation token slot.
     pub fn is_running(&self) -> bool {
-        self.progress.running.load(Ordering::SeqCst)
+        self.lock_current().is_some()
     }
 
     /// The fill window in force (SIGHUP may change it).
@@ -265,14 +277,13 @@ impl Filler {
     /// Runs one fill now (from `manifest`, or the configured one). Returns its report, which
     /// is also kept in the state file.
     pub async fn run_once(self: &Arc<Self>, manifest: Option<ManifestLocation>) -> FillReport {
-        let Some(cancel) = self.begin() else {
+        let Some(begun) = self.begin() else {
             return FillReport {
                 error: Some("a fill is already running".into()),
                 ..FillReport::default()
             };
         };
-        let running = RunningGuard(Arc::clone(self));
-        self.run_begun(running, cancel, manifest).await
+        self.run_begun(begun, manifest).await
     }
 
     /// Starts a fill on the current runtime unless one runs. The check and the mark are one
@@ -281,24 +292,26 @@ impl Filler {
     pub fn start(
         self: &Arc<Self>,
         manifest: Option<ManifestLocation>,
-    ) -> Result<tokio::task::JoinHandle<FillReport>, AlreadyRunning> {
-        let cancel = self.begin().ok_or(AlreadyRunning)?;
-        let running = RunningGuard(Arc::clone(self));
+    ) -> Result<StartedFill, AlreadyRunning> {
+        let begun = self.begin().ok_or(AlreadyRunning)?;
+        let started_unix_s = begun.started_unix_s;
         let filler = Arc::clone(self);
-        Ok(tokio::spawn(async move {
-            filler.run_begun(running, cancel, manifest).await
-        }))
+        let task = tokio::spawn(async move { filler.run_begun(begun, manifest).await });
+        Ok(StartedFill {
+            started_unix_s,
+            task,
+        })
     }
 
-    /// The fill itself, once `begin` marked it running; `_running` clears the mark however
-    /// the fill ends (even if its task is dropped before it first runs).
+    /// The fill itself, once `begin` marked it running; dropping `begun` clears the mark
+    /// however the fill ends (even if its task is dropped before it first runs).
     async fn run_begun(
         self: &Arc<Self>,
-        _running: RunningGuard,
-        cancel: CancellationToken,
+        begun: Begun,
         manifest: Option<ManifestLocation>,
     ) -> FillReport {
-        let started = self.progress.started_unix_s.load(Ordering::SeqCst);
+        let started = begun.started_unix_s;
+        let cancel = &begun.cancel;
         self.progress
             .bytes_at_start
             .store(self.bytes_from_sources(), Ordering::Relaxed);
@@ -324,7 +337,7 @@ impl Filler {
                 tracing::info!("fill cancelled while loading the manifest");
                 report.cancelled = true;
             }
-            Some(Ok(manifest)) => self.fill(manifest, &mut report, &cancel).await,
+            Some(Ok(manifest)) => self.fill(manifest, &mut report, cancel).await,
             Some(Err(error)) => {
                 tracing::error!(%error, "fill: manifest refused; keeping what the box holds");
                 report.error = Some(error);
@@ -620,14 +633,19 @@ impl Filler {
     }
 }
 
-/// Marks the fill stopped when `run_once` ends, or when its future is dropped mid-way.
+/// A fill marked running by `Filler::begin`: its token, its start time, and the guard that
+/// marks it stopped when the fill ends or its future is dropped mid-way.
+struct Begun {
+    cancel: CancellationToken,
+    started_unix_s: u64,
+    _running: RunningGuard,
+}
+
 struct RunningGuard(Arc<Filler>);
 
 impl Drop for RunningGuard {
     fn drop(&mut self) {
-        let mut current = self.0.lock_current();
-        *current = None;
-        self.0.progress.running.store(false, Ordering::SeqCst);
+        *self.0.lock_current() = None;
     }
 }
 
@@ -738,11 +756,11 @@ mod tests {
             let first = filler.start(None).expect("the first start");
             assert!(filler.is_running(), "running from the moment start returns");
             assert_eq!(filler.start(None).err(), Some(AlreadyRunning));
-            let report = first.await.unwrap();
+            let report = first.task.await.unwrap();
             assert!(report.error.is_some(), "{report:?}");
             assert!(!filler.is_running());
             let again = filler.start(None).expect("a start after the fill ended");
-            again.await.unwrap();
+            again.task.await.unwrap();
         });
         let _ = std::fs::remove_dir_all(&folder);
     }

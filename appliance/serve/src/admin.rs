@@ -6,8 +6,8 @@
 //! of its head and the write of its answer. One request per connection.
 
 use crate::http::{
-    error_response, http_date, parse_request, request_method, write_response_head, Limits, Parse,
-    ResponseHead,
+    error_response, http_date, parse_request, request_method, response_has_content,
+    write_response_head, Limits, Method, Parse, ResponseHead,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -94,10 +94,8 @@ async fn admin_request(mut stream: TcpStream, view: &dyn AdminView) -> std::io::
             return stream.write_all(&out).await;
         }
     };
-    let method = first_word(&buf);
-    let read_only = matches!(method, "GET" | "HEAD");
     let (status, content_type, body) = match head.path.as_str() {
-        "/health" | "/metrics" if !read_only => {
+        "/health" | "/metrics" if head.method == Method::Other => {
             error_response(405, false, head.method, &date, &mut out);
             return stream.write_all(&out).await;
         }
@@ -127,14 +125,9 @@ async fn admin_request(mut stream: TcpStream, view: &dyn AdminView) -> std::io::
         },
         &mut out,
     );
-    if method != "HEAD" {
+    if response_has_content(head.method, status) {
         out.extend_from_slice(body.as_bytes());
     }
     stream.write_all(&out).await?;
     stream.shutdown().await
-}
-
-fn first_word(buf: &[u8]) -> &str {
-    let end = buf.iter().position(|&byte| byte == b' ').unwrap_or(0);
-    std::str::from_utf8(&buf[..end]).unwrap_or("")
 }

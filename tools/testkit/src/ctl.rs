@@ -163,6 +163,18 @@ impl Ctl {
     }
 }
 
+/// `cargo` arguments that build `applianced` and `appliance-ctl` together. Every tool builds
+/// them this way, so the two share one feature set and a later build is a no-op instead of a
+/// rebuild of shared dependencies.
+pub const BUILD_APPLIANCE_ARGS: [&str; 6] = [
+    "build",
+    "--quiet",
+    "-p",
+    "applianced",
+    "-p",
+    "appliance-ctl",
+];
+
 /// Builds `binary` (appliance-ctl) when it is missing or older than `applianced`, once per
 /// process, in the profile whose folder holds `applianced`.
 fn ensure_built(binary: &Path, applianced: &Path) -> io::Result<()> {
@@ -181,17 +193,8 @@ fn ensure_built(binary: &Path, applianced: &Path) -> io::Result<()> {
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
         command
-            // With applianced, as `cargo xtask` builds them: the same feature set, so this
-            // is a no-op after such a build instead of a rebuild of shared dependencies.
-            .args([
-                "build",
-                "--quiet",
-                "-p",
-                "applianced",
-                "-p",
-                "appliance-ctl",
-                "--manifest-path",
-            ])
+            .args(BUILD_APPLIANCE_ARGS)
+            .arg("--manifest-path")
             .arg(&workspace);
         let profile = applianced.parent().and_then(Path::file_name);
         if profile.is_some_and(|name| name == "release") {

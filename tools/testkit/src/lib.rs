@@ -18,7 +18,7 @@ pub mod process;
 pub mod seeded;
 
 pub use config::{Config, Fill, Serve};
-pub use ctl::{Ctl, Output};
+pub use ctl::{Ctl, Output, BUILD_APPLIANCE_ARGS};
 pub use http::{free_port, get, http, wait_for_ok, Response};
 pub use loop_device::LoopDevice;
 pub use manifest::{sha256_hex, Manifest, ManifestFile};

@@ -19,7 +19,7 @@
 //! processes, HTTP, the configuration and the manifests come from `appliance-testkit`.
 
 use crate::bench_fill::{launch, start_origin};
-use crate::util::{output, run_in, workspace_root};
+use crate::util::{build_appliance, output, workspace_root};
 use anyhow::{bail, Context, Result};
 use appliance_testkit::{
     free_port, get, seeded_bytes, sha256_hex, Config, Ctl, Fill, Guard, Manifest, ManifestFile,
@@ -114,7 +114,7 @@ pub fn soak(options: Options) -> Result<()> {
         options.seed,
         if options.release { " --release" } else { "" }
     );
-    let binary = build_daemon(options.release)?;
+    let binary = build_appliance(options.release)?;
     let dir = workspace_root().join("target/soak");
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir)?;
@@ -135,26 +135,6 @@ pub fn soak(options: Options) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The daemon binary the soak runs (every round the same one), built first with the
-/// `appliance-ctl` beside it.
-fn build_daemon(release: bool) -> Result<PathBuf> {
-    let root = workspace_root();
-    let mut args = vec![
-        "build",
-        "--quiet",
-        "-p",
-        "applianced",
-        "-p",
-        "appliance-ctl",
-    ];
-    if release {
-        args.push("--release");
-    }
-    run_in(&root, "cargo", &args)?;
-    let profile = if release { "release" } else { "debug" };
-    Ok(root.join("target").join(profile).join("applianced"))
 }
 
 /// True once in `count` draws of `rng`.

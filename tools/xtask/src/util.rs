@@ -64,21 +64,19 @@ pub fn resident_bytes() -> u64 {
 /// The release binary of `applianced`, built if needed, with the `appliance-ctl` beside it
 /// that drives it (`appliance_testkit::Ctl::next_to`).
 pub fn applianced() -> Result<PathBuf> {
+    build_appliance(true)
+}
+
+/// Builds `applianced` and `appliance-ctl` (release or debug); the path of `applianced`.
+pub fn build_appliance(release: bool) -> Result<PathBuf> {
     let root = workspace_root();
-    run_in(
-        &root,
-        "cargo",
-        &[
-            "build",
-            "--quiet",
-            "--release",
-            "-p",
-            "applianced",
-            "-p",
-            "appliance-ctl",
-        ],
-    )?;
-    Ok(root.join("target/release/applianced"))
+    let mut args = appliance_testkit::BUILD_APPLIANCE_ARGS.to_vec();
+    if release {
+        args.push("--release");
+    }
+    run_in(&root, "cargo", &args)?;
+    let profile = if release { "release" } else { "debug" };
+    Ok(root.join("target").join(profile).join("applianced"))
 }
 
 /// True when `cargo NAME` is an installed subcommand (`cargo-NAME` on the PATH or in
