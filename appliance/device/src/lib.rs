@@ -7,6 +7,7 @@
 
 mod aligned;
 mod open;
+pub mod priority;
 mod sim;
 mod uring;
 pub mod zerocopy;
