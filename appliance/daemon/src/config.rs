@@ -147,6 +147,15 @@ pub struct Serve {
     pub worker_threads: usize,
     /// How long a stop waits for responses in flight. Default 30000.
     pub shutdown_grace_ms: u64,
+    /// Where a range that is not in the page cache is read: `pool` (its sendfile runs on a
+    /// thread of the drive's cold-read pool, so a serving worker never waits for a drive) or
+    /// `inline` (on the worker; for comparison). Resident ranges always go out inline with
+    /// sendfile. Default `pool`.
+    pub cold_read: appliance_serve::ColdRead,
+    /// Threads per drive for cold sendfiles (`cold_read = "pool"`), 1 to 1024. The reads of
+    /// a cold range are queued at once by a read-ahead hint, so the drive's queue depth is not
+    /// bounded by this; it bounds the cold ranges being sent at once per drive. Default 16.
+    pub cold_threads_per_drive: usize,
 }
 
 impl Default for Serve {
@@ -169,6 +178,8 @@ impl Default for Serve {
             access_log: "off".to_string(),
             worker_threads: 0,
             shutdown_grace_ms: millis(defaults.shutdown_grace),
+            cold_read: defaults.cold.mode,
+            cold_threads_per_drive: defaults.cold.threads_per_drive,
         }
     }
 }
@@ -294,6 +305,9 @@ impl Config {
         if serve.header_bytes_max < serve.request_line_bytes_max {
             bail!("serve.header_bytes_max: must be at least serve.request_line_bytes_max");
         }
+        if !(1..=1024).contains(&serve.cold_threads_per_drive) {
+            bail!("serve.cold_threads_per_drive: must be 1 to 1024");
+        }
         let fill = &self.fill;
         for source in &fill.sources {
             if !(source.starts_with("http://") || source.starts_with("https://")) {
@@ -408,6 +422,10 @@ impl Config {
             url_signing_key,
             access_log,
             shutdown_grace: Duration::from_millis(serve.shutdown_grace_ms),
+            cold: appliance_serve::ColdConfig {
+                mode: serve.cold_read,
+                threads_per_drive: serve.cold_threads_per_drive,
+            },
         })
     }
 }
@@ -463,6 +481,18 @@ mod tests {
         check(
             "drives = [\"/a\"]\n[serve]\nconnections_max = -1",
             Some("connections_max"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\ncold_read = \"inline\"\ncold_threads_per_drive = 4",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\ncold_read = \"sometimes\"",
+            Some("cold_read"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\ncold_threads_per_drive = 0",
+            Some("serve.cold_threads_per_drive"),
         );
         check(
             "drives = [\"/a\"]\n[serve]\nmiss_redirect_base = \"ftp://x\"",

@@ -9,6 +9,7 @@
 
 pub mod access_log;
 pub mod admin;
+pub mod cold;
 pub mod http;
 pub mod metrics;
 pub mod send_rate;
@@ -17,5 +18,6 @@ pub mod signed;
 
 pub use access_log::AccessLogTarget;
 pub use admin::AdminView;
+pub use cold::{ColdConfig, ColdRead};
 pub use send_rate::SendRateMin;
 pub use server::{ServeConfig, Server, Shared, TrafficCounts};

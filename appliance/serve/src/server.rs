@@ -2,8 +2,9 @@
 //!
 //! Each connection is a tokio task that reads one request head at a time (bounded by the
 //! header limits and a header timeout), answers it in order (pipelining), and sends the body
-//! with sendfile(2) from the drive's buffered descriptor at the store's device offsets, after
-//! asking the kernel to read the range ahead. The head goes out with MSG_MORE so it shares a
+//! with sendfile(2) from the drive's buffered descriptor at the store's device offsets: on the
+//! worker when the range is in the page cache, else on a thread of the drive's cold-read pool
+//! after asking the kernel to read the range ahead (`cold.rs`). The head goes out with MSG_MORE so it shares a
 //! packet with the first body bytes. No body byte passes through user space. Every write,
 //! head or body, runs under the response's `SendMeter`: a client that takes nothing for the
 //! send timeout, or less than the minimum send rate over a window, is cut (the connection is
@@ -11,6 +12,7 @@
 //! all connections: counters are atomics, the access log a channel.
 
 use crate::access_log::{AccessLog, AccessLogTarget};
+use crate::cold::{ColdConfig, ColdReads, Route};
 use crate::http::{
     content_type, error_response, etag_from_sha256, http_date, parse_request, request_method,
     response_has_content, write_response_head, HttpError, Limits, Method, Parse, Representation,
@@ -79,6 +81,8 @@ pub struct ServeConfig {
     pub access_log: AccessLogTarget,
     /// How long a stop waits for responses in flight.
     pub shutdown_grace: Duration,
+    /// Where ranges not in the page cache are read.
+    pub cold: ColdConfig,
 }
 
 impl Default for ServeConfig {
@@ -99,6 +103,7 @@ impl Default for ServeConfig {
             url_signing_key: None,
             access_log: AccessLogTarget::Off,
             shutdown_grace: Duration::from_secs(30),
+            cold: ColdConfig::default(),
         }
     }
 }
@@ -111,6 +116,7 @@ pub struct Shared {
     draining: AtomicBool,
     access_log: AccessLog,
     signer: Option<UrlSigner>,
+    cold: ColdReads,
 }
 
 /// Serving's counters, as operators see them.
@@ -150,6 +156,7 @@ impl Shared {
     /// Registers serving's metrics in the daemon's registry.
     pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
         self.metrics.register(registry);
+        self.cold.counts.register(registry);
     }
 
     /// Points the access log at another destination (SIGHUP with a changed config).
@@ -189,6 +196,7 @@ impl Server {
         })?;
         let signer = config.url_signing_key.as_deref().map(UrlSigner::new);
         let shared = Arc::new(Shared {
+            cold: ColdReads::new(config.cold),
             store,
             access_log: AccessLog::start(config.access_log.clone()),
             config,
@@ -451,7 +459,7 @@ async fn respond(
         }
     }
     let handle = match shared.store.open_file(&head.path) {
-        Ok(Some(handle)) => handle,
+        Ok(Some(handle)) => Arc::new(handle),
         Ok(None) => {
             shared.metrics.misses.inc();
             return miss(stream, head, keep_alive, shared).await;
@@ -661,10 +669,11 @@ fn stream_fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
 }
 
 /// Sends file bytes `start..start + length` with sendfile(2), extent by extent, within the send
-/// limits `meter` keeps.
+/// limits `meter` keeps: inline when the piece is in the page cache, else on a thread of the
+/// drive's cold-read pool.
 async fn send_file_range(
     stream: &TcpStream,
-    handle: &FileHandle,
+    handle: &Arc<FileHandle>,
     start: u64,
     length: u64,
     shared: &Shared,
@@ -675,22 +684,37 @@ async fn send_file_range(
         return Err(error.into());
     };
     let ranges = handle.ranges(start, length);
-    if length >= PREFETCH_BYTES_MIN {
-        for range in &ranges {
-            let _ = zerocopy::prefetch(source, range.offset_bytes, range.length_bytes);
-        }
-    }
     let mut total = 0u64;
     for range in ranges {
         let mut offset = range.offset_bytes;
         let end = range.offset_bytes + range.length_bytes;
+        let mut hinted = false;
         while offset < end {
             let chunk = usize::try_from((end - offset).min(SENDFILE_CHUNK_BYTES))
                 .expect("chunk fits usize");
-            let attempt = stream.async_io(Interest::WRITABLE, || {
-                zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
-            });
-            let Some(sent) = metered_write(meter, attempt).await? else {
+            let sent = match shared.cold.route(handle, offset, chunk as u64) {
+                Route::Inline => {
+                    if !hinted && end - offset >= PREFETCH_BYTES_MIN {
+                        let _ = zerocopy::prefetch(source, offset, end - offset);
+                        hinted = true;
+                    }
+                    shared.cold.counts.inline_sends.inc();
+                    let attempt = stream.async_io(Interest::WRITABLE, || {
+                        zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
+                    });
+                    metered_write(meter, attempt).await?
+                }
+                Route::Pool => {
+                    let attempt =
+                        pool_sendfile(stream, handle, offset, chunk, end - offset, shared);
+                    let sent = metered_write(meter, attempt).await?;
+                    if let Some(sent) = sent {
+                        offset += sent as u64;
+                    }
+                    sent
+                }
+            };
+            let Some(sent) = sent else {
                 continue;
             };
             if sent == 0 {
@@ -705,6 +729,36 @@ async fn send_file_range(
         }
     }
     Ok(total)
+}
+
+/// One sendfile of a cold piece on the drive's pool, once the socket can take bytes: the count
+/// sent. A full socket clears the stream's write readiness and waits again.
+async fn pool_sendfile(
+    stream: &TcpStream,
+    handle: &Arc<FileHandle>,
+    offset: u64,
+    chunk: usize,
+    readahead_bytes: u64,
+    shared: &Shared,
+) -> io::Result<usize> {
+    loop {
+        stream.writable().await?;
+        let socket = stream_fd(stream).try_clone_to_owned()?;
+        match shared
+            .cold
+            .sendfile(socket, handle, offset, chunk, readahead_bytes)
+            .await
+        {
+            Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
+                // The socket filled up between the readiness and the thread's call: forget
+                // the readiness so the next wait is for the kernel's next edge.
+                let _ = stream.try_io(Interest::WRITABLE, || {
+                    Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                });
+            }
+            outcome => return outcome,
+        }
+    }
 }
 
 fn log_access(

@@ -123,6 +123,11 @@ impl FileHandle {
         self.rt.path()
     }
 
+    /// The number of the drive the file lives on (0..=255, stable while the daemon runs).
+    pub fn drive_number(&self) -> u8 {
+        self.rt.number
+    }
+
     /// The descriptor to sendfile(2) from, when the drive has one.
     pub fn serve_fd(&self) -> Option<BorrowedFd<'_>> {
         self.rt.drive.serve_fd()
