@@ -135,14 +135,14 @@ fn write_files(store: &Store, writer: u64) {
             file.append(chunk).unwrap();
         }
         file.publish(Sha256::digest(&bytes).into()).unwrap();
-        if number >= 2 && number % 2 == 0 {
+        if number >= 2 && number.is_multiple_of(2) {
             store.delete(&path(writer, number - 2)).unwrap();
         }
     }
 }
 
 fn is_deleted(number: u64) -> bool {
-    number % 2 == 0 && number + 2 < FILES_PER_WRITER
+    number.is_multiple_of(2) && number + 2 < FILES_PER_WRITER
 }
 
 #[test]
