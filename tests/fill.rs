@@ -1,8 +1,8 @@
 //! Black-box tests of the fill: the real `applianced` filling from nginx (a real origin) and
 //! from a fault-injecting origin, from a sibling appliance first, across a SIGKILL, onto a
 //! drive that fills up, and with a broken manifest; paths that need percent-encoding, SIGTERM
-//! during `applianced fill`, manifest size caps (files, endless bodies), redirects, and signed
-//! manifests. Every byte is checked through serving or the store, and no file that does not
+//! during `applianced fill`, manifest size caps (files, endless bodies), redirects, signed
+//! manifests, and the fill's own idle-priority threads (read from /proc). Every byte is checked through serving or the store, and no file that does not
 //! match its manifest checksum is ever visible.
 
 // Test data generation truncates on purpose; sizes here are small.
@@ -43,6 +43,15 @@ fn fill_section(manifest: &str, sources: &[String]) -> Fill {
         stall_timeout_ms: Some(700),
         response_timeout_ms: Some(3000),
         ..Fill::default()
+    }
+}
+
+/// Fill settings for tests that look at a fill while it runs: a cap of 40 Mbit/s makes it last
+/// a few seconds.
+fn slow_fill_section(manifest: &str, sources: &[String]) -> Fill {
+    Fill {
+        bandwidth_bits_per_s: Some(40_000_000),
+        ..fill_section(manifest, sources)
     }
 }
 
@@ -307,11 +316,7 @@ fn sigkill_during_a_fill_then_the_next_fill_resumes() {
     let (_, nginx) = nginx_origin(&scratch, &files);
     let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
     let manifest = nginx.url("/manifest.json");
-    // A cap of 40 Mbit/s makes the fill last a few seconds.
-    let fill = Fill {
-        bandwidth_bits_per_s: Some(40_000_000),
-        ..fill_section(&manifest, &[nginx.url("")])
-    };
+    let fill = slow_fill_section(&manifest, &[nginx.url("")]);
     let config = offline_config(&scratch, &drives, fill);
     let mut child = std::process::Command::new(APPLIANCED)
         .args(["fill", "--config", config.to_str().unwrap()])
@@ -782,4 +787,104 @@ fn with_keys_configured_only_a_signed_manifest_is_used() {
         assert!(held.get(path) == Some(bytes), "{path}");
     }
     assert_eq!(held.len(), 2);
+}
+
+/// One thread of the daemon as /proc shows it: id, name, scheduling policy, nice, CPU time.
+#[derive(Debug)]
+struct ThreadRow {
+    id: String,
+    name: String,
+    policy: u32,
+    nice: i32,
+    cpu_ns: u64,
+}
+
+/// The threads of `pid` from /proc/PID/task/*/stat (the name sits in parentheses and may hold
+/// spaces; the fields after it are counted from field 3, `state`) and `schedstat` (its first
+/// field: nanoseconds on a CPU).
+fn threads_of(pid: u32) -> Vec<ThreadRow> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let row = |task: PathBuf| {
+        let stat = std::fs::read_to_string(task.join("stat")).ok()?;
+        let schedstat = std::fs::read_to_string(task.join("schedstat")).ok()?;
+        let open = stat.find('(')?;
+        let close = stat.rfind(')')?;
+        let fields: Vec<&str> = stat[close + 1..].split_whitespace().collect();
+        let field = |number: usize| fields[number - 3];
+        Some(ThreadRow {
+            id: task.file_name()?.to_string_lossy().into_owned(),
+            name: stat[open + 1..close].to_string(),
+            policy: field(41).parse().unwrap(),
+            nice: field(19).parse().unwrap(),
+            cpu_ns: schedstat.split_whitespace().next()?.parse().unwrap(),
+        })
+    };
+    tasks.filter_map(|task| row(task.ok()?.path())).collect()
+}
+
+/// Requirement 3 of issue 11: the fill runs on threads of its own (named `fill`) at idle
+/// priority, SCHED_IDLE (policy 5) or nice 19, while serving's threads (named `serve`) keep
+/// the normal class; and the fill threads ran during the fill (they used CPU).
+#[test]
+fn the_fill_runs_on_its_own_idle_priority_threads_not_servings() {
+    const SCHED_OTHER: u32 = 0;
+    const SCHED_IDLE: u32 = 5;
+    let scratch = Scratch::new("fill-threads");
+    let files = catalog(12, 2 << 20, 41);
+    let (_, nginx) = nginx_origin(&scratch, &files);
+    let drives = formatted_drives(&scratch, 2, 96 << 20, 8);
+    let manifest = nginx.url("/manifest.json");
+    let fill = slow_fill_section(&manifest, &[nginx.url("")]);
+    let daemon = daemon(&scratch, &drives, fill);
+    let ctl = daemon.ctl();
+    let before: HashMap<String, u64> = threads_of(daemon.pid())
+        .into_iter()
+        .map(|thread| (thread.id, thread.cpu_ns))
+        .collect();
+    ctl.fill(None).expect("the fill starts");
+    let mut samples = 0;
+    let mut fill_cpu_ns_max = 0u64;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while ctl.fill_status().unwrap()["running"] == true {
+        assert!(Instant::now() < deadline, "the fill ends");
+        let threads = threads_of(daemon.pid());
+        for thread in &threads {
+            if thread.name.starts_with("fill") {
+                assert!(
+                    thread.policy == SCHED_IDLE || thread.nice == 19,
+                    "a fill thread at normal priority: {thread:?}"
+                );
+            } else if thread.name.starts_with("serve") {
+                assert!(
+                    thread.policy == SCHED_OTHER && thread.nice == 0,
+                    "a serving thread was lowered: {thread:?}"
+                );
+            }
+        }
+        let named = |prefix: &str| threads.iter().any(|thread| thread.name.starts_with(prefix));
+        if named("fill") && named("serve") {
+            samples += 1;
+        }
+        // Blocking threads come and go: the most the live fill threads had used at once.
+        let used = threads
+            .iter()
+            .filter(|thread| thread.name.starts_with("fill"))
+            .map(|thread| thread.cpu_ns - before.get(&thread.id).copied().unwrap_or(0))
+            .sum();
+        fill_cpu_ns_max = fill_cpu_ns_max.max(used);
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(
+        samples > 3,
+        "fill and serving threads seen during the fill: {samples}"
+    );
+    assert!(
+        fill_cpu_ns_max > 0,
+        "the fill's threads ran during the fill"
+    );
+    let status = ctl.fill_status().unwrap();
+    assert_eq!(status["last"]["files_fetched"], 12, "{status}");
+    check_served(&daemon, &files);
 }

@@ -143,8 +143,8 @@ impl Operations {
     }
 
     /// Starts a fill now, from `manifest` (URL or file) or the configured one. Of two callers
-    /// at once exactly one starts it; the other gets `AlreadyRunning`. Runs on the caller's
-    /// tokio runtime.
+    /// at once exactly one starts it; the other gets `AlreadyRunning`. The fill runs on its
+    /// own runtime (`run.rs`), never on the caller's.
     pub fn start_fill(&self, manifest: Option<String>, actor: Actor) -> Result<FillStarted, Error> {
         if manifest.as_deref().is_some_and(str::is_empty) {
             return Err(Error::new(ErrorKind::BadRequest, "the manifest is empty"));

@@ -1,5 +1,6 @@
 //! `applianced run`: the serving appliance. Opens and recovers the store, keeps it up (periodic
-//! checkpoints and reclaim on a thread of its own, `upkeep.rs`), serves until SIGTERM or SIGINT,
+//! checkpoints and reclaim on a thread of its own, `upkeep.rs`), runs the fill on a runtime of
+//! its own whose threads are lowered to idle priority, serves until SIGTERM or SIGINT,
 //! then stops accepting, lets responses in flight finish, checkpoints and exits 0. SIGHUP
 //! reopens the access log. systemd is told READY once recovery is done and the listeners are
 //! bound, and WATCHDOG=1 only while the event loop, every drive's ring thread and the upkeep
@@ -50,11 +51,14 @@ pub fn run(config_path: &Path) -> Result<()> {
         runtime.worker_threads(config.serve.worker_threads);
     }
     let runtime = runtime
+        .thread_name("serve")
         .enable_all()
         .build()
         .context("starting the runtime")?;
+    let fill_config = config.fill_config()?;
+    let fill_runtime = fill_runtime(fill_config.concurrency)?;
     let filler = Arc::new(
-        appliance_fill::Filler::new(store.clone(), config.fill_config()?)
+        appliance_fill::Filler::new(store.clone(), fill_config, fill_runtime.handle().clone())
             .map_err(|error| anyhow::anyhow!(error))?,
     );
     let served = runtime.block_on(serve(
@@ -72,6 +76,9 @@ pub fn run(config_path: &Path) -> Result<()> {
     ));
     upkeep.stop();
     runtime.shutdown_timeout(Duration::from_millis(300));
+    // The fill was cancelled and given FILL_STOP_WAIT to record its report; whatever is left
+    // (a download's writer, dropped with its task) leaves nothing visible.
+    fill_runtime.shutdown_timeout(Duration::from_secs(1));
     store
         .checkpoint()
         .context("writing the shutdown checkpoint")?;
@@ -148,7 +155,7 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
         admin_plane,
         stopped.clone(),
     ));
-    let schedule = tokio::spawn(Arc::clone(&filler).schedule(seed, stopped));
+    let schedule = filler.spawn_schedule(seed, stopped);
     if faults.panics_in(Place::Serve) {
         tokio::spawn(async {
             panic!("test fault: a task of the serving runtime panics (APPLIANCED_TEST_PANIC=serve)")
@@ -301,22 +308,22 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         drives::store_config(&config.state_dir)?,
     );
     let upkeep = Upkeep::spawn(store.clone(), None, TestFaults::default());
+    let fill_config = config.fill_config()?;
+    let runtime = fill_runtime(fill_config.concurrency)?;
     let filler = Arc::new(
-        appliance_fill::Filler::new(store.clone(), config.fill_config()?)
+        appliance_fill::Filler::new(store.clone(), fill_config, runtime.handle().clone())
             .map_err(|error| anyhow::anyhow!(error))?,
     );
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
     let location = manifest.map(appliance_fill::ManifestLocation::parse);
     let report: Result<appliance_fill::FillReport> = runtime.block_on(async {
         // Handlers first, so a signal that comes early cancels the fill instead of killing
         // the process.
         let mut interrupt = signal(SignalKind::interrupt())?;
         let mut terminate = signal(SignalKind::terminate())?;
-        let run = Arc::clone(&filler);
-        let mut task = tokio::spawn(async move { run.run_once(location).await });
+        let mut task = match filler.start(location) {
+            Ok(started) => started.task,
+            Err(appliance_fill::AlreadyRunning) => unreachable!("a new filler runs no fill"),
+        };
         loop {
             tokio::select! {
                 done = &mut task => return done.context("the fill task failed"),
@@ -335,4 +342,35 @@ pub fn fill_once(config_path: &Path, manifest: Option<&str>) -> Result<()> {
         anyhow::bail!("the fill did not complete");
     }
     Ok(())
+}
+
+/// Worker threads of the fill's runtime: downloads, hashing and store writes of `concurrency`
+/// files share them; the blocking work (parsing, planning, listing, store writes in
+/// `block_in_place`) runs on the runtime's blocking pool.
+const FILL_WORKER_THREADS: usize = 2;
+/// Blocking threads besides one per download: manifest load, planning, deletes, DNS.
+const FILL_BLOCKING_THREADS_SPARE: usize = 4;
+
+/// The fill's own runtime, threads named `fill`, each lowered (SCHED_IDLE, else nice 19, and
+/// the idle I/O class) as it starts: the fill takes CPU only when serving leaves it idle. Its
+/// blocking pool holds one thread per download (each may sit in a store write) plus spares,
+/// so a download waiting for the drive never keeps another from reaching its next append.
+fn fill_runtime(concurrency: usize) -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(FILL_WORKER_THREADS)
+        .max_blocking_threads(concurrency + FILL_BLOCKING_THREADS_SPARE)
+        .thread_name("fill")
+        .on_thread_start(lower_fill_thread)
+        .enable_all()
+        .build()
+        .context("starting the fill runtime")
+}
+
+fn lower_fill_thread() {
+    static REFUSED: std::sync::Once = std::sync::Once::new();
+    if let Err(error) = appliance_device::priority::lower_current_thread() {
+        REFUSED.call_once(|| {
+            tracing::warn!(%error, "fill threads run at normal priority: lowering refused");
+        });
+    }
 }

@@ -170,6 +170,19 @@ impl Partial {
     fn restart(&mut self) {
         *self = Partial::new();
     }
+
+    /// Between attempts: waits for the writes in flight, so that the writer holds none of the
+    /// drive's write slots while it sits idle through the backoff.
+    fn settle(&mut self) -> Result<(), FetchError> {
+        let Some(writer) = self.writer.as_mut() else {
+            return Ok(());
+        };
+        let settled = tokio::task::block_in_place(|| writer.settle());
+        settled.map_err(|error| {
+            self.restart();
+            FetchError::Store(error)
+        })
+    }
 }
 
 /// How one attempt ended.
@@ -223,6 +236,7 @@ pub async fn fetch_file(
                     return Ok(number);
                 }
                 Ok(Attempt::Retry(why)) => {
+                    partial.settle()?;
                     source.errors.fetch_add(1, Ordering::Relaxed);
                     tracing::warn!(path = %file.path, source = %source.base_url, %why, "fill attempt failed");
                     errors.push(format!("{}: {why}", source.base_url));
@@ -329,8 +343,8 @@ async fn attempt_once(
             .or_else(|| header(&response, "last-modified"));
     }
     if partial.writer.is_none() {
-        let writer = store
-            .create(&file.path, file.size_bytes)
+        // Creating may wait for reclaim to give the path back: a blocking call.
+        let writer = tokio::task::block_in_place(|| store.create(&file.path, file.size_bytes))
             .map_err(FetchError::Store)?;
         partial.writer = Some(writer);
     }

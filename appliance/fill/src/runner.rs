@@ -120,6 +120,10 @@ pub struct Filler {
     /// The cancellation token of the running fill; `None` while no fill runs.
     current: Mutex<Option<CancellationToken>>,
     window: Mutex<Option<FillWindow>>,
+    /// The runtime every fill runs on, with its downloads and its blocking work (parsing,
+    /// planning, listing, store writes): the daemon gives the fill a runtime of its own, at
+    /// low priority, so that none of it runs on a worker of the serving runtime.
+    runtime: tokio::runtime::Handle,
 }
 
 fn now_unix_s() -> u64 {
@@ -130,8 +134,13 @@ fn now_unix_s() -> u64 {
 }
 
 impl Filler {
-    /// A filler; the state file is loaded (a damaged one is set aside and reported).
-    pub fn new(store: Store, config: FillConfig) -> Result<Filler, String> {
+    /// A filler whose fills run on `runtime`; the state file is loaded (a damaged one is set
+    /// aside and reported).
+    pub fn new(
+        store: Store,
+        config: FillConfig,
+        runtime: tokio::runtime::Handle,
+    ) -> Result<Filler, String> {
         let client = http_client(config.fetch.response_timeout)?;
         let state = load_state(&config.state_path);
         let sources = config
@@ -150,6 +159,7 @@ impl Filler {
             current: Mutex::new(None),
             window: Mutex::new(config.window.clone()),
             config,
+            runtime,
         })
     }
 
@@ -274,9 +284,9 @@ impl Filler {
             .unwrap_or_else(|poison| poison.into_inner())
     }
 
-    /// Runs one fill now (from `manifest`, or the configured one). Returns its report, which
-    /// is also kept in the state file.
-    pub async fn run_once(self: &Arc<Self>, manifest: Option<ManifestLocation>) -> FillReport {
+    /// Runs one fill now (from `manifest`, or the configured one) on the caller's task.
+    /// Returns its report, which is also kept in the state file.
+    async fn run_once(self: &Arc<Self>, manifest: Option<ManifestLocation>) -> FillReport {
         let Some(begun) = self.begin() else {
             return FillReport {
                 error: Some("a fill is already running".into()),
@@ -286,9 +296,11 @@ impl Filler {
         self.run_begun(begun, manifest).await
     }
 
-    /// Starts a fill on the current runtime unless one runs. The check and the mark are one
-    /// step under one lock, so of two callers at once exactly one starts and the other gets
-    /// [`AlreadyRunning`]. The fill counts as running from the moment this returns `Ok`.
+    /// Starts a fill on the fill's runtime unless one runs; callable from any thread or
+    /// runtime (the control socket awaits the task from the serving runtime). The check and
+    /// the mark are one step under one lock, so of two callers at once exactly one starts and
+    /// the other gets [`AlreadyRunning`]. The fill counts as running from the moment this
+    /// returns `Ok`.
     pub fn start(
         self: &Arc<Self>,
         manifest: Option<ManifestLocation>,
@@ -296,7 +308,9 @@ impl Filler {
         let begun = self.begin().ok_or(AlreadyRunning)?;
         let started_unix_s = begun.started_unix_s;
         let filler = Arc::clone(self);
-        let task = tokio::spawn(async move { filler.run_begun(begun, manifest).await });
+        let task = self
+            .runtime
+            .spawn(async move { filler.run_begun(begun, manifest).await });
         Ok(StartedFill {
             started_unix_s,
             task,
@@ -583,9 +597,18 @@ impl Filler {
         }
     }
 
+    /// Starts [`Filler::schedule`] on the fill's runtime; the task ends when `stop` turns true.
+    pub fn spawn_schedule(
+        self: &Arc<Self>,
+        seed: u64,
+        stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        self.runtime.spawn(Arc::clone(self).schedule(seed, stop))
+    }
+
     /// Fills inside the window: once when it opens (after the box's random delay), then again
     /// every `refetch_interval_s` while it lasts. Returns when `stop` turns true.
-    pub async fn schedule(self: Arc<Self>, seed: u64, mut stop: watch::Receiver<bool>) {
+    async fn schedule(self: Arc<Self>, seed: u64, mut stop: watch::Receiver<bool>) {
         let delay = start_delay_s(seed, self.config.start_delay_max_s);
         let mut last_run: Option<u64> = None;
         loop {
@@ -698,9 +721,9 @@ mod tests {
     use appliance_device::{SimConfig, SimDrive, SimFaults};
     use appliance_store::{format_drive, DriveSource, FormatOptions, StoreConfig};
 
-    /// A filler over a one-drive simulated store, reading a manifest file that is not there
-    /// (every fill ends at once with an error).
-    fn filler(folder: &std::path::Path) -> Arc<Filler> {
+    /// A filler over a one-drive simulated store whose fills run on `runtime`, reading a
+    /// manifest file that is not there (every fill ends at once with an error).
+    fn filler(folder: &std::path::Path, runtime: tokio::runtime::Handle) -> Arc<Filler> {
         let drive = Arc::new(SimDrive::new(&SimConfig {
             name: "sim0".into(),
             size_bytes: 64 << 20,
@@ -737,7 +760,7 @@ mod tests {
             refetch_interval_s: 3600,
             state_path: folder.join("fill-state.json"),
         };
-        Arc::new(Filler::new(store, config).expect("filler"))
+        Arc::new(Filler::new(store, config, runtime).expect("filler"))
     }
 
     /// Two starts with no await between them (so the first fill's task has not run yet):
@@ -747,11 +770,11 @@ mod tests {
     fn a_second_start_before_the_first_fill_runs_is_refused() {
         let folder = std::env::temp_dir().join(format!("fill-start-{}", std::process::id()));
         std::fs::create_dir_all(&folder).unwrap();
-        let filler = filler(&folder);
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
+        let filler = filler(&folder, runtime.handle().clone());
         runtime.block_on(async {
             let first = filler.start(None).expect("the first start");
             assert!(filler.is_running(), "running from the moment start returns");

@@ -326,6 +326,9 @@ pub(crate) struct DriveRt {
     /// longer reads back (see `quarantine`); a commit retiring one of them finds it here.
     pub quarantined: Mutex<std::collections::HashSet<u64>>,
     pub recovery_ms: u64,
+    /// Data writes in flight on this drive, shared by all its writers
+    /// (`StoreConfig::writes_in_flight_per_drive_max`).
+    pub write_slots: crate::buffers::WriteSlots,
     /// Told once when this drive is taken out of service.
     pub on_failed: crate::DriveFailureHook,
 }

@@ -31,7 +31,8 @@ pub enum StoreError {
     Corrupt { drive: PathBuf, what: String },
     /// The file is longer than one file may be.
     TooLarge(String),
-    /// Every write buffer is in use by other writers (retry later).
+    /// Every write buffer, or every write slot of the drive, stayed in use by other writers
+    /// for `write_buffer_wait_ms` (retry later).
     OutOfBuffers,
 }
 
@@ -69,7 +70,9 @@ impl fmt::Display for StoreError {
                 write!(f, "drive {}: corrupt {what}", drive.display())
             }
             StoreError::TooLarge(path) => write!(f, "{path}: file has too many extents"),
-            StoreError::OutOfBuffers => write!(f, "every write buffer is in use"),
+            StoreError::OutOfBuffers => {
+                write!(f, "every write buffer or write slot of the drive is in use")
+            }
         }
     }
 }

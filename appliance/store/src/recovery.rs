@@ -28,6 +28,7 @@ pub(crate) fn open_drive(
     number: u8,
     drive: Arc<dyn Drive>,
     index: &Index,
+    write_slots: crate::buffers::WriteSlots,
     on_failed: crate::DriveFailureHook,
 ) -> Result<DriveRt, String> {
     let started = Instant::now();
@@ -60,6 +61,7 @@ pub(crate) fn open_drive(
         reclaim: Mutex::new(()),
         quarantined: Mutex::new(Default::default()),
         recovery_ms: 0,
+        write_slots,
         on_failed,
     };
     let result = replay(index, &rt, &checkpoint).and_then(|end| finish(&rt, end, checkpoint.epoch));

@@ -36,6 +36,11 @@ pub struct StoreConfig {
     pub write_buffer_bytes: usize,
     /// Appends each writer keeps in flight before waiting for the oldest.
     pub writes_in_flight_max: usize,
+    /// Data writes (full write buffers) in flight on one drive at once, shared by all of its
+    /// writers (the fill, reclaim, imports), so that serving's reads never queue behind a burst
+    /// of them. A writer waits for a slot at most `write_buffer_wait_ms`, and only while it has
+    /// no write of its own in flight. Log and checkpoint writes are exempt. Default 4.
+    pub writes_in_flight_per_drive_max: usize,
     /// Write buffers shared by all writers, allocated at start-up.
     pub write_buffer_count: usize,
     /// How long a writer waits for a free write buffer before a retryable error.
@@ -69,6 +74,7 @@ impl Default for StoreConfig {
         StoreConfig {
             write_buffer_bytes: 1 << 20,
             writes_in_flight_max: 4,
+            writes_in_flight_per_drive_max: 4,
             write_buffer_count: 64,
             write_buffer_wait_ms: 30_000,
             relocation_wait_ms: 10_000,
@@ -669,7 +675,14 @@ fn open_slot(number: u8, source: DriveSource, index: &Index, config: &StoreConfi
             };
         }
     }
-    match open_drive(number, drive, index, Arc::clone(&config.on_drive_failed)) {
+    let write_slots = crate::buffers::write_slots(config.writes_in_flight_per_drive_max);
+    match open_drive(
+        number,
+        drive,
+        index,
+        write_slots,
+        Arc::clone(&config.on_drive_failed),
+    ) {
         Ok(rt) => DriveSlot::Ready(Arc::new(rt)),
         Err(reason) => DriveSlot::Failed { path, uuid, reason },
     }

@@ -1,10 +1,14 @@
 //! Writing one file: aligned appends into data segments of one drive, then a durable publish.
 //!
 //! Bytes are copied once into an aligned buffer; full buffers go to the drive's ring while the
-//! next one fills, up to a bounded number in flight. A buffer never crosses a segment end, so
+//! next one fills, up to a bounded number in flight per writer, and each takes one of the
+//! drive's write slots first (a bound per drive, shared by all its writers). A writer waits for
+//! a slot only with none of its own in flight, so writers never wait on each other in a cycle;
+//! commits never take a slot. A buffer never crosses a segment end, so
 //! a file is a short list of contiguous extents. Until `publish` returns nothing of the file is
 //! visible; a writer dropped without publishing leaves nothing behind but dead space.
 
+use crate::buffers::WriteSlot;
 use crate::drive::{lock, DriveRt, OpenSegment};
 use crate::error::StoreError;
 use crate::index::tag_of;
@@ -12,10 +16,16 @@ use crate::layout::to_usize;
 use crate::layout::{Extent, FileMeta, Replaced, EXTENTS_PER_FILE_MAX};
 use crate::log::{commit, Mutation};
 use crate::store::{fail_drive, Inner, PathClaim};
-use appliance_device::{AlignedBuf, Ticket, BLOCK_BYTES};
+use appliance_device::{AlignedBuf, Completion, Ticket, BLOCK_BYTES};
 use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
+
+/// A submitted data write and the drive write slot it holds until it is reaped.
+struct InFlightWrite {
+    ticket: Ticket,
+    slot: WriteSlot,
+}
 
 /// A file being written; see the module comment.
 pub struct FileWriter {
@@ -28,7 +38,7 @@ pub struct FileWriter {
     buffer_offset_bytes: u64,
     buffer_target: usize,
     filled: usize,
-    in_flight: VecDeque<Ticket>,
+    in_flight: VecDeque<InFlightWrite>,
     spare: Vec<AlignedBuf>,
     extents: Vec<Extent>,
     size_bytes: u64,
@@ -158,6 +168,12 @@ impl FileWriter {
     /// Gives up the file: nothing of it becomes visible.
     pub fn abort(self) {}
 
+    /// Waits for the writes in flight, which gives their drive write slots back: a writer that
+    /// will sit idle for a while (a download between attempts) holds none meanwhile.
+    pub fn settle(&mut self) -> Result<(), StoreError> {
+        self.wait_all()
+    }
+
     /// Readies a buffer for the next bytes, opening a segment or an extent where needed.
     fn start_buffer(&mut self) -> Result<(), StoreError> {
         let needs_segment = match &self.current {
@@ -242,8 +258,15 @@ impl FileWriter {
         }
         buffer[self.filled..length].fill(0);
         buffer.set_len(length);
+        let slot = match self.take_write_slot() {
+            Ok(slot) => slot,
+            Err(error) => {
+                self.inner.buffers.give(buffer);
+                return Err(error);
+            }
+        };
         let ticket = self.rt.drive.write_at(self.buffer_offset_bytes, buffer);
-        self.in_flight.push_back(ticket);
+        self.in_flight.push_back(InFlightWrite { ticket, slot });
         let open = self
             .current
             .as_mut()
@@ -256,11 +279,33 @@ impl FileWriter {
         Ok(())
     }
 
+    /// One of the drive's write slots. While none is free the writer first reaps its own
+    /// writes (their slots go back to the drive); it waits, bounded by `write_buffer_wait_ms`,
+    /// only with nothing of its own in flight. Slots held by other writers come back when they
+    /// reap, which never waits on a slot, so no cycle of writers waiting on each other forms.
+    fn take_write_slot(&mut self) -> Result<WriteSlot, StoreError> {
+        while !self.in_flight.is_empty() {
+            if let Some(slot) = self.rt.write_slots.try_take() {
+                return Ok(slot);
+            }
+            self.wait_oldest()?;
+        }
+        let wait = std::time::Duration::from_millis(self.inner.config.write_buffer_wait_ms);
+        self.rt.write_slots.take(wait)
+    }
+
+    /// Waits for the oldest write and gives its slot back; the buffer is returned.
+    fn reap_oldest(&mut self) -> Option<Completion> {
+        let InFlightWrite { ticket, slot } = self.in_flight.pop_front()?;
+        let completion = ticket.wait();
+        self.rt.write_slots.give(slot);
+        Some(completion)
+    }
+
     fn wait_oldest(&mut self) -> Result<(), StoreError> {
-        let Some(ticket) = self.in_flight.pop_front() else {
+        let Some((result, buffer)) = self.reap_oldest() else {
             return Ok(());
         };
-        let (result, buffer) = ticket.wait();
         if let Err(error) = result {
             self.inner.buffers.give(buffer);
             let error = self.rt.io_error("data write", error);
@@ -289,10 +334,9 @@ impl FileWriter {
 
     /// Waits for the oldest write and keeps its buffer for the next append.
     fn wait_oldest_keeping(&mut self) -> Result<(), StoreError> {
-        let Some(ticket) = self.in_flight.pop_front() else {
+        let Some((result, buffer)) = self.reap_oldest() else {
             return Ok(());
         };
-        let (result, buffer) = ticket.wait();
         self.spare.push(buffer);
         if let Err(error) = result {
             let error = self.rt.io_error("data write", error);
@@ -326,8 +370,7 @@ impl Drop for FileWriter {
     fn drop(&mut self) {
         if !self.finished {
             self.finished = true;
-            while let Some(ticket) = self.in_flight.pop_front() {
-                let (_, buffer) = ticket.wait();
+            while let Some((_, buffer)) = self.reap_oldest() {
                 self.inner.buffers.give(buffer);
             }
             if let Some(buffer) = self.buffer.take() {
