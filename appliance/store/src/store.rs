@@ -56,12 +56,14 @@ pub struct StoreConfig {
     /// Called once when a drive is taken out of service: its UUID and the reason.
     pub on_drive_failed: crate::DriveFailureHook,
     /// Test-only: called at the points where a reclaim pass may be overtaken by other work
-    /// (between files, after a claim, between copied chunks), so that the deterministic
-    /// simulation can run other actors there. `None` in the daemon.
+    /// (between files, after a claim, between copied chunks) and where a scrub may be (between
+    /// its check and its claim), so that the tests can run other actors there. `None` in the
+    /// daemon.
     pub interleave: Option<InterleaveHook>,
 }
 
-/// Called with the name of the point a reclaim pass reached; see `StoreConfig::interleave`.
+/// Called with the name of the point a reclaim pass or a scrub reached; see
+/// `StoreConfig::interleave`.
 pub type InterleaveHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 impl Default for StoreConfig {

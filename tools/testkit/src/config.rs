@@ -20,6 +20,7 @@ pub struct Config {
     pub log_level: Option<String>,
     pub serve: Serve,
     pub fill: Fill,
+    pub scrub: Scrub,
 }
 
 /// `[serve]`.
@@ -97,6 +98,17 @@ pub struct Fill {
     pub response_timeout_ms: Option<u64>,
 }
 
+/// `[scrub]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scrub {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s_max: Option<u64>,
+}
+
 impl Config {
     /// A configuration with these data drives and nothing else set.
     pub fn new<P: AsRef<Path>>(drives: &[P]) -> Config {
@@ -162,6 +174,7 @@ mod tests {
         assert_eq!(parsed["drives"].as_array().map(Vec::len), Some(1));
         assert_eq!(parsed["serve"].as_table().map(toml::Table::len), Some(0));
         assert_eq!(parsed["fill"].as_table().map(toml::Table::len), Some(0));
-        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed["scrub"].as_table().map(toml::Table::len), Some(0));
+        assert_eq!(parsed.len(), 4);
     }
 }
