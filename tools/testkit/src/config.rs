@@ -150,6 +150,10 @@ mod tests {
                 bandwidth_bits_per_s: Some(8_000_000),
                 ..Fill::default()
             },
+            scrub: Scrub {
+                period_s: Some(3),
+                ..Scrub::default()
+            },
             ..Config::new(&["/dev/nvme1n1", "/tmp/d 1.img"])
         };
         let text = config.to_toml();
@@ -164,6 +168,8 @@ mod tests {
             manifest_public_keys = ["RWQ\\x"]
             sources = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
             bandwidth_bits_per_s = 8000000
+            [scrub]
+            period_s = 3
         };
         assert_eq!(parsed, expected, "{text}");
     }
