@@ -161,13 +161,7 @@ fn a_source_extent_that_fails_its_checksum_takes_the_file_out() {
     for number in 0..32 {
         put(&store, &format!("/f/{number}"), &bytes_of(number, size)).unwrap();
     }
-    let victim = store.open_file("/f/5").unwrap().unwrap();
-    let range = victim.ranges(1000, 1)[0];
-    let mut byte = [0u8];
-    victim.read_at(1000, &mut byte).unwrap();
-    drop(victim);
-    // Bit rot under the store: one byte inside /f/5's data.
-    drive.corrupt(range.offset_bytes, &[byte[0] ^ 0x40]);
+    rot(&drive, &store, "/f/5");
     // Most of the segment dies, so reclaim moves what is left.
     for number in (0..32).filter(|number| ![3, 5, 11].contains(number)) {
         assert!(store.delete(&format!("/f/{number}")).unwrap());
