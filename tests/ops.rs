@@ -5,12 +5,14 @@
 //! and during a stalled manifest download) that leave later fills unaffected. The operator
 //! plane under attack: every mutation tried on the admin listener (404/405, nothing changes),
 //! `/health`, `/metrics` and status agreeing, two fill starts at once, the admin connection
-//! cap and deadline, a secret file given as a manifest, and socket activation.
+//! cap and deadline, a secret file given as a manifest, and socket activation. The scrubber: a
+//! byte flipped on the drive under a running daemon takes that file out of service within the
+//! scrub period (status, metrics), the next fill restores it, the others are served throughout.
 
 mod origin;
 mod util;
 
-use appliance_testkit::{seeded_bytes, send_signal, Config, Ctl, Fill, Manifest};
+use appliance_testkit::{seeded_bytes, send_signal, Config, Ctl, Fill, Manifest, Scrub};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -59,6 +61,18 @@ fn start_with(
     faults: HashMap<String, origin::Fault>,
     fill: Fill,
 ) -> Ops {
+    start_scrubbing(name, files, more, faults, fill, Scrub::default())
+}
+
+/// `start_with`, and `scrub` as `[scrub]`.
+fn start_scrubbing(
+    name: &str,
+    files: Vec<(String, Vec<u8>)>,
+    more: Vec<(String, Vec<u8>)>,
+    faults: HashMap<String, origin::Fault>,
+    fill: Fill,
+    scrub: Scrub,
+) -> Ops {
     let scratch = Scratch::new(&format!("ops-{name}"));
     let mut served: HashMap<String, Vec<u8>> = files.iter().cloned().chain(more).collect();
     served.insert(
@@ -74,6 +88,7 @@ fn start_with(
     };
     let config = Config {
         fill,
+        scrub,
         ..Config::new(&drives)
     };
     let daemon = Daemon::start(&scratch, config);
@@ -722,4 +737,156 @@ fn under_socket_activation_the_daemon_takes_the_socket_systemd_passes() {
         "the daemon bound its configured socket although systemd passed one"
     );
     drop(guard);
+}
+
+impl Ops {
+    /// Requires every file but `except` to be served byte-exact.
+    fn check_served_except(&self, except: &str) {
+        for (path, bytes) in self.files.iter().filter(|(path, _)| path != except) {
+            assert!(
+                self.daemon.get(path).as_ref() == Some(bytes),
+                "{path} is served byte-exact"
+            );
+        }
+    }
+
+    /// The status of `GET path` on the serving port.
+    fn served_status(&self, path: &str) -> u16 {
+        appliance_testkit::get(self.daemon.port, path, None)
+            .expect("a response")
+            .status
+    }
+}
+
+/// The device offset of the one place `bytes` occur on `drive`.
+fn offset_on_drive(drive: &Path, bytes: &[u8]) -> u64 {
+    let image = std::fs::read(drive).unwrap();
+    let mut found = image
+        .windows(bytes.len())
+        .enumerate()
+        .filter(|(_, window)| *window == bytes)
+        .map(|(offset, _)| offset);
+    let offset = found.next().expect("the bytes are on the drive");
+    assert!(found.next().is_none(), "the bytes are on the drive once");
+    u64::try_from(offset).unwrap()
+}
+
+/// Serving sends bytes without checking them: a byte flipped on the drive would be served for
+/// ever. The scrubber (3 s period here) finds it, takes the file out (404, counted in status
+/// and /metrics), the next fill fetches it again, and the other files never stop being served.
+#[test]
+fn the_scrubber_takes_a_rotted_file_out_and_the_next_fill_restores_it() {
+    let scrub = Scrub {
+        period_s: Some(3),
+        ..Scrub::default()
+    };
+    let files = ops_files("scrub/", 6, 300_000);
+    let ops = start_scrubbing(
+        "scrub",
+        files,
+        Vec::new(),
+        HashMap::new(),
+        Fill::default(),
+        scrub,
+    );
+    ops.ctl_ok(&["fill", "--wait"]);
+    ops.check_served_except("");
+    let (rotted, bytes) = &ops.files[2];
+    let offset = offset_on_drive(&ops.drives[0], &bytes[100_000..100_064]) + 32;
+    util::write_at(&ops.drives[0], offset, &[bytes[100_032] ^ 0x01]);
+    // Two periods: the pass under way may have checked the file just before the flip.
+    let deadline = Instant::now() + Duration::from_secs(2 * 3 + 10);
+    while ops.served_status(rotted) != 404 {
+        assert!(Instant::now() < deadline, "{rotted} is still served");
+        ops.check_served_except(rotted);
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ops.check_served_except(rotted);
+    let status = ops.ctl.status().unwrap();
+    let scrub = &status["scrub"];
+    assert_eq!(scrub["corrupt_files"], 1, "{scrub}");
+    assert_eq!(
+        scrub["corrupt_recent"],
+        serde_json::json!([rotted]),
+        "{scrub}"
+    );
+    assert_eq!(
+        status["state"], "serving",
+        "a removed file is not a problem: {status}"
+    );
+    assert!(scrub["files_checked"].as_u64().unwrap() >= 1, "{scrub}");
+    let table = ops.ctl_ok(&["status"]);
+    assert!(
+        table.contains("1 corrupt") && table.contains(rotted.as_str()),
+        "{table}"
+    );
+    let (_, metrics) = ops.daemon.admin("GET", "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "appliance_scrub_corrupt_files_total 1"),
+        "{metrics}"
+    );
+    let out = ops.ctl_ok(&["fill", "--wait"]);
+    assert!(out.contains("1 fetched"), "{out}");
+    assert!(
+        ops.daemon.get(rotted).as_ref() == Some(bytes),
+        "{rotted} is back"
+    );
+    // The next whole pass finds nothing more.
+    let passes = ops.ctl.status().unwrap()["scrub"]["passes_completed"]
+        .as_u64()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(2 * 3 + 10);
+    loop {
+        let scrub = ops.ctl.status().unwrap()["scrub"].clone();
+        if scrub["passes_completed"].as_u64().unwrap() >= passes + 2 {
+            assert_eq!(scrub["corrupt_files"], 1, "{scrub}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no scrub pass completes: {scrub}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    ops.check_served_except("");
+}
+
+/// `check-config` refuses bad `[scrub]` values with a message that names the key, and takes
+/// good ones.
+#[test]
+fn check_config_names_the_bad_scrub_key() {
+    let scratch = Scratch::new("ops-scrub-config");
+    let config = scratch.path("appliance.toml");
+    let cases = [
+        ("enabled = false\nperiod_s = 1\nbytes_per_s_max = 1", None),
+        (
+            "period_s = 0",
+            Some("scrub.period_s: must be greater than 0"),
+        ),
+        ("period_s = -3", Some("period_s")),
+        ("period_s = 1.5", Some("period_s")),
+        (
+            "bytes_per_s_max = 0",
+            Some("scrub.bytes_per_s_max: must be greater than 0"),
+        ),
+        ("enabled = \"yes\"", Some("enabled")),
+        ("period = 60", Some("unknown field `period`")),
+    ];
+    for (scrub, expected_error) in cases {
+        std::fs::write(
+            &config,
+            format!("drives = [\"/dev/null\"]\n[scrub]\n{scrub}\n"),
+        )
+        .unwrap();
+        let out = util::applianced(&["check-config", config.to_str().unwrap()]);
+        match expected_error {
+            None => assert!(out.status.success(), "{scrub:?}: {}", out.stderr),
+            Some(expected) => {
+                assert!(!out.status.success(), "{scrub:?} accepted");
+                assert!(out.stderr.contains(expected), "{scrub:?}: {}", out.stderr);
+            }
+        }
+    }
 }

@@ -7,7 +7,8 @@
 
 use anyhow::{bail, Context, Result};
 use appliance_proto::{
-    Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Status, DEFAULT_SOCKET,
+    Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Scrub, Status,
+    DEFAULT_SOCKET,
 };
 use clap::{CommandFactory, Parser, Subcommand};
 use serde::Serialize;
@@ -235,6 +236,7 @@ fn print_status(status: &Status) {
         catalog.pending_deletes
     );
     print_fill(&status.fill);
+    print_scrub(&status.scrub);
     let traffic = &status.traffic;
     println!(
         "traffic: {} connections, {:.0} requests/s, {:.3} Gb/s, {} hits, {} misses",
@@ -287,6 +289,44 @@ fn print_fill(fill: &FillStatus) {
             source.errors,
             source.missing,
             source.bad_bytes
+        );
+    }
+}
+
+/// One line, and a second naming the last corrupt files when there are any.
+fn print_scrub(scrub: &Scrub) {
+    if !scrub.enabled {
+        println!("scrub: disabled");
+        return;
+    }
+    let now = match &scrub.pass {
+        Some(pass) => format!(
+            "pass at {:.0}% ({}/{} files, {} MiB/s)",
+            pass.progress_ratio() * 100.0,
+            pass.files_done,
+            pass.files_total,
+            pass.bytes_per_s >> 20
+        ),
+        None => "between passes".to_string(),
+    };
+    let last = scrub
+        .last_pass_ended_unix_s
+        .map_or("no pass completed yet".to_string(), |ended| {
+            format!("last pass ended at {ended} (Unix time)")
+        });
+    println!(
+        "scrub: {now}; every {} s; {} passes, {}; {} files, {} GiB checked, {} corrupt",
+        scrub.period_s,
+        scrub.passes_completed,
+        last,
+        scrub.files_checked,
+        gib(scrub.bytes_checked),
+        scrub.corrupt_files
+    );
+    if !scrub.corrupt_recent.is_empty() {
+        println!(
+            "       corrupt (taken out, refetched by the next fill): {}",
+            scrub.corrupt_recent.join(", ")
         );
     }
 }

@@ -28,6 +28,35 @@ pub struct Config {
     pub serve: Serve,
     #[serde(default)]
     pub fill: Fill,
+    #[serde(default)]
+    pub scrub: Scrub,
+}
+
+/// `[scrub]`: the background scrubber, which re-reads every stored file with direct I/O and
+/// checks it against its checksums, so that a rotted sector is taken out of service instead
+/// of being served (serving never checks). Runs at idle CPU priority.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Scrub {
+    /// Whether the scrubber runs. Default true.
+    pub enabled: bool,
+    /// Every stored file is checked once per period: the pace is the stored bytes over the
+    /// period. At least 1. Default 604800 (one week).
+    pub period_s: u64,
+    /// Ceiling on the pace, in bytes per second; above 0. When the stored bytes need more
+    /// than this to be checked within the period, a pass takes longer. Default 52428800
+    /// (50 MiB/s).
+    pub bytes_per_s_max: u64,
+}
+
+impl Default for Scrub {
+    fn default() -> Scrub {
+        Scrub {
+            enabled: true,
+            period_s: 604_800,
+            bytes_per_s_max: 50 << 20,
+        }
+    }
 }
 
 /// `[fill]`: where the manifest and the files come from, when, and how fast.
@@ -326,6 +355,8 @@ impl Config {
             ("fill.stall_timeout_ms", fill.stall_timeout_ms),
             ("fill.response_timeout_ms", fill.response_timeout_ms),
             ("fill.refetch_interval_s", fill.refetch_interval_s),
+            ("scrub.period_s", self.scrub.period_s),
+            ("scrub.bytes_per_s_max", self.scrub.bytes_per_s_max),
         ] {
             if value == 0 {
                 bail!("{key}: must be greater than 0");
@@ -388,6 +419,15 @@ impl Config {
             refetch_interval_s: fill.refetch_interval_s,
             state_path: self.state_dir.join("fill-state.json"),
         })
+    }
+
+    /// The scrubber's settings.
+    pub fn scrub_config(&self) -> crate::scrub::ScrubConfig {
+        crate::scrub::ScrubConfig {
+            enabled: self.scrub.enabled,
+            period: Duration::from_secs(self.scrub.period_s),
+            bytes_per_s_max: self.scrub.bytes_per_s_max,
+        }
     }
 
     /// The serving settings, with the signing key read from its file.
@@ -537,6 +577,27 @@ mod tests {
              [\"RWQ8Y0zeLVoz61tyPDjcyhw/O02YKE/3mI8ySn3mv+VHM1mzMUcQNdCt\", \"RWQnope\"]",
             Some("fill.manifest_public_keys[1]: \"RWQnope\" is not a minisign public key"),
         );
+        check(
+            "drives = [\"/a\"]\n[scrub]\nenabled = false\nperiod_s = 1\nbytes_per_s_max = 1",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[scrub]\nperiod_s = 0",
+            Some("scrub.period_s: must be greater than 0"),
+        );
+        check(
+            "drives = [\"/a\"]\n[scrub]\nperiod_s = -5",
+            Some("period_s"),
+        );
+        check(
+            "drives = [\"/a\"]\n[scrub]\nbytes_per_s_max = 0",
+            Some("scrub.bytes_per_s_max: must be greater than 0"),
+        );
+        check(
+            "drives = [\"/a\"]\n[scrub]\nenabled = \"yes\"",
+            Some("enabled"),
+        );
+        check("drives = [\"/a\"]\n[scrub]\nperiod = 60", Some("period"));
     }
 
     /// The key file's bytes are the key: whitespace and NUL at either end included.

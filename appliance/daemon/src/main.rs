@@ -12,6 +12,7 @@ mod logging;
 mod metrics;
 mod operations;
 mod run;
+mod scrub;
 mod store_commands;
 mod test_faults;
 mod upkeep;

@@ -1,6 +1,6 @@
 //! The daemon's one metrics registry and the admin listener's view. Serving's counters are
-//! registered once at start (atomics the hot path bumps); the store, drive, fill and state
-//! metrics come from a collector that encodes one typed [`Status`] snapshot per scrape, the
+//! registered once at start (atomics the hot path bumps); the store, drive, fill, scrub and
+//! state metrics come from a collector that encodes one typed [`Status`] snapshot per scrape, the
 //! same snapshot `/health` and `appliance-ctl status` show. Nothing is rebuilt per scrape.
 
 use crate::operations::Operations;
@@ -176,11 +176,12 @@ fn encode_status(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(),
     counter(
         encoder,
         "store_corrupt_files_removed",
-        "Files reclaim took out since start because their bytes failed their checksums",
+        "Files reclaim or the scrubber took out since start: their bytes failed their checksums",
         catalog.corrupt_files_removed,
     )?;
     encode_drives(status, encoder)?;
-    encode_fill(status, encoder)
+    encode_fill(status, encoder)?;
+    encode_scrub(status, encoder)
 }
 
 /// One figure of a drive row.
@@ -334,4 +335,56 @@ fn encode_fill(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(), E
         "Files the last fill could not fetch",
         signed(last.files_failed),
     )
+}
+
+fn encode_scrub(status: &Status, encoder: &mut DescriptorEncoder) -> Result<(), Error> {
+    let scrub = &status.scrub;
+    gauge(
+        encoder,
+        "scrub_enabled",
+        "1 while the background scrubber runs",
+        i64::from(scrub.enabled),
+    )?;
+    for (name, help, value) in [
+        (
+            "scrub_files_checked",
+            "Files the scrubber checked against their checksums since start",
+            scrub.files_checked,
+        ),
+        (
+            "scrub_bytes_checked",
+            "Bytes the scrubber read back and checked since start",
+            scrub.bytes_checked,
+        ),
+        (
+            "scrub_corrupt_files",
+            "Files whose bytes failed their checksums in a scrub since start (each taken out)",
+            scrub.corrupt_files,
+        ),
+        (
+            "scrub_passes",
+            "Scrub passes completed since start",
+            scrub.passes_completed,
+        ),
+    ] {
+        counter(encoder, name, help, value)?;
+    }
+    let ratio = encoder.encode_descriptor(
+        "scrub_pass_progress_ratio",
+        "Share of the current scrub pass done, 0 to 1 (1 between passes)",
+        None,
+        MetricType::Gauge,
+    )?;
+    ConstGauge::new(scrub.pass_progress_ratio()).encode(ratio)?;
+    // The family is there before the first pass ends, without a sample.
+    let ended = encoder.encode_descriptor(
+        "scrub_last_pass_end_timestamp_seconds",
+        "When the last complete scrub pass ended (Unix time)",
+        None,
+        MetricType::Gauge,
+    )?;
+    match scrub.last_pass_ended_unix_s {
+        Some(ended_unix_s) => ConstGauge::new(signed(ended_unix_s)).encode(ended),
+        None => Ok(()),
+    }
 }

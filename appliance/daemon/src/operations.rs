@@ -1,5 +1,6 @@
-//! The operations service: the one place that reads the store's, serving's and the fill's
-//! state and performs the operator's actions (start or cancel a fill, drain, undrain, verify).
+//! The operations service: the one place that reads the store's, serving's, the fill's and
+//! the scrubber's state and performs the operator's actions (start or cancel a fill, drain,
+//! undrain, verify).
 //! The control socket (`control.rs`) and the read-only admin listener (`admin.rs`) are thin
 //! transports over it: `/health`, `/metrics` and `appliance-ctl status` all come from
 //! [`Operations::status`], so they cannot disagree.
@@ -27,6 +28,7 @@ pub struct Operations {
     serving: Arc<Shared>,
     filler: Arc<Filler>,
     upkeep: Arc<crate::upkeep::Heartbeat>,
+    scrub: crate::scrub::ScrubProgress,
     started: Instant,
     samples: Mutex<Samples>,
 }
@@ -45,6 +47,7 @@ impl Operations {
         serving: Arc<Shared>,
         filler: Arc<Filler>,
         upkeep: Arc<crate::upkeep::Heartbeat>,
+        scrub: crate::scrub::ScrubProgress,
     ) -> Arc<Operations> {
         let mut system = sysinfo::System::new();
         system.refresh_memory();
@@ -59,6 +62,7 @@ impl Operations {
             serving,
             filler,
             upkeep,
+            scrub,
             started: Instant::now(),
             samples: Mutex::new(Samples {
                 host,
@@ -122,6 +126,7 @@ impl Operations {
             },
             drives,
             fill,
+            scrub: self.scrub.view(),
             traffic: Traffic {
                 connections: traffic.connections_active,
                 requests_per_s: samples.requests_per_s,

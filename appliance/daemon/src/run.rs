@@ -1,6 +1,7 @@
 //! `applianced run`: the serving appliance. Opens and recovers the store, keeps it up (periodic
-//! checkpoints and reclaim on a thread of its own, `upkeep.rs`), runs the fill on a runtime of
-//! its own whose threads are lowered to idle priority, serves until SIGTERM or SIGINT,
+//! checkpoints and reclaim on a thread of its own, `upkeep.rs`; the scrubber on another,
+//! `scrub.rs`), runs the fill on a runtime of its own whose threads are lowered to idle
+//! priority, serves until SIGTERM or SIGINT,
 //! then stops accepting, lets responses in flight finish, checkpoints and exits 0. SIGHUP
 //! reopens the access log. systemd is told READY once recovery is done and the listeners are
 //! bound, and WATCHDOG=1 only while the event loop, every drive's ring thread and the upkeep
@@ -46,6 +47,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         watchdog_interval.map(|every| every * 2),
         faults,
     );
+    let scrubber = crate::scrub::Scrubber::spawn(store.clone(), config.scrub_config());
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.serve.worker_threads > 0 {
         runtime.worker_threads(config.serve.worker_threads);
@@ -68,6 +70,7 @@ pub fn run(config_path: &Path) -> Result<()> {
             admin_listen: config.serve.admin_listen,
             filler,
             heartbeat: Arc::clone(&upkeep.heartbeat),
+            scrub: scrubber.progress.clone(),
             watchdog_interval,
             faults,
         },
@@ -75,6 +78,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         config_path,
     ));
     upkeep.stop();
+    scrubber.stop();
     runtime.shutdown_timeout(Duration::from_millis(300));
     // The fill was cancelled and given FILL_STOP_WAIT to record its report; whatever is left
     // (a download's writer, dropped with its task) leaves nothing visible.
@@ -94,6 +98,7 @@ struct Serving {
     admin_listen: std::net::SocketAddr,
     filler: Arc<appliance_fill::Filler>,
     heartbeat: Arc<Heartbeat>,
+    scrub: crate::scrub::ScrubProgress,
     /// WATCHDOG_USEC, when systemd (or a test) expects keep-alives.
     watchdog_interval: Option<Duration>,
     faults: TestFaults,
@@ -106,6 +111,7 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
         admin_listen,
         filler,
         heartbeat,
+        scrub,
         watchdog_interval,
         faults,
     } = serving;
@@ -126,6 +132,7 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
         Arc::clone(&shared),
         Arc::clone(&filler),
         Arc::clone(&heartbeat),
+        scrub,
     );
     let admin_plane = Arc::new(crate::metrics::AdminPlane::new(
         Arc::clone(&operations),
@@ -220,7 +227,8 @@ fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &applian
         log_level = %config.log_level,
         access_log = %config.serve.access_log,
         "SIGHUP: reloaded the fill bandwidth cap and window, the log level and the access-log \
-         file; listeners, limits, drives and fill sources take effect at the next restart"
+         file; listeners, limits, drives, fill sources and [scrub] take effect at the next \
+         restart"
     );
 }
 

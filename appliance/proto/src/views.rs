@@ -1,6 +1,7 @@
 //! The typed views the daemon answers with: the box's state, drive rows, status, health, fill
-//! status and report, verify progress and report. `/health`, `/metrics`, the control socket
-//! and `appliance-ctl` all read these types, so they cannot drift apart.
+//! status and report, the scrubber's progress, verify progress and report. `/health`,
+//! `/metrics`, the control socket and `appliance-ctl` all read these types, so they cannot
+//! drift apart.
 
 use serde::{Deserialize, Serialize};
 
@@ -157,6 +158,7 @@ pub struct Status {
     pub drives: Vec<DriveRow>,
     pub catalog: Catalog,
     pub fill: FillStatus,
+    pub scrub: Scrub,
     pub traffic: Traffic,
     pub host: Host,
 }
@@ -175,6 +177,67 @@ impl Status {
             upkeep: self.upkeep.clone(),
             drives: self.drives.clone(),
         }
+    }
+}
+
+/// The background scrubber: passes over every stored file, re-reading its bytes and checking
+/// them against their checksums; a file that fails is taken out and fetched again by the next
+/// fill. Counts are since start.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Scrub {
+    pub enabled: bool,
+    /// Every file is checked once per period (unless the rate ceiling is lower).
+    pub period_s: u64,
+    pub bytes_per_s_max: u64,
+    /// The pass under way; `None` between passes and when disabled.
+    pub pass: Option<ScrubPass>,
+    pub passes_completed: u64,
+    /// When the last complete pass ended; `None` before the first.
+    pub last_pass_ended_unix_s: Option<u64>,
+    pub files_checked: u64,
+    pub bytes_checked: u64,
+    /// Files whose bytes failed their checksums (each taken out of service).
+    pub corrupt_files: u64,
+    /// The last few corrupt files found, oldest first.
+    pub corrupt_recent: Vec<String>,
+}
+
+impl Scrub {
+    /// Share of the current pass done, 0 to 1; 1 between passes once one has completed.
+    pub fn pass_progress_ratio(&self) -> f64 {
+        match &self.pass {
+            Some(pass) => pass.progress_ratio(),
+            None if self.passes_completed > 0 => 1.0,
+            None => 0.0,
+        }
+    }
+}
+
+/// A scrub pass under way.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct ScrubPass {
+    pub started_unix_s: u64,
+    pub files_done: u64,
+    pub files_total: u64,
+    pub bytes_done: u64,
+    /// Bytes stored when the pass started.
+    pub bytes_total: u64,
+    /// The pace: stored bytes over the period, at most the ceiling.
+    pub bytes_per_s: u64,
+}
+
+impl ScrubPass {
+    /// Share of the pass done, 0 to 1, by bytes (by files when nothing is stored).
+    pub fn progress_ratio(&self) -> f64 {
+        let (done, total) = if self.bytes_total > 0 {
+            (self.bytes_done, self.bytes_total)
+        } else {
+            (self.files_done, self.files_total)
+        };
+        if total == 0 {
+            return 1.0;
+        }
+        (done as f64 / total as f64).min(1.0)
     }
 }
 

@@ -1,5 +1,5 @@
 //! The appliance's segment store: files on raw drives, an in-memory index, durable publish,
-//! crash recovery, delete and reclaim.
+//! crash recovery, delete, reclaim and scrubbing.
 //!
 //! Deterministic and free of async runtimes and sockets: it takes opened [`Drive`]s and plain
 //! configuration values, so the simulation tests can run it over simulated drives. Process-level
@@ -18,6 +18,7 @@ mod log;
 mod reader;
 mod reclaim;
 mod recovery;
+mod scrub;
 mod store;
 mod writer;
 
@@ -26,6 +27,7 @@ pub use drive::DriveStatus;
 pub use error::StoreError;
 pub use format::{format_drive, inspect_drive, FormatError, FormatOptions};
 pub use reader::{DeviceRange, FileHandle};
+pub use scrub::{FileVersion, ScrubOutcome};
 pub use store::{DriveSource, Store, StoreConfig, StoreStats, StoredFile};
 pub use writer::FileWriter;
 

@@ -36,12 +36,13 @@ pub struct FileHandle {
 }
 
 impl FileHandle {
-    /// Opens the record at `location` if it is `path`'s; pins its segments.
+    /// Opens the record at `location` if it is `path`'s (`None`: whatever path it holds);
+    /// pins its segments.
     pub(crate) fn open(
         inner: &Arc<Inner>,
         tag: u64,
         location: u64,
-        path: &str,
+        path: Option<&str>,
     ) -> Result<Option<FileHandle>, OpenError> {
         let Some(rt) = inner.drive_rt(crate::drive::location_drive(location)) else {
             return Ok(None);
@@ -82,7 +83,7 @@ impl FileHandle {
                 return Err(OpenError::Store(error));
             }
         };
-        if handle.meta.path != path {
+        if path.is_some_and(|path| handle.meta.path != path) {
             return Ok(None);
         }
         for extent in &handle.meta.extents {

@@ -230,13 +230,8 @@ fn move_file(
         match copy_extent(inner, rt, extent, &mut writer) {
             Ok(()) => {}
             Err(StoreError::Corrupt { what, .. }) => {
-                tracing::error!(
-                    path = %meta.path, drive = %rt.path().display(), %what,
-                    "stored bytes fail their checksum; taking the file out"
-                );
-                inner.corrupt_files_removed.fetch_add(1, Ordering::Relaxed);
                 // Under the writer's claim: nobody else can touch the path meanwhile.
-                let removed = store.delete_claimed(handle);
+                let removed = store.remove_corrupt_claimed(handle, &what);
                 writer.abort();
                 return removed;
             }

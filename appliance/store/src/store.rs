@@ -61,12 +61,14 @@ pub struct StoreConfig {
     /// Called once when a drive is taken out of service: its UUID and the reason.
     pub on_drive_failed: crate::DriveFailureHook,
     /// Test-only: called at the points where a reclaim pass may be overtaken by other work
-    /// (between files, after a claim, between copied chunks), so that the deterministic
-    /// simulation can run other actors there. `None` in the daemon.
+    /// (between files, after a claim, between copied chunks) and where a scrub may be (between
+    /// its check and its claim), so that the tests can run other actors there. `None` in the
+    /// daemon.
     pub interleave: Option<InterleaveHook>,
 }
 
-/// Called with the name of the point a reclaim pass reached; see `StoreConfig::interleave`.
+/// Called with the name of the point a reclaim pass or a scrub reached; see
+/// `StoreConfig::interleave`.
 pub type InterleaveHook = Arc<dyn Fn(&'static str) + Send + Sync>;
 
 impl Default for StoreConfig {
@@ -120,7 +122,8 @@ pub(crate) struct Inner {
     pub released: std::sync::Condvar,
     pub files_max: u64,
     pub buffers: crate::buffers::BufferPool,
-    /// Files taken out because reclaim found their bytes did not match their checksums.
+    /// Files taken out because reclaim or the scrubber found their bytes did not match their
+    /// checksums.
     pub corrupt_files_removed: std::sync::atomic::AtomicU64,
     /// Files reclaim moved since start.
     pub relocated_files: std::sync::atomic::AtomicU64,
@@ -146,7 +149,8 @@ pub struct StoredFile {
 pub struct StoreStats {
     pub files: u64,
     pub index_memory_bytes: u64,
-    /// Files reclaim took out since start because their bytes failed their checksums.
+    /// Files reclaim or the scrubber took out since start because their bytes failed their
+    /// checksums.
     pub corrupt_files_removed: u64,
     /// Files reclaim moved since start.
     pub relocated_files: u64,
@@ -313,10 +317,20 @@ impl Store {
         Ok(Some((writer, handle)))
     }
 
-    /// Takes out the version `handle` holds while its path is claimed (by the writer that
-    /// relocation opened): used when the version's bytes fail their checksums.
-    pub(crate) fn delete_claimed(&self, handle: &FileHandle) -> Result<(), StoreError> {
+    /// Takes out the version `handle` holds, whose bytes failed their checksums (`what`), so
+    /// it stops being served and the next fill fetches it again: logged and counted in
+    /// `StoreStats::corrupt_files_removed`. The caller holds the path's claim (relocation's
+    /// writer, or the scrubber's) and made sure the version is still the live one.
+    pub(crate) fn remove_corrupt_claimed(
+        &self,
+        handle: &FileHandle,
+        what: &str,
+    ) -> Result<(), StoreError> {
         let path = handle.path().to_string();
+        tracing::error!(
+            %path, drive = %handle.drive_path().display(), %what,
+            "stored bytes fail their checksum; taking the file out"
+        );
         let mutation = Mutation::Delete {
             tag: tag_of(&path),
             deletion: Deletion {
@@ -325,6 +339,9 @@ impl Store {
             },
         };
         commit(&self.inner.index, handle.drive_rt(), vec![mutation])?;
+        self.inner
+            .corrupt_files_removed
+            .fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 
@@ -374,7 +391,7 @@ impl Store {
             let mut retry = false;
             let mut error = None;
             let found = self.inner.index.find(tag, |location| {
-                match FileHandle::open(&self.inner, tag, location, path) {
+                match FileHandle::open(&self.inner, tag, location, Some(path)) {
                     Ok(Some(handle)) => Some(handle),
                     Ok(None) => None,
                     Err(OpenError::Moved) => {
@@ -732,7 +749,7 @@ pub(crate) struct PathClaim {
 impl PathClaim {
     /// Claims `path` for a writer or a delete; waits (bounded) while reclaim moves it, and
     /// fails with `PathBusy` at once when another writer or delete holds it.
-    fn take(inner: &Arc<Inner>, path: &str) -> Result<PathClaim, StoreError> {
+    pub(crate) fn take(inner: &Arc<Inner>, path: &str) -> Result<PathClaim, StoreError> {
         let wait = std::time::Duration::from_millis(inner.config.relocation_wait_ms);
         let deadline = std::time::Instant::now() + wait;
         let mut busy = lock(&inner.busy);

@@ -1,15 +1,19 @@
-//! Reclaim's promises, one scenario each, on simulated drives: a full drive frees space without
-//! a restart, a source extent that fails its checksum takes its file out instead of being
-//! republished under a fresh CRC, and a moved file keeps its bytes and its publish time.
+//! Reclaim's and the scrubber's promises, one scenario each, on simulated drives: a full drive
+//! frees space without a restart, a source extent that fails its checksum takes its file out
+//! instead of being republished under a fresh CRC, a moved file keeps its bytes and its publish
+//! time; a scrub takes out exactly the rotted file, never a version republished between its
+//! check and its delete, and never a path a writer holds.
 
 // Test data generation truncates on purpose; sizes here are small.
 #![allow(clippy::cast_possible_truncation)]
 
 use appliance_device::{SimConfig, SimDrive, SimFaults};
-use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
+use appliance_store::{
+    format_drive, DriveSource, FormatOptions, ScrubOutcome, Store, StoreConfig, StoreError,
+};
 use sha2::{Digest, Sha256};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 const SEGMENT_BYTES: u64 = 2 << 20;
 
@@ -157,13 +161,7 @@ fn a_source_extent_that_fails_its_checksum_takes_the_file_out() {
     for number in 0..32 {
         put(&store, &format!("/f/{number}"), &bytes_of(number, size)).unwrap();
     }
-    let victim = store.open_file("/f/5").unwrap().unwrap();
-    let range = victim.ranges(1000, 1)[0];
-    let mut byte = [0u8];
-    victim.read_at(1000, &mut byte).unwrap();
-    drop(victim);
-    // Bit rot under the store: one byte inside /f/5's data.
-    drive.corrupt(range.offset_bytes, &[byte[0] ^ 0x40]);
+    rot(&drive, &store, "/f/5");
     // Most of the segment dies, so reclaim moves what is left.
     for number in (0..32).filter(|number| ![3, 5, 11].contains(number)) {
         assert!(store.delete(&format!("/f/{number}")).unwrap());
@@ -226,4 +224,161 @@ fn a_pass_frees_dead_segments_even_when_nothing_needs_moving() {
     for number in 0..count {
         put(&store, &format!("/g/{number}"), &bytes_of(number, size)).expect("room again");
     }
+}
+
+/// Flips one byte inside `path`'s data on the drive, under the store (bit rot).
+fn rot(drive: &SimDrive, store: &Store, path: &str) {
+    let handle = store.open_file(path).unwrap().unwrap();
+    let range = handle.ranges(1000, 1)[0];
+    let mut byte = [0u8];
+    handle.read_at(1000, &mut byte).unwrap();
+    drive.corrupt(range.offset_bytes, &[byte[0] ^ 0x40]);
+}
+
+/// One scrub pass: every listed version's outcome.
+fn scrub_pass(store: &Store) -> Vec<ScrubOutcome> {
+    let versions = store.list_versions();
+    versions
+        .into_iter()
+        .map(|version| store.scrub(version).expect("scrub"))
+        .collect()
+}
+
+fn clean_paths(outcomes: &[ScrubOutcome]) -> Vec<String> {
+    let mut paths: Vec<String> = outcomes
+        .iter()
+        .filter_map(|outcome| match outcome {
+            ScrubOutcome::Clean { path, .. } => Some(path.clone()),
+            _ => None,
+        })
+        .collect();
+    paths.sort();
+    paths
+}
+
+fn paths_of(numbers: impl Iterator<Item = u64>) -> Vec<String> {
+    let mut paths: Vec<String> = numbers.map(|number| format!("/f/{number}")).collect();
+    paths.sort();
+    paths
+}
+
+/// Serving never checks CRCs, so a rotted byte would be served for ever: a scrub pass finds
+/// it, takes exactly that file out (counted), leaves the others, and a refill serves it again.
+#[test]
+fn a_scrub_takes_out_exactly_the_rotted_file() {
+    let (drive, store) = sim_store(64 << 20, test_config());
+    let size = 96 << 10;
+    for number in 0..8 {
+        put(&store, &format!("/f/{number}"), &bytes_of(number, size)).unwrap();
+    }
+    assert_eq!(clean_paths(&scrub_pass(&store)), paths_of(0..8));
+    rot(&drive, &store, "/f/5");
+    let outcomes = scrub_pass(&store);
+    let removed: Vec<&ScrubOutcome> = outcomes
+        .iter()
+        .filter(|outcome| matches!(outcome, ScrubOutcome::Removed { .. }))
+        .collect();
+    assert!(
+        matches!(
+            removed.as_slice(),
+            [ScrubOutcome::Removed { path, size_bytes, what }]
+                if path == "/f/5" && *size_bytes == size as u64 && what.contains("checksum")
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(clean_paths(&outcomes), paths_of((0..8).filter(|n| *n != 5)));
+    assert!(
+        store.open_file("/f/5").unwrap().is_none(),
+        "no longer served"
+    );
+    assert_eq!(store.stats().corrupt_files_removed, 1);
+    for number in (0..8).filter(|number| *number != 5) {
+        let path = format!("/f/{number}");
+        assert_eq!(
+            read_all(&store, &path),
+            Some(bytes_of(number, size)),
+            "{path}"
+        );
+    }
+    // The next fill sees it missing and fetches it again.
+    put(&store, "/f/5", &bytes_of(5, size)).unwrap();
+    assert_eq!(read_all(&store, "/f/5"), Some(bytes_of(5, size)));
+    assert_eq!(clean_paths(&scrub_pass(&store)), paths_of(0..8));
+    assert_eq!(store.stats().corrupt_files_removed, 1);
+}
+
+/// A fill republishes a rotted file after the scrub checked it and before the scrub deletes
+/// it: the new version is live and good, and must not be deleted for the old one's bytes.
+#[test]
+fn a_version_republished_between_the_check_and_the_delete_is_kept() {
+    let republisher: Arc<Mutex<Option<Store>>> = Arc::new(Mutex::new(None));
+    let hook_store = Arc::clone(&republisher);
+    let config = StoreConfig {
+        interleave: Some(Arc::new(move |point| {
+            if point != "scrub:verified" {
+                return;
+            }
+            // Once: taking the store out also breaks the store -> hook -> store cycle.
+            let store = hook_store.lock().unwrap().take();
+            if let Some(store) = store {
+                put(&store, "/f/5", &bytes_of(55, 96 << 10)).expect("republish");
+            }
+        })),
+        ..test_config()
+    };
+    let (drive, store) = sim_store(64 << 20, config);
+    let size = 96 << 10;
+    for number in 0..8 {
+        put(&store, &format!("/f/{number}"), &bytes_of(number, size)).unwrap();
+    }
+    rot(&drive, &store, "/f/5");
+    *republisher.lock().unwrap() = Some(store.clone());
+    let outcomes = scrub_pass(&store);
+    assert!(republisher.lock().unwrap().is_none(), "the hook ran");
+    assert_eq!(
+        outcomes
+            .iter()
+            .filter(|outcome| **outcome == ScrubOutcome::Gone)
+            .count(),
+        1,
+        "{outcomes:?}"
+    );
+    assert_eq!(clean_paths(&outcomes), paths_of((0..8).filter(|n| *n != 5)));
+    assert_eq!(store.stats().corrupt_files_removed, 0);
+    assert_eq!(read_all(&store, "/f/5"), Some(bytes_of(55, size)));
+    assert_eq!(clean_paths(&scrub_pass(&store)), paths_of(0..8));
+}
+
+/// A writer holds the rotted file's path (a fill fetching it again): the scrub leaves the path
+/// to it and says so; once the writer gives up, the next scrub takes the version out.
+#[test]
+fn a_scrub_leaves_a_path_a_writer_holds() {
+    let (drive, store) = sim_store(64 << 20, test_config());
+    let size = 96 << 10;
+    for number in 0..4 {
+        put(&store, &format!("/f/{number}"), &bytes_of(number, size)).unwrap();
+    }
+    rot(&drive, &store, "/f/2");
+    let writer = store.create("/f/2", size as u64).unwrap();
+    let outcomes = scrub_pass(&store);
+    assert!(
+        outcomes.contains(&ScrubOutcome::Busy {
+            path: "/f/2".into()
+        }),
+        "{outcomes:?}"
+    );
+    assert!(
+        store.open_file("/f/2").unwrap().is_some(),
+        "not deleted under a writer"
+    );
+    writer.abort();
+    let outcomes = scrub_pass(&store);
+    assert!(
+        outcomes
+            .iter()
+            .any(|outcome| matches!(outcome, ScrubOutcome::Removed { path, .. } if path == "/f/2")),
+        "{outcomes:?}"
+    );
+    assert!(store.open_file("/f/2").unwrap().is_none());
+    assert_eq!(store.stats().corrupt_files_removed, 1);
 }

@@ -20,6 +20,7 @@ pub struct Config {
     pub log_level: Option<String>,
     pub serve: Serve,
     pub fill: Fill,
+    pub scrub: Scrub,
 }
 
 /// `[serve]`.
@@ -97,6 +98,17 @@ pub struct Fill {
     pub response_timeout_ms: Option<u64>,
 }
 
+/// `[scrub]`.
+#[derive(Clone, Debug, Default, Serialize)]
+pub struct Scrub {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub enabled: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub period_s: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bytes_per_s_max: Option<u64>,
+}
+
 impl Config {
     /// A configuration with these data drives and nothing else set.
     pub fn new<P: AsRef<Path>>(drives: &[P]) -> Config {
@@ -138,6 +150,10 @@ mod tests {
                 bandwidth_bits_per_s: Some(8_000_000),
                 ..Fill::default()
             },
+            scrub: Scrub {
+                period_s: Some(3),
+                ..Scrub::default()
+            },
             ..Config::new(&["/dev/nvme1n1", "/tmp/d 1.img"])
         };
         let text = config.to_toml();
@@ -152,6 +168,8 @@ mod tests {
             manifest_public_keys = ["RWQ\\x"]
             sources = ["http://127.0.0.1:1", "http://127.0.0.1:2"]
             bandwidth_bits_per_s = 8000000
+            [scrub]
+            period_s = 3
         };
         assert_eq!(parsed, expected, "{text}");
     }
@@ -162,6 +180,7 @@ mod tests {
         assert_eq!(parsed["drives"].as_array().map(Vec::len), Some(1));
         assert_eq!(parsed["serve"].as_table().map(toml::Table::len), Some(0));
         assert_eq!(parsed["fill"].as_table().map(toml::Table::len), Some(0));
-        assert_eq!(parsed.len(), 3);
+        assert_eq!(parsed["scrub"].as_table().map(toml::Table::len), Some(0));
+        assert_eq!(parsed.len(), 4);
     }
 }

@@ -17,7 +17,7 @@ pub mod nginx;
 pub mod process;
 pub mod seeded;
 
-pub use config::{Config, Fill, Serve};
+pub use config::{Config, Fill, Scrub, Serve};
 pub use ctl::{Ctl, Output, BUILD_APPLIANCE_ARGS};
 pub use http::{free_port, get, http, wait_for_ok, Response};
 pub use loop_device::LoopDevice;
