@@ -72,7 +72,8 @@ struct Settings {
     seconds: u64,
     connections: u64,
     cap_bits_per_s: u64,
-    /// Room on the appliance's drive (and paths in a fill's manifest) for new files.
+    /// New files an uncapped fill may write in one phase: what its manifest lists beyond the
+    /// catalog, and the room it gets on the appliance's drive.
     fill_room_bytes: u64,
 }
 
@@ -88,6 +89,22 @@ impl Settings {
             cap_bits_per_s: env_u64("BENCH_DAY_CAP_MBIT", 1200).max(1) * 1_000_000,
             fill_room_bytes: env_u64("BENCH_DAY_FILL_ROOM_GIB", 24).max(1) << 30,
         }
+    }
+
+    /// The new bytes a phase's manifest lists: what the cap lets through in the phase and
+    /// 30 s more, or `fill_room_bytes` without a cap (0).
+    fn room_bytes(&self, cap_bits_per_s: u64) -> u64 {
+        if cap_bits_per_s == 0 {
+            return self.fill_room_bytes;
+        }
+        cap_bits_per_s / 8 * (self.warmup_s + self.seconds + 30)
+    }
+
+    /// The appliance's drive: the catalog, every phase's new files side by side (so that no
+    /// fill has to delete the files of the phase before, which the planner would do to make
+    /// room), and 2 GiB to spare. Sparse: only what is written takes room on the disk.
+    fn drive_bytes(&self) -> u64 {
+        self.catalog_bytes + self.room_bytes(self.cap_bits_per_s) + self.room_bytes(0) + (2 << 30)
     }
 }
 
@@ -254,7 +271,7 @@ fn run_rounds(day: &Day) -> Result<BTreeMap<(&'static str, &'static str), Vec<Da
             binary: day.applianced,
             dir: day.dir,
             catalog: &catalog,
-            drive_bytes: day.settings.catalog_bytes * 2 + day.settings.fill_room_bytes,
+            drive_bytes: day.settings.drive_bytes(),
             fill,
             pin: day.pin,
             cgroup: Some("day"),
@@ -394,7 +411,7 @@ impl Beside {
 /// Starts the appliance's fill of the phase's new paths at `cap_bits_per_s` (0: none), or
 /// nginx's competing writer at the same cap, and waits until bytes flow.
 fn start_beside(day: &Day, server: &mut Server, tag: &str, cap_bits_per_s: u64) -> Result<Beside> {
-    let paths = phase_paths(day, tag)?;
+    let paths = phase_paths(day, tag, day.settings.room_bytes(cap_bits_per_s))?;
     let beside = if server.name == "appliance" {
         let mut manifest = Manifest::default();
         manifest.files.extend(day.titles.iter().cloned());
@@ -447,12 +464,12 @@ fn start_beside(day: &Day, server: &mut Server, tag: &str, cap_bits_per_s: u64) 
 }
 
 /// The phase's new paths, `/fill/TAG/nNNNNN.mp4`: symlinks in the origin's folder to the
-/// real new files in turn, as many as `fill_room_bytes` holds.
-fn phase_paths(day: &Day, tag: &str) -> Result<Vec<ManifestFile>> {
+/// real new files in turn, as many as `room_bytes` holds.
+fn phase_paths(day: &Day, tag: &str, room_bytes: u64) -> Result<Vec<ManifestFile>> {
     let folder = day.dir.join("origin/fill").join(tag);
     let _ = std::fs::remove_dir_all(&folder);
     std::fs::create_dir_all(&folder)?;
-    let count = (day.settings.fill_room_bytes / NEW_FILE_BYTES).max(1);
+    let count = (room_bytes / NEW_FILE_BYTES).max(1);
     let mut paths = Vec::new();
     for number in 0..count {
         let real = &day.new_files[usize::try_from(number)? % day.new_files.len()];
