@@ -236,7 +236,8 @@ pub fn serve() -> Result<Map<String, Value>> {
         binary: &applianced,
         dir: &dir,
         catalog: &catalog,
-        drive_bytes: catalog_files * FILE_BYTES + (2 << 30),
+        // Sparse; room for the writers' open 256 MiB segments beside small catalogs too.
+        drive_bytes: catalog_files * FILE_BYTES + (4 << 30),
         fill: Fill::default(),
         pin,
         cgroup: cgroups,
@@ -256,53 +257,15 @@ pub fn serve() -> Result<Map<String, Value>> {
     }
     println!("  every server returns byte-exact ranges and whole files");
 
-    let mut tally = Tally::default();
-    for round in 0..settings.rounds {
-        for (number, case) in cases.iter().enumerate() {
-            let files = settings.files_of(case);
-            let seed = round * 100 + u64::try_from(number)? + 1;
-            let script = write_script(&dir, case, files, seed)?;
-            // Rotate which server goes first from round to round.
-            let first = usize::try_from(round % 3)?;
-            for at in 0..servers.len() {
-                let server = servers[(first + at) % servers.len()];
-                let run = measure(
-                    server,
-                    case,
-                    &settings,
-                    &script,
-                    pin,
-                    ticks_per_s,
-                    &mut tally,
-                )?;
-                tally
-                    .runs
-                    .entry((case.key(), server.name))
-                    .or_default()
-                    .push(run);
-            }
-            if let Some((block, depth)) = case.fio {
-                wait_quiet(ticks_per_s, &mut tally.waited)?;
-                let size_bytes = settings.cg_files * FILE_BYTES;
-                let fio = fio_randread(
-                    &fio_file,
-                    size_bytes,
-                    block,
-                    depth,
-                    settings.seconds,
-                    pin.then_some(1),
-                )?;
-                println!(
-                    "  round {round} {:<17} {:<9} {:6.2} GB/s {:8.0} IOPS (randread {block} QD{depth}, direct)",
-                    case.key(),
-                    "fio",
-                    fio.gbps,
-                    fio.iops
-                );
-                tally.fio.entry(case.key()).or_default().push(fio);
-            }
-        }
-    }
+    let tally = run_rounds(&Rounds {
+        servers: &servers,
+        cases: &cases,
+        settings: &settings,
+        dir: &dir,
+        fio_file: &fio_file,
+        pin,
+        ticks_per_s,
+    })?;
     // The appliance's own counters, for a look at what it saw.
     if let Some(port) = appliance.admin_port {
         let response = get(port, "/metrics", None)?;
@@ -328,6 +291,71 @@ pub fn serve() -> Result<Map<String, Value>> {
     }
     print_report(&settings, &tally, &table);
     Ok(figures)
+}
+
+/// What the rounds of the bench run on.
+struct Rounds<'a> {
+    servers: &'a [&'a Server],
+    cases: &'a [&'static Case],
+    settings: &'a Settings,
+    dir: &'a Path,
+    fio_file: &'a Path,
+    pin: bool,
+    ticks_per_s: f64,
+}
+
+/// Every round: each case against every server in turn (the first one rotating), then fio
+/// for the cases that have a fio shape.
+fn run_rounds(rounds: &Rounds) -> Result<Tally> {
+    let mut tally = Tally::default();
+    for round in 0..rounds.settings.rounds {
+        for (number, case) in rounds.cases.iter().enumerate() {
+            let files = rounds.settings.files_of(case);
+            let seed = round * 100 + u64::try_from(number)? + 1;
+            let script = write_script(rounds.dir, case, files, seed)?;
+            // Rotate which server goes first from round to round.
+            let first = usize::try_from(round % 3)?;
+            for at in 0..rounds.servers.len() {
+                let server = rounds.servers[(first + at) % rounds.servers.len()];
+                let run = measure(
+                    server,
+                    case,
+                    rounds.settings,
+                    &script,
+                    rounds.pin,
+                    rounds.ticks_per_s,
+                    &mut tally,
+                )?;
+                tally
+                    .runs
+                    .entry((case.key(), server.name))
+                    .or_default()
+                    .push(run);
+            }
+            if let Some((block, depth)) = case.fio {
+                wait_quiet(rounds.ticks_per_s, &mut tally.waited)?;
+                let size_bytes = rounds.settings.cg_files * FILE_BYTES;
+                let fio = fio_randread(
+                    rounds.fio_file,
+                    size_bytes,
+                    block,
+                    depth,
+                    rounds.settings.seconds,
+                    rounds.pin.then_some(1),
+                )?;
+                println!(
+                    "  round {round} {:<17} {:<9} {:6.2} GB/s {:8.0} IOPS (randread {block} \
+                     QD{depth}, direct)",
+                    case.key(),
+                    "fio",
+                    fio.gbps,
+                    fio.iops
+                );
+                tally.fio.entry(case.key()).or_default().push(fio);
+            }
+        }
+    }
+    Ok(tally)
 }
 
 fn print_report(settings: &Settings, tally: &Tally, table: &str) {
