@@ -6,7 +6,7 @@
 use crate::error;
 use std::ffi::{OsStr, OsString};
 use std::io;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -84,20 +84,29 @@ pub(crate) fn children_of(pid: u32) -> Vec<u32> {
         .collect()
 }
 
-/// How a child is started. The child's pid stays the program's: setpriv and taskset exec it.
-#[derive(Clone, Copy, Debug, Default)]
+/// How a child is started. The child's pid stays the program's: sh, setpriv and taskset
+/// exec it.
+#[derive(Clone, Debug, Default)]
 pub struct Launch {
     /// Under `setpriv --pdeathsig TERM` (when setpriv is there), so the child stops if this
     /// process dies without running its guards (SIGINT, SIGKILL).
     pub stop_with_parent: bool,
     /// Under `taskset -c CORE`.
     pub core: Option<usize>,
+    /// A cgroup's `cgroup.procs` file: the child writes its own pid there (through `sh`)
+    /// before it execs the program, so everything the program does is charged to that group.
+    pub cgroup_procs: Option<PathBuf>,
 }
 
 impl Launch {
     /// A `Command` that starts `program` this way.
     pub fn command(&self, program: impl AsRef<OsStr>) -> Command {
         let mut words: Vec<OsString> = Vec::new();
+        if let Some(procs) = &self.cgroup_procs {
+            // sh -c SCRIPT $0 "$@": $0 is the procs file, the rest the command to exec.
+            words.extend(["sh", "-c", "echo $$ > \"$0\" && exec \"$@\""].map(OsString::from));
+            words.push(procs.clone().into_os_string());
+        }
         if self.stop_with_parent && have("setpriv") {
             words.extend(["setpriv", "--pdeathsig", "TERM"].map(OsString::from));
         }
@@ -266,8 +275,8 @@ mod tests {
     #[test]
     fn launch_wraps_the_program() {
         let command = Launch {
-            stop_with_parent: false,
             core: Some(1),
+            ..Launch::default()
         }
         .command("wrk");
         let words: Vec<&OsStr> = std::iter::once(command.get_program())
@@ -275,5 +284,27 @@ mod tests {
             .collect();
         assert_eq!(words, ["taskset", "-c", "1", "wrk"]);
         assert_eq!(Launch::default().command("wrk").get_program(), "wrk");
+        let joined = Launch {
+            cgroup_procs: Some("/cg/cgroup.procs".into()),
+            ..Launch::default()
+        }
+        .command("wrk");
+        let words: Vec<&OsStr> = joined.get_args().collect();
+        assert_eq!(joined.get_program(), "sh");
+        assert_eq!(words[2..], ["/cg/cgroup.procs", "wrk"]);
+        // The shell joins the group, then becomes the program: the pid stays the child's.
+        let child = Launch {
+            cgroup_procs: Some("/dev/null".into()),
+            ..Launch::default()
+        }
+        .command("sh")
+        .args(["-c", "echo $$"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+        let pid = child.id();
+        let out = child.wait_with_output().unwrap();
+        assert!(out.status.success());
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), pid.to_string());
     }
 }

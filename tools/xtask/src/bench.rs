@@ -25,12 +25,15 @@ pub fn run(name: &str) -> Result<()> {
         "recovery" => report("recovery", recovery()?),
         "fill" => report("fill", crate::bench_fill::fill()?),
         "serve" => report("serve", crate::bench_serve::serve()?),
+        "day" => report("day", crate::bench_day::day()?),
         "all" => {
             report("store-write", store_write()?)?;
             report("index", index()?)?;
             report("recovery", recovery()?)
         }
-        other => bail!("unknown benchmark {other:?} (store-write, index, recovery, all)"),
+        other => bail!(
+            "unknown benchmark {other:?} (store-write, index, recovery, fill, serve, day, all)"
+        ),
     }
 }
 
@@ -63,6 +66,15 @@ fn report(name: &str, figures: Map<String, Value>) -> Result<()> {
 pub(crate) fn median(values: &mut [f64]) -> f64 {
     values.sort_by(|a, b| a.total_cmp(b));
     values[values.len() / 2]
+}
+
+/// The median of `field` over `runs`; NaN (null in the JSON) when there are none.
+pub(crate) fn median_of<T>(runs: &[T], field: impl Fn(&T) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(field).collect();
+    if values.is_empty() {
+        return f64::NAN;
+    }
+    median(&mut values)
 }
 
 fn fresh_file(path: &Path, size_bytes: u64) -> Result<()> {

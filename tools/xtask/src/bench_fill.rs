@@ -12,6 +12,7 @@
 //! file and curl's downloads are removed at the end.
 
 use crate::bench::{env_u64, fio_write_once, round_to};
+use crate::bench_host::Leftovers;
 use crate::util::{self, output, workspace_root};
 use anyhow::{bail, Context, Result};
 use appliance_testkit::{
@@ -91,7 +92,7 @@ pub fn fill() -> Result<Map<String, Value>> {
     };
     let dir = workspace_root().join("target/bench/fill");
     std::fs::create_dir_all(&dir)?;
-    let _cleanup = Cleanup::new(&dir);
+    let _cleanup = cleanup(&dir);
     let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
     let ticks_per_s: f64 = output("getconf", &["CLK_TCK"])?
         .trim()
@@ -422,46 +423,17 @@ fn ensure_tools() -> Result<()> {
     Ok(())
 }
 
-/// Removes the big files of the run when dropped (the catalog under origin/ stays).
-struct Cleanup {
-    paths: Vec<PathBuf>,
-}
-
-impl Cleanup {
-    fn new(dir: &Path) -> Cleanup {
-        let cleanup = Cleanup {
-            paths: [
-                "drive0.img",
-                "drive-cap.img",
-                "fio.img",
-                "curl",
-                "state0",
-                "state-cap",
-            ]
-            .iter()
-            .map(|name| dir.join(name))
-            .collect(),
-        };
-        // Leftovers of an interrupted run go first.
-        cleanup.remove_all();
-        cleanup
-    }
-
-    fn remove_all(&self) {
-        for path in &self.paths {
-            if path.is_dir() {
-                let _ = std::fs::remove_dir_all(path);
-            } else {
-                let _ = std::fs::remove_file(path);
-            }
-        }
-    }
-}
-
-impl Drop for Cleanup {
-    fn drop(&mut self) {
-        self.remove_all();
-    }
+/// The big files of the run, removed when dropped (the catalog under origin/ stays).
+fn cleanup(dir: &Path) -> Leftovers {
+    let names = [
+        "drive0.img",
+        "drive-cap.img",
+        "fio.img",
+        "curl",
+        "state0",
+        "state-cap",
+    ];
+    Leftovers::new(names.iter().map(|name| dir.join(name)).collect())
 }
 
 /// Where the origin keeps the file of a manifest row (`/fill/title-0000.mp4`).
@@ -592,6 +564,7 @@ pub(crate) fn launch(core: Option<usize>) -> Launch {
     Launch {
         stop_with_parent: true,
         core,
+        ..Launch::default()
     }
 }
 

@@ -1,19 +1,28 @@
 //! `cargo xtask bench serve`: the appliance's serving throughput, server CPU per GB and
-//! latency against nginx (sendfile on) on the same catalog in the same run, loaded by wrk with
-//! random byte ranges over the whole catalog, page cache hot and cold.
+//! latency against nginx (`sendfile on`) and nginx with a thread pool (`sendfile on; aio
+//! threads;`) on the same catalog in the same run, loaded by wrk with random byte ranges over
+//! the whole catalog: page cache hot, cold (dropped before the run, warming during it), and
+//! cold under a memory cgroup (each server in a group whose limit bounds its page cache, with
+//! fio's random reads of the same shape on the same disk as the drive's ceiling).
 //!
-//! wrk runs on core 0 and the server under test on core 1; the two servers alternate, round
+//! wrk runs on core 0 and the server under test on core 1; the servers alternate, round
 //! after round, and the figures are the medians of the rounds. Everything started here is
-//! stopped by a guard, on errors too.
+//! stopped by a guard, on errors too, and the cgroups are removed.
 
-use crate::bench::{env_u64, median, round_to};
-use crate::util::{self, output, workspace_root};
+use crate::bench::{env_u64, median_of, round_to};
+use crate::bench_host::{
+    cpu_ticks, drop_caches, ensure_tools, fio_randread, foreign_ticks, machine_busy_ticks,
+    ticks_per_s, wait_quiet, FioRead, Leftovers, OTHER_CORES_MAX,
+};
+use crate::bench_servers::{
+    start_appliance, start_nginx, verify_ranges, ApplianceSetup, NginxFlavor, Server, SourceFile,
+};
+use crate::util::{self, workspace_root};
 use anyhow::{bail, Context, Result};
-use appliance_testkit::{free_port, get, Config, Guard, Launch, Nginx, Serve, SplitMix64};
+use appliance_testkit::{get, Fill, Guard};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -21,29 +30,77 @@ use std::time::{Duration, Instant};
 const MIB: u64 = 1 << 20;
 const FILE_BYTES: u64 = 16 * MIB;
 const GB: f64 = 1e9;
+/// The servers, in the order of the first round.
+const SERVERS: [&str; 3] = ["appliance", "nginx", "nginx_aio"];
 
-/// One load shape: the range length (0: whole files) and the connections wrk keeps open.
+/// The state of the page cache when a case starts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Temperature {
+    /// Every file read once through the server first.
+    Hot,
+    /// Caches dropped first; the working set warms during the run.
+    Cold,
+    /// Caches dropped first and the server's page cache bounded by its cgroup's limit.
+    ColdCgroup,
+}
+
+impl Temperature {
+    fn suffix(self) -> &'static str {
+        match self {
+            Temperature::Hot => "hot",
+            Temperature::Cold => "cold",
+            Temperature::ColdCgroup => "cold_cg",
+        }
+    }
+}
+
+/// One load shape: the range length (0: whole files), the connections wrk keeps open, the
+/// page cache's state, and for the cgroup cases fio's block size and queue depth.
 struct Case {
     name: &'static str,
     range_bytes: u64,
     connections: u64,
+    temperature: Temperature,
+    fio: Option<(&'static str, u64)>,
 }
 
-const CASES: [Case; 3] = [
+impl Case {
+    fn key(&self) -> String {
+        format!("{}_{}", self.name, self.temperature.suffix())
+    }
+
+    const fn new(name: &'static str, range_bytes: u64, connections: u64) -> Case {
+        Case {
+            name,
+            range_bytes,
+            connections,
+            temperature: Temperature::Hot,
+            fio: None,
+        }
+    }
+
+    const fn at(self, temperature: Temperature) -> Case {
+        Case {
+            temperature,
+            ..self
+        }
+    }
+}
+
+const CASES: [Case; 8] = [
+    Case::new("range_1m", MIB, 64),
+    Case::new("range_1m", MIB, 64).at(Temperature::Cold),
+    Case::new("range_64k", 64 << 10, 1000),
+    Case::new("range_64k", 64 << 10, 1000).at(Temperature::Cold),
+    Case::new("whole_16m", 0, 16),
+    Case::new("whole_16m", 0, 16).at(Temperature::Cold),
     Case {
-        name: "range_1m",
-        range_bytes: MIB,
-        connections: 64,
+        fio: Some(("64k", 32)),
+        ..Case::new("range_64k", 64 << 10, 256).at(Temperature::ColdCgroup)
     },
     Case {
-        name: "range_64k",
-        range_bytes: 64 << 10,
-        connections: 1000,
-    },
-    Case {
-        name: "whole_16m",
-        range_bytes: 0,
-        connections: 16,
+        fio: Some(("1m", 16)),
+        ..Case::new("range_1m", MIB, 64).at(Temperature::ColdCgroup)
     },
 ];
 
@@ -67,20 +124,90 @@ struct Run {
     other_cores: f64,
 }
 
-/// Other processes may use at most this much CPU (in cores) during a run; a run that saw
-/// more (a build on the same machine) is done again.
-const OTHER_CORES_MAX: f64 = 0.15;
 /// Attempts at a run before a disturbed one is kept (and counted).
 const ATTEMPTS: u32 = 3;
 
+/// What this run measures, from the environment.
+struct Settings {
+    /// Files of the hot and cold cases.
+    files: u64,
+    /// Files of the cgroup cases (a larger catalog: 3 GiB by default).
+    cg_files: u64,
+    cg_limit_bytes: u64,
+    rounds: u64,
+    seconds: u64,
+    /// The case keys to run (BENCH_CASES, comma-separated); all when empty.
+    only: Vec<String>,
+}
+
+impl Settings {
+    fn from_env() -> Settings {
+        Settings {
+            files: env_u64("BENCH_SERVE_FILES", 64).max(1),
+            cg_files: env_u64("BENCH_SERVE_CG_FILES", 192).max(1),
+            cg_limit_bytes: env_u64("BENCH_SERVE_CG_LIMIT_MIB", 256).max(16) * MIB,
+            rounds: env_u64("BENCH_ROUNDS", 3).max(1),
+            seconds: env_u64("BENCH_SECONDS", 8).max(1),
+            only: std::env::var("BENCH_CASES")
+                .unwrap_or_default()
+                .split(',')
+                .map(str::trim)
+                .filter(|key| !key.is_empty())
+                .map(String::from)
+                .collect(),
+        }
+    }
+
+    fn files_of(&self, case: &Case) -> u64 {
+        if case.temperature == Temperature::ColdCgroup {
+            self.cg_files
+        } else {
+            self.files
+        }
+    }
+
+    /// The cases to run: not the cold ones without root, only the asked ones when asked.
+    fn cases(&self, root: bool) -> Vec<&'static Case> {
+        CASES
+            .iter()
+            .filter(|case| root || case.temperature == Temperature::Hot)
+            .filter(|case| self.only.is_empty() || self.only.contains(&case.key()))
+            .collect()
+    }
+}
+
+/// The bench's running state: results, notes, and the counts of disturbed runs.
+#[derive(Default)]
+struct Tally {
+    runs: BTreeMap<(String, &'static str), Vec<Run>>,
+    fio: BTreeMap<String, Vec<FioRead>>,
+    notes: Vec<String>,
+    retried: u32,
+    disturbed: u32,
+    waited: Duration,
+}
+
 pub fn serve() -> Result<Map<String, Value>> {
-    let files = env_u64("BENCH_SERVE_FILES", 64).max(1);
-    let rounds = env_u64("BENCH_ROUNDS", 3).max(1);
-    let seconds = env_u64("BENCH_SECONDS", 8).max(1);
-    ensure_tools()?;
-    let cold = util::is_root();
-    if !cold {
-        println!("  not root: the cold cases (drop_caches) are skipped");
+    let settings = Settings::from_env();
+    ensure_tools(
+        "serve",
+        &[
+            ("wrk", "wrk"),
+            ("nginx", "nginx"),
+            ("fio", "fio"),
+            ("taskset", "util-linux"),
+        ],
+    )?;
+    let root = util::is_root();
+    if !root {
+        println!(
+            "  not root: the cold cases (drop_caches) and the cgroup cases (memory cgroups) \
+             are skipped"
+        );
+    }
+    let cases = settings.cases(root);
+    if cases.is_empty() {
+        bail!("no case to run (BENCH_CASES={:?})", settings.only.join(","));
     }
     let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
     if !pin {
@@ -93,141 +220,265 @@ pub fn serve() -> Result<Map<String, Value>> {
     let dir = workspace_root().join("target/bench/serve");
     std::fs::create_dir_all(&dir)?;
     let catalog = dir.join("catalog");
-    generate_catalog(&catalog, files)?;
-    let ticks_per_s: f64 = output("getconf", &["CLK_TCK"])?
-        .trim()
-        .parse()
-        .context("getconf CLK_TCK")?;
+    let catalog_files = cases
+        .iter()
+        .map(|case| settings.files_of(case))
+        .max()
+        .unwrap_or(1);
+    generate_catalog(&catalog, catalog_files)?;
+    let ticks_per_s = ticks_per_s()?;
+    let fio_file = dir.join("fio-randread.img");
+    let _fio_cleanup = Leftovers::new(vec![fio_file.clone()]);
 
-    let appliance = start_appliance(&applianced, &dir, &catalog, files, pin)?;
-    let nginx = start_nginx(&dir, &catalog, pin)?;
-    let servers = [&appliance, &nginx];
+    // Each server in a memory cgroup of its own (no limit until a cgroup case) when root.
+    let cgroups = root.then_some("serve");
+    let appliance = start_appliance(&ApplianceSetup {
+        binary: &applianced,
+        dir: &dir,
+        catalog: &catalog,
+        // Sparse; room for the writers' open 256 MiB segments beside small catalogs too.
+        drive_bytes: catalog_files * FILE_BYTES + (4 << 30),
+        fill: Fill::default(),
+        pin,
+        cgroup: cgroups,
+    })?;
+    let nginx = start_nginx(&dir, &catalog, NginxFlavor::Sendfile, pin, cgroups)?;
+    let nginx_aio = start_nginx(&dir, &catalog, NginxFlavor::AioThreads, pin, cgroups)?;
+    let servers = [&appliance, &nginx, &nginx_aio];
+    let sources: Vec<SourceFile> = (0..catalog_files)
+        .map(|number| SourceFile {
+            url_path: url_path(number),
+            local: catalog.join("bench").join(file_name(number)),
+            size_bytes: FILE_BYTES,
+        })
+        .collect();
     for server in servers {
-        verify_ranges(server, &catalog, files)?;
+        verify_ranges(server, &sources)?;
     }
-    println!("  both servers return byte-exact ranges and whole files");
+    println!("  every server returns byte-exact ranges and whole files");
 
-    let temperatures: &[&str] = if cold { &["hot", "cold"] } else { &["hot"] };
-    let mut runs: BTreeMap<(String, &str), Vec<Run>> = BTreeMap::new();
-    let mut notes: Vec<String> = Vec::new();
-    let mut retried = 0u32;
-    let mut waited = Duration::ZERO;
-    let mut disturbed = 0u32;
-    let mut seed = 1u64;
-    for round in 0..rounds {
-        for case in &CASES {
-            let script = write_script(&dir, case, files, seed)?;
-            seed += 1;
-            for temperature in temperatures {
-                let key = format!("{}_{temperature}", case.name);
-                // Alternate which server goes first from round to round.
-                let order = if round % 2 == 0 {
-                    [servers[0], servers[1]]
-                } else {
-                    [servers[1], servers[0]]
-                };
-                for server in order {
-                    let mut attempt = 1;
-                    let (run, before, after) = loop {
-                        wait_quiet(ticks_per_s, &mut waited)?;
-                        if *temperature == "hot" {
-                            warm(server, files)?;
-                        } else {
-                            drop_caches()?;
-                        }
-                        let before = server.metrics()?;
-                        let run = wrk(server, case, seconds, &script, pin, ticks_per_s)?;
-                        let after = server.metrics()?;
-                        if run.other_cores <= OTHER_CORES_MAX {
-                            break (run, before, after);
-                        }
-                        if attempt == ATTEMPTS {
-                            disturbed += 1;
-                            notes.push(format!(
-                                "round {round} {key} {}: other processes used {:.2} cores \
-                                 in every attempt; the last one is kept",
-                                server.name, run.other_cores
-                            ));
-                            break (run, before, after);
-                        }
-                        println!(
-                            "  round {round} {key:<15} {:<9} other processes used {:.2} cores; \
-                             running it again",
-                            server.name, run.other_cores
-                        );
-                        retried += 1;
-                        attempt += 1;
-                    };
-                    println!(
-                        "  round {round} {key:<15} {:<9} {:6.2} GB/s {:8.0} req/s p50 {:7.2} ms \
-                         p99 {:7.2} ms cpu {:5.3} s/GB errors {} (others {:.2} cores)",
-                        server.name,
-                        run.gbps,
-                        run.rps,
-                        run.p50_ms,
-                        run.p99_ms,
-                        run.cpu_s_per_gb,
-                        run.errors,
-                        run.other_cores
-                    );
-                    check_run(server, case, &key, &run, &before, &after, &mut notes);
-                    runs.entry((key.clone(), server.name))
-                        .or_default()
-                        .push(run);
-                }
-            }
-        }
-    }
+    let tally = run_rounds(&Rounds {
+        servers: &servers,
+        cases: &cases,
+        settings: &settings,
+        dir: &dir,
+        fio_file: &fio_file,
+        pin,
+        ticks_per_s,
+    })?;
     // The appliance's own counters, for a look at what it saw.
     if let Some(port) = appliance.admin_port {
         let response = get(port, "/metrics", None)?;
         std::fs::write(dir.join("appliance-metrics.txt"), &response.body)?;
     }
+    drop(nginx_aio);
     drop(nginx);
     drop(appliance);
     // The catalog stays for the next run; the drive (re-imported every run) goes.
     let _ = std::fs::remove_file(dir.join("drive0.img"));
 
-    let (mut figures, table) = summarize(&runs, temperatures);
-    figures.insert("files".into(), json!(files));
+    let (mut figures, table) = summarize(&tally, &cases);
+    figures.insert("files".into(), json!(settings.files));
+    figures.insert("cg_files".into(), json!(settings.cg_files));
+    figures.insert("cg_limit_bytes".into(), json!(settings.cg_limit_bytes));
     figures.insert("file_bytes".into(), json!(FILE_BYTES));
-    figures.insert("rounds".into(), json!(rounds));
-    figures.insert("seconds_per_run".into(), json!(seconds));
-    figures.insert("runs_repeated_disturbed".into(), json!(retried));
-    figures.insert("runs_kept_disturbed".into(), json!(disturbed));
+    figures.insert("rounds".into(), json!(settings.rounds));
+    figures.insert("seconds_per_run".into(), json!(settings.seconds));
+    figures.insert("runs_repeated_disturbed".into(), json!(tally.retried));
+    figures.insert("runs_kept_disturbed".into(), json!(tally.disturbed));
+    if let Ok(cold_read) = std::env::var("BENCH_COLD_READ") {
+        figures.insert("cold_read".into(), json!(cold_read));
+    }
+    print_report(&settings, &tally, &table);
+    Ok(figures)
+}
+
+/// What the rounds of the bench run on.
+struct Rounds<'a> {
+    servers: &'a [&'a Server],
+    cases: &'a [&'static Case],
+    settings: &'a Settings,
+    dir: &'a Path,
+    fio_file: &'a Path,
+    pin: bool,
+    ticks_per_s: f64,
+}
+
+/// Every round: each case against every server in turn (the first one rotating), then fio
+/// for the cases that have a fio shape.
+fn run_rounds(rounds: &Rounds) -> Result<Tally> {
+    let mut tally = Tally::default();
+    for round in 0..rounds.settings.rounds {
+        for (number, case) in rounds.cases.iter().enumerate() {
+            let files = rounds.settings.files_of(case);
+            let seed = round * 100 + u64::try_from(number)? + 1;
+            let script = write_script(rounds.dir, case, files, seed)?;
+            // Rotate which server goes first from round to round.
+            let first = usize::try_from(round % 3)?;
+            for at in 0..rounds.servers.len() {
+                let server = rounds.servers[(first + at) % rounds.servers.len()];
+                let run = measure(
+                    server,
+                    case,
+                    rounds.settings,
+                    &script,
+                    rounds.pin,
+                    rounds.ticks_per_s,
+                    &mut tally,
+                )?;
+                tally
+                    .runs
+                    .entry((case.key(), server.name))
+                    .or_default()
+                    .push(run);
+            }
+            if let Some((block, depth)) = case.fio {
+                wait_quiet(rounds.ticks_per_s, &mut tally.waited)?;
+                let size_bytes = rounds.settings.cg_files * FILE_BYTES;
+                let fio = fio_randread(
+                    rounds.fio_file,
+                    size_bytes,
+                    block,
+                    depth,
+                    rounds.settings.seconds,
+                    rounds.pin.then_some(1),
+                )?;
+                println!(
+                    "  round {round} {:<17} {:<9} {:6.2} GB/s {:8.0} IOPS (randread {block} \
+                     QD{depth}, direct)",
+                    case.key(),
+                    "fio",
+                    fio.gbps,
+                    fio.iops
+                );
+                tally.fio.entry(case.key()).or_default().push(fio);
+            }
+        }
+    }
+    Ok(tally)
+}
+
+fn print_report(settings: &Settings, tally: &Tally, table: &str) {
     println!(
-        "== serve: medians of {rounds} rounds of {seconds} s, {files} files of 16 MiB, \
-         wrk on core 0, server on core 1 =="
+        "== serve: medians of {} rounds of {} s, {} files of 16 MiB ({} in the cgroup cases, \
+         limit {} MiB), wrk on core 0, server on core 1 ==",
+        settings.rounds,
+        settings.seconds,
+        settings.files,
+        settings.cg_files,
+        settings.cg_limit_bytes / MIB
     );
     print!("{table}");
     println!(
         "  CPU s/GB: the server's own CPU (nginx: its worker); box s/GB: the whole machine's \
          (server, wrk, softirq)"
     );
-    if retried > 0 {
-        println!("  {retried} runs disturbed by other processes were done again");
+    if tally.retried > 0 {
+        println!(
+            "  {} runs disturbed by other processes were done again",
+            tally.retried
+        );
     }
-    if notes.is_empty() {
+    if tally.notes.is_empty() {
         println!("  no errors, timeouts or unexpected statuses");
     } else {
         println!("  problems seen:");
-        for note in &notes {
+        for note in &tally.notes {
             println!("    {note}");
         }
     }
-    Ok(figures)
 }
 
-/// The medians of every case for both servers: the JSON figures and a readable table.
-fn summarize(
-    runs: &BTreeMap<(String, &str), Vec<Run>>,
-    temperatures: &[&str],
-) -> (Map<String, Value>, String) {
+/// Prepares the page cache for `case`, runs wrk against `server` (again when other processes
+/// disturbed it), prints the run and notes what looks wrong.
+fn measure(
+    server: &Server,
+    case: &Case,
+    settings: &Settings,
+    script: &Path,
+    pin: bool,
+    ticks_per_s: f64,
+    tally: &mut Tally,
+) -> Result<Run> {
+    let key = case.key();
+    let mut attempt = 1;
+    let (run, before, after) = loop {
+        wait_quiet(ticks_per_s, &mut tally.waited)?;
+        let limit =
+            (case.temperature == Temperature::ColdCgroup).then_some(settings.cg_limit_bytes);
+        if server.cgroup.is_some() {
+            server.limit_memory(limit)?;
+        }
+        match case.temperature {
+            Temperature::Hot => warm(server, settings.files_of(case))?,
+            Temperature::Cold | Temperature::ColdCgroup => drop_caches()?,
+        }
+        let before = server.metrics()?;
+        let run = wrk(server, case, settings.seconds, script, pin, ticks_per_s);
+        if server.cgroup.is_some() {
+            server.limit_memory(None)?;
+        }
+        let run = run?;
+        let after = server.metrics()?;
+        if run.other_cores <= OTHER_CORES_MAX {
+            break (run, before, after);
+        }
+        if attempt == ATTEMPTS {
+            tally.disturbed += 1;
+            tally.notes.push(format!(
+                "{key} {}: other processes used {:.2} cores in every attempt; the last one \
+                 is kept",
+                server.name, run.other_cores
+            ));
+            break (run, before, after);
+        }
+        println!(
+            "  {key:<17} {:<9} other processes used {:.2} cores; running it again",
+            server.name, run.other_cores
+        );
+        tally.retried += 1;
+        attempt += 1;
+    };
+    println!(
+        "  {key:<17} {:<9} {:6.2} GB/s {:8.0} req/s p50 {:7.2} ms p99 {:7.2} ms cpu {:5.3} s/GB \
+         errors {} (others {:.2} cores)",
+        server.name,
+        run.gbps,
+        run.rps,
+        run.p50_ms,
+        run.p99_ms,
+        run.cpu_s_per_gb,
+        run.errors,
+        run.other_cores
+    );
+    check_run(server, case, &key, &run, &before, &after, &mut tally.notes);
+    Ok(run)
+}
+
+/// The median of every field over `list`.
+fn median_run(list: &[Run]) -> Run {
+    let pick = |field: fn(&Run) -> f64| median_of(list, field);
+    Run {
+        gbps: pick(|run| run.gbps),
+        rps: pick(|run| run.rps),
+        p50_ms: pick(|run| run.p50_ms),
+        p99_ms: pick(|run| run.p99_ms),
+        errors: pick(|run| run.errors),
+        timeouts: pick(|run| run.timeouts),
+        cpu_s_per_gb: pick(|run| run.cpu_s_per_gb),
+        machine_cpu_s_per_gb: pick(|run| run.machine_cpu_s_per_gb),
+        bytes_per_response: pick(|run| run.bytes_per_response),
+        other_cores: pick(|run| run.other_cores),
+    }
+}
+
+/// The medians of every case for every server (and fio): the JSON figures and a table.
+fn summarize(tally: &Tally, cases: &[&Case]) -> (Map<String, Value>, String) {
     let mut figures = Map::new();
     let mut table = String::new();
     let _ = writeln!(
         table,
-        "  {:<15} {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8}",
+        "  {:<17} {:<9} {:>7} {:>9} {:>8} {:>8} {:>8} {:>9} {:>7} {:>8}",
         "case",
         "server",
         "GB/s",
@@ -239,182 +490,99 @@ fn summarize(
         "errors",
         "timeouts"
     );
-    for case in &CASES {
-        for temperature in temperatures {
-            let key = format!("{}_{temperature}", case.name);
-            let mut medians = BTreeMap::new();
-            for server in ["appliance", "nginx"] {
-                let list = runs
-                    .get(&(key.clone(), server))
-                    .cloned()
-                    .unwrap_or_default();
-                let pick = |field: fn(&Run) -> f64| {
-                    let mut values: Vec<f64> = list.iter().map(field).collect();
-                    median(&mut values)
-                };
-                let run = Run {
-                    gbps: pick(|run| run.gbps),
-                    rps: pick(|run| run.rps),
-                    p50_ms: pick(|run| run.p50_ms),
-                    p99_ms: pick(|run| run.p99_ms),
-                    errors: pick(|run| run.errors),
-                    timeouts: pick(|run| run.timeouts),
-                    cpu_s_per_gb: pick(|run| run.cpu_s_per_gb),
-                    machine_cpu_s_per_gb: pick(|run| run.machine_cpu_s_per_gb),
-                    bytes_per_response: pick(|run| run.bytes_per_response),
-                    other_cores: pick(|run| run.other_cores),
-                };
-                let _ = writeln!(
-                    table,
-                    "  {key:<15} {server:<9} {:>7.3} {:>9.0} {:>8.2} {:>8.2} {:>8.3} {:>9.3} {:>7} \
-                     {:>8}",
-                    run.gbps,
-                    run.rps,
-                    run.p50_ms,
-                    run.p99_ms,
-                    run.cpu_s_per_gb,
-                    run.machine_cpu_s_per_gb,
-                    run.errors,
-                    run.timeouts
-                );
-                let prefix = format!("{key}_{server}");
-                figures.insert(format!("{prefix}_gbps"), json!(round_to(run.gbps, 3)));
-                figures.insert(format!("{prefix}_rps"), json!(run.rps.round()));
-                figures.insert(format!("{prefix}_p50_ms"), json!(round_to(run.p50_ms, 2)));
-                figures.insert(format!("{prefix}_p99_ms"), json!(round_to(run.p99_ms, 2)));
-                figures.insert(
-                    format!("{prefix}_cpu_s_per_gb"),
-                    json!(round_to(run.cpu_s_per_gb, 3)),
-                );
-                figures.insert(
-                    format!("{prefix}_machine_cpu_s_per_gb"),
-                    json!(round_to(run.machine_cpu_s_per_gb, 3)),
-                );
-                figures.insert(format!("{prefix}_errors"), json!(run.errors));
-                figures.insert(format!("{prefix}_timeouts"), json!(run.timeouts));
-                medians.insert(server, run);
-            }
-            let ours = &medians["appliance"];
-            let peer = &medians["nginx"];
-            let ratio = ours.gbps / peer.gbps;
-            let cpu_ratio = peer.cpu_s_per_gb / ours.cpu_s_per_gb;
-            figures.insert(format!("{key}_ratio"), json!(round_to(ratio, 3)));
-            figures.insert(format!("{key}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
+    for case in cases {
+        let key = case.key();
+        let mut medians = BTreeMap::new();
+        for server in SERVERS {
+            let list = tally
+                .runs
+                .get(&(key.clone(), server))
+                .cloned()
+                .unwrap_or_default();
+            let run = median_run(&list);
             let _ = writeln!(
                 table,
-                "  {key:<15} {:<9} throughput x{ratio:.3}, CPU per GB x{cpu_ratio:.3} \
-                 (>1: the appliance is better)",
-                "ratio"
+                "  {key:<17} {server:<9} {:>7.3} {:>9.0} {:>8.2} {:>8.2} {:>8.3} {:>9.3} {:>7} \
+                 {:>8}",
+                run.gbps,
+                run.rps,
+                run.p50_ms,
+                run.p99_ms,
+                run.cpu_s_per_gb,
+                run.machine_cpu_s_per_gb,
+                run.errors,
+                run.timeouts
             );
+            insert_run(&mut figures, &format!("{key}_{server}"), &run);
+            medians.insert(server, run);
         }
+        let ours = &medians["appliance"];
+        let (peer, aio) = (&medians["nginx"], &medians["nginx_aio"]);
+        let ratio = ours.gbps / peer.gbps;
+        let cpu_ratio = peer.cpu_s_per_gb / ours.cpu_s_per_gb;
+        let aio_ratio = ours.gbps / aio.gbps;
+        figures.insert(format!("{key}_ratio"), json!(round_to(ratio, 3)));
+        figures.insert(format!("{key}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
+        figures.insert(
+            format!("{key}_ratio_vs_nginx_aio"),
+            json!(round_to(aio_ratio, 3)),
+        );
+        let mut line = format!(
+            "throughput x{ratio:.3} of nginx, x{aio_ratio:.3} of nginx aio; CPU per GB \
+             x{cpu_ratio:.3} of nginx"
+        );
+        if let Some((block, depth)) = case.fio {
+            let fio = fio_median(tally.fio.get(&key).map_or(&[], Vec::as_slice));
+            let over_fio = ours.rps / fio.iops;
+            figures.insert(
+                format!("fio_randread_{block}_qd{depth}_iops"),
+                json!(fio.iops),
+            );
+            figures.insert(
+                format!("fio_randread_{block}_qd{depth}_gbps"),
+                json!(round_to(fio.gbps, 3)),
+            );
+            figures.insert(format!("{key}_over_fio"), json!(round_to(over_fio, 3)));
+            let _ = writeln!(
+                table,
+                "  {key:<17} {:<9} {:>7.3} {:>9.0} (IOPS; randread {block} QD{depth}, direct)",
+                "fio", fio.gbps, fio.iops
+            );
+            let _ = write!(line, "; req/s x{over_fio:.3} of fio's IOPS");
+        }
+        let _ = writeln!(
+            table,
+            "  {key:<17} {:<9} {line} (>1: the appliance is better)",
+            "ratio"
+        );
     }
     (figures, table)
 }
 
-/// Busy ticks of the whole machine (user, nice, system, irq, softirq from /proc/stat).
-fn machine_busy_ticks() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/stat")?;
-    let line = text.lines().next().context("empty /proc/stat")?;
-    let fields: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .map(|field| field.parse().unwrap_or(0.0))
-        .collect();
-    Ok([0, 1, 2, 5, 6]
-        .iter()
-        .map(|&at| fields.get(at).copied().unwrap_or(0.0))
-        .sum())
+/// One server's medians of one case as JSON figures named `PREFIX_...`.
+fn insert_run(figures: &mut Map<String, Value>, prefix: &str, run: &Run) {
+    figures.insert(format!("{prefix}_gbps"), json!(round_to(run.gbps, 3)));
+    figures.insert(format!("{prefix}_rps"), json!(run.rps.round()));
+    figures.insert(format!("{prefix}_p50_ms"), json!(round_to(run.p50_ms, 2)));
+    figures.insert(format!("{prefix}_p99_ms"), json!(round_to(run.p99_ms, 2)));
+    figures.insert(
+        format!("{prefix}_cpu_s_per_gb"),
+        json!(round_to(run.cpu_s_per_gb, 3)),
+    );
+    figures.insert(
+        format!("{prefix}_machine_cpu_s_per_gb"),
+        json!(round_to(run.machine_cpu_s_per_gb, 3)),
+    );
+    figures.insert(format!("{prefix}_errors"), json!(run.errors));
+    figures.insert(format!("{prefix}_timeouts"), json!(run.timeouts));
 }
 
-/// CPU ticks of the kernel's softirq threads (ksoftirqd/N): loopback traffic's own work,
-/// not a disturbance.
-fn softirq_ticks() -> Result<f64> {
-    let mut total = 0.0;
-    for pid in appliance_testkit::pids() {
-        let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        if comm.starts_with("ksoftirqd/") {
-            total += cpu_ticks(pid).unwrap_or(0.0);
-        }
+/// The medians of fio's runs (NaN when none ran).
+fn fio_median(list: &[FioRead]) -> FioRead {
+    FioRead {
+        iops: median_of(list, |fio| fio.iops),
+        gbps: median_of(list, |fio| fio.gbps),
     }
-    Ok(total)
-}
-
-/// Busy ticks of the machine outside this process (and wrk, its child, once reaped) and
-/// the softirq threads: the servers' and everybody else's.
-fn foreign_ticks() -> Result<f64> {
-    Ok(machine_busy_ticks()? - own_ticks()? - softirq_ticks()?)
-}
-
-/// This process's CPU ticks, its reaped children's (wrk) included.
-fn own_ticks() -> Result<f64> {
-    let text = std::fs::read_to_string("/proc/self/stat")?;
-    let fields = stat_fields(&text)?;
-    // utime, stime, cutime, cstime: fields 14 to 17.
-    (11..15)
-        .map(|at| fields.get(at).and_then(|field| field.parse::<f64>().ok()))
-        .sum::<Option<f64>>()
-        .context("/proc/self/stat times")
-}
-
-/// Waits until other processes leave the machine nearly idle: up to two minutes a run and
-/// ten minutes in all (`waited` counts), so the bench stays bounded on a busy machine.
-fn wait_quiet(ticks_per_s: f64, waited: &mut Duration) -> Result<()> {
-    let started = Instant::now();
-    let mut said = false;
-    let result = loop {
-        let before = foreign_ticks()?;
-        std::thread::sleep(Duration::from_millis(500));
-        let others = (foreign_ticks()? - before) / ticks_per_s / 0.5;
-        if others <= OTHER_CORES_MAX {
-            break Ok(());
-        }
-        let total = *waited + started.elapsed();
-        if started.elapsed() > Duration::from_secs(120) || total > Duration::from_secs(600) {
-            println!("  the machine stays busy ({others:.2} cores used by others); going on");
-            break Ok(());
-        }
-        if !said {
-            println!("  waiting for other processes to quiet down ({others:.2} cores busy)");
-            said = true;
-        }
-    };
-    *waited += started.elapsed();
-    result
-}
-
-/// Installs nginx and wrk with apt-get when they are missing and this is root.
-fn ensure_tools() -> Result<()> {
-    let mut missing = Vec::new();
-    if !util::have("wrk") {
-        missing.push("wrk");
-    }
-    let need_nginx = !util::have("nginx");
-    if missing.is_empty() && !need_nginx {
-        return Ok(());
-    }
-    if !util::is_root() {
-        bail!("bench serve needs nginx and wrk (apt-get install nginx-light wrk, as root)");
-    }
-    let root = workspace_root();
-    util::run_in(&root, "apt-get", &["update", "-qq"])?;
-    if need_nginx {
-        // nginx-light is the smallest build with sendfile; newer Debian has only nginx.
-        let policy = output("apt-cache", &["policy", "nginx-light"]).unwrap_or_default();
-        let light = policy.contains("Candidate:") && !policy.contains("Candidate: (none)");
-        missing.push(if light { "nginx-light" } else { "nginx" });
-    }
-    let mut args = vec!["install", "-y", "-qq"];
-    args.extend(missing);
-    println!("$ apt-get {}", args.join(" "));
-    let status = Command::new("apt-get")
-        .args(&args)
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .status()
-        .context("starting apt-get")?;
-    if !status.success() {
-        bail!("apt-get {} failed: {status}", args.join(" "));
-    }
-    Ok(())
 }
 
 fn file_name(number: u64) -> String {
@@ -458,188 +626,6 @@ fn generate_catalog(catalog: &Path, files: u64) -> Result<()> {
     Ok(())
 }
 
-/// A server under test.
-struct Server {
-    name: &'static str,
-    port: u16,
-    /// The process whose CPU time is counted (the appliance, nginx's worker).
-    cpu_pid: u32,
-    /// The appliance's admin port, for /metrics.
-    admin_port: Option<u16>,
-    /// Stops the server when the bench is done (or fails): the appliance's `Guard` or the
-    /// `Nginx`, held only to be dropped.
-    _process: Box<dyn std::any::Any>,
-}
-
-/// How a server under test is started: on core 1 when pinning.
-fn launch(pin: bool) -> Launch {
-    Launch {
-        stop_with_parent: false,
-        core: pin.then_some(1),
-    }
-}
-
-impl Server {
-    /// The appliance's counters by name (empty for nginx).
-    fn metrics(&self) -> Result<BTreeMap<String, f64>> {
-        let Some(port) = self.admin_port else {
-            return Ok(BTreeMap::new());
-        };
-        let response = get(port, "/metrics", None)?;
-        let text = response.text();
-        Ok(text
-            .lines()
-            .filter(|line| !line.starts_with('#'))
-            .filter_map(|line| {
-                let (name, value) = line.rsplit_once(' ')?;
-                Some((name.to_string(), value.parse().ok()?))
-            })
-            .collect())
-    }
-}
-
-fn start_appliance(
-    binary: &Path,
-    dir: &Path,
-    catalog: &Path,
-    files: u64,
-    pin: bool,
-) -> Result<Server> {
-    let drive = dir.join("drive0.img");
-    let state = dir.join("state");
-    let _ = std::fs::remove_file(&drive);
-    let _ = std::fs::remove_dir_all(&state);
-    std::fs::create_dir_all(&state)?;
-    std::fs::File::create(&drive)?.set_len(files * FILE_BYTES + (2 << 30))?;
-    let binary_text = binary.to_str().context("binary path")?;
-    let drive_text = drive.to_str().context("drive path")?;
-    let state_text = state.to_str().context("state path")?;
-    output(binary_text, &["format", "--segment-mib", "256", drive_text])?;
-    println!("  importing the catalog into the appliance ({drive_text})");
-    let started = Instant::now();
-    output(
-        binary_text,
-        &[
-            "store",
-            "--drive",
-            drive_text,
-            "--state-dir",
-            state_text,
-            "import",
-            catalog.to_str().context("catalog path")?,
-        ],
-    )?;
-    println!("  imported in {:.1} s", started.elapsed().as_secs_f64());
-    let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
-    let (port, admin_port) = (free_port()?, free_port()?);
-    let config = dir.join("appliance.toml");
-    Config {
-        state_dir: Some(state.clone()),
-        control_socket: Some(state.join("control.sock")),
-        serve: Serve {
-            listen: Some(loopback(port)),
-            admin_listen: Some(loopback(admin_port)),
-            worker_threads: Some(1),
-            access_log: Some("off".into()),
-            connections_max: Some(20000),
-            ..Serve::default()
-        },
-        ..Config::new(&[&drive])
-    }
-    .write(&config)?;
-    let log = std::fs::File::create(dir.join("applianced.log"))?;
-    let child = launch(pin)
-        .command(binary)
-        .args(["run", "--config", config.to_str().context("config path")?])
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .spawn()
-        .context("starting applianced run")?;
-    let mut process = Guard::new("applianced", child);
-    appliance_testkit::wait_for_ok(admin_port, "/health", Duration::from_secs(60), || {
-        process.alive()
-    })
-    .with_context(|| format!("see {}", dir.join("applianced.log").display()))?;
-    println!("  appliance serving on 127.0.0.1:{port} (admin {admin_port})");
-    Ok(Server {
-        name: "appliance",
-        port,
-        cpu_pid: process.pid(),
-        admin_port: Some(admin_port),
-        _process: Box::new(process),
-    })
-}
-
-/// nginx with sendfile, tuned as a user would tune it for this load, serving the catalog.
-fn start_nginx(dir: &Path, catalog: &Path, pin: bool) -> Result<Server> {
-    let prefix = dir.join("nginx");
-    let _ = std::fs::remove_dir_all(&prefix);
-    let nginx = Nginx::builder(&prefix, catalog)
-        .worker_connections(20000)
-        .main_directive("worker_rlimit_nofile 65536;")
-        .http_directive("keepalive_requests 100000;")
-        .http_directive("keepalive_timeout 65;")
-        .http_directive("open_file_cache max=1000;")
-        .http_directive("types { video/mp4 mp4; }")
-        .launch(launch(pin))
-        .start()
-        .context("starting nginx")?;
-    let (port, worker) = (nginx.port, nginx.worker_pid());
-    println!("  nginx serving on 127.0.0.1:{port} (worker pid {worker})");
-    Ok(Server {
-        name: "nginx",
-        port,
-        cpu_pid: worker,
-        admin_port: None,
-        _process: Box::new(nginx),
-    })
-}
-
-/// Random ranges and one whole file from `server` must equal the source files.
-fn verify_ranges(server: &Server, catalog: &Path, files: u64) -> Result<()> {
-    let mut rng = SplitMix64(0x2545_F491_4F6C_DD1D);
-    let mut next = |bound: u64| rng.below(bound);
-    let mut checks: Vec<(u64, Option<(u64, u64)>)> = Vec::new();
-    for length in [1, 4096, 65536, MIB, 3 * MIB + 17] {
-        for _ in 0..2 {
-            let first = next(FILE_BYTES - length + 1);
-            checks.push((next(files), Some((first, first + length - 1))));
-        }
-    }
-    checks.push((0, Some((FILE_BYTES - 4096, FILE_BYTES - 1))));
-    checks.push((next(files), None));
-    for (number, range) in checks {
-        let source = std::fs::read(catalog.join("bench").join(file_name(number)))?;
-        let path = url_path(number);
-        let response = get(server.port, &path, range)?;
-        let (want_status, want) = match range {
-            Some((first, last)) => (
-                206,
-                &source[usize::try_from(first)?..=usize::try_from(last)?],
-            ),
-            None => (200, &source[..]),
-        };
-        if response.status != want_status {
-            bail!(
-                "{}: GET {path} {range:?} answered {} (wanted {want_status}):\n{}",
-                server.name,
-                response.status,
-                response.head
-            );
-        }
-        if response.body != want {
-            bail!(
-                "{}: GET {path} {range:?}: the body differs from the source file ({} bytes, \
-                 wanted {})",
-                server.name,
-                response.body.len(),
-                want.len()
-            );
-        }
-    }
-    Ok(())
-}
-
 /// Reads every file once through the server, so its page cache holds the catalog.
 fn warm(server: &Server, files: u64) -> Result<()> {
     for number in 0..files {
@@ -657,14 +643,9 @@ fn warm(server: &Server, files: u64) -> Result<()> {
     Ok(())
 }
 
-fn drop_caches() -> Result<()> {
-    output("sync", &[])?;
-    std::fs::write("/proc/sys/vm/drop_caches", "3").context("writing /proc/sys/vm/drop_caches")
-}
-
 /// The wrk script: a random file and a random 4 KiB-aligned range for every request.
 fn write_script(dir: &Path, case: &Case, files: u64, seed: u64) -> Result<PathBuf> {
-    let path = dir.join(format!("{}.lua", case.name));
+    let path = dir.join(format!("{}.lua", case.key()));
     let text = format!(
         r#"-- Generated by cargo xtask bench serve: {name}
 local files = {files}
@@ -690,22 +671,6 @@ end
     );
     std::fs::write(&path, text)?;
     Ok(path)
-}
-
-/// The fields of a /proc/PID/stat line after the command name: field 3 (state) first.
-fn stat_fields(text: &str) -> Result<Vec<&str>> {
-    let after_name = &text[text.rfind(')').context("/proc stat format")? + 1..];
-    Ok(after_name.split_whitespace().collect())
-}
-
-/// utime + stime of a process, in clock ticks (fields 14 and 15 of /proc/PID/stat).
-fn cpu_ticks(pid: u32) -> Result<f64> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .with_context(|| format!("reading /proc/{pid}/stat"))?;
-    let fields = stat_fields(&text)?;
-    let utime: f64 = fields.get(11).context("utime")?.parse()?;
-    let stime: f64 = fields.get(12).context("stime")?.parse()?;
-    Ok(utime + stime)
 }
 
 /// One wrk run against `server`, bounded in time.

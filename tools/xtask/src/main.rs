@@ -8,8 +8,13 @@
 #![forbid(unsafe_code)]
 
 mod bench;
+mod bench_day;
 mod bench_fill;
+mod bench_host;
 mod bench_serve;
+mod bench_servers;
+mod cgroup;
+mod day_load;
 mod demo;
 mod fuzz;
 mod guest_agent;
@@ -23,7 +28,7 @@ mod wrk;
 use anyhow::{bail, Result};
 
 const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | sim [--seeds N] | \
-                     bench <store-write|index|recovery|serve|fill|all> | \
+                     bench <store-write|index|recovery|serve|fill|day|all> | \
                      fuzz <build | TARGET --seconds N | TARGET --runs N> | \
                      soak --rounds N [--seed S] [--release]>";
 
@@ -46,6 +51,7 @@ fn run(args: &[String]) -> Result<()> {
         ["sim", rest @ ..] => sim::run(rest),
         ["bench", name] => bench::run(name),
         ["populate", rest @ ..] => bench::populate_child(rest),
+        ["day-load", rest @ ..] => day_load::run_child(rest),
         ["fuzz", rest @ ..] => fuzz::run(rest),
         ["soak", rest @ ..] => soak::run(rest),
         _ => bail!("{USAGE}"),
