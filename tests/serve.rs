@@ -869,3 +869,96 @@ fn clients_taking_less_than_the_minimum_send_rate_are_cut_off() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Drops the page cache of every drive file (GNU dd's `iflag=nocache count=0` advises
+/// POSIX_FADV_DONTNEED over the whole file), so the next reads of the daemon go to the drive.
+fn evict(drives: &[PathBuf]) {
+    for drive in drives {
+        let status = Command::new("dd")
+            .arg(format!("if={}", drive.display()))
+            .args(["iflag=nocache", "count=0", "status=none"])
+            .status()
+            .unwrap();
+        assert!(status.success(), "dd nocache {}", drive.display());
+    }
+}
+
+/// Many clients at once ask for random ranges of files that are not in the page cache: with
+/// the pools (2 threads per drive, so jobs queue), every byte is the stored byte, the sends go
+/// through the pools, and the gauge of cold sends in flight returns to zero. A client that
+/// hangs up in the middle of a cold range harms nobody. The inline mode serves the same bytes
+/// and never uses a pool.
+#[test]
+fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
+    for mode in ["pool", "inline"] {
+        let appliance = Appliance::start(
+            &format!("cold-{mode}"),
+            Serve {
+                cold_read: Some(mode.into()),
+                cold_threads_per_drive: Some(2),
+                ..Serve::default()
+            },
+        );
+        for round in 0..3u64 {
+            evict(&appliance.drives);
+            let clients: Vec<_> = (0..12u64)
+                .map(|client| {
+                    let files = appliance.catalog.files.clone();
+                    let port = appliance.port;
+                    std::thread::spawn(move || {
+                        let mut rng = SplitMix64(round * 100 + client + 1);
+                        let mut stream = TcpStream::connect(("127.0.0.1", port)).unwrap();
+                        stream
+                            .set_read_timeout(Some(Duration::from_secs(30)))
+                            .unwrap();
+                        for _ in 0..8 {
+                            let (path, bytes) = &files[rng.below(files.len() as u64) as usize];
+                            if bytes.is_empty() {
+                                continue;
+                            }
+                            let start = rng.below(bytes.len() as u64) as usize;
+                            let end = (start + rng.below(1 << 20) as usize).min(bytes.len() - 1);
+                            let request = format!(
+                                "GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes={start}-{end}\r\n\r\n"
+                            );
+                            stream.write_all(request.as_bytes()).unwrap();
+                            let body = read_response(&mut stream);
+                            assert!(body == bytes[start..=end], "{path} {start}-{end}");
+                        }
+                        // Asks for a whole file and goes away after its first bytes.
+                        let (path, _) = &files[rng.below(files.len() as u64) as usize];
+                        let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
+                        stream.write_all(request.as_bytes()).unwrap();
+                        let mut first = [0u8; 512];
+                        let _ = stream.read(&mut first);
+                    })
+                })
+                .collect();
+            for client in clients {
+                client
+                    .join()
+                    .expect("a client saw a wrong byte or an error");
+            }
+        }
+        // Every response is checked: a cut one would have failed its client above. The
+        // gauge comes back to zero once the hung-up clients' jobs are done.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while metric(&appliance, "appliance_sendfile_cold_in_flight") != 0.0 {
+            assert!(Instant::now() < deadline, "cold sends still in flight");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let cold = metric(&appliance, "appliance_sendfile_cold_total");
+        let inline = metric(&appliance, "appliance_sendfile_inline_total");
+        if mode == "pool" {
+            assert!(cold > 0.0, "no send went through a pool");
+        } else {
+            assert_eq!(cold, 0.0, "inline mode used a pool");
+            assert!(inline > 0.0);
+        }
+        // Still serving, byte-exact, after all of it.
+        let (path, bytes) = appliance.big_file();
+        let (status, _, body) = curl(&[&format!("http://127.0.0.1:{}{path}", appliance.port)]);
+        assert_eq!(status, 200);
+        assert!(body == bytes);
+    }
+}

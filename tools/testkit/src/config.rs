@@ -59,10 +59,11 @@ pub struct Serve {
     pub worker_threads: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub shutdown_grace_ms: Option<u64>,
-    /// How a send whose bytes are not in the page cache is done (`inline`, `pool`, `warm`);
-    /// a key the daemon may not know yet, so benches set it only when asked to.
+    /// How a send whose bytes are not in the page cache is done (`inline` or `pool`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_read: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_threads_per_drive: Option<u64>,
 }
 
 /// `[fill]`.
