@@ -177,9 +177,10 @@ pub struct Serve {
     /// How long a stop waits for responses in flight. Default 30000.
     pub shutdown_grace_ms: u64,
     /// Where a range that is not in the page cache is read: `pool` (its sendfile runs on a
-    /// thread of the drive's cold-read pool, so a serving worker never waits for a drive) or
-    /// `inline` (on the worker; for comparison). Resident ranges always go out inline with
-    /// sendfile. Default `pool`.
+    /// thread of the drive's cold-read pool, so a serving worker never waits for a drive),
+    /// `warm` (the drive's io_uring thread reads it into the page cache first, then the worker
+    /// sends it) or `inline` (on the worker; for comparison). Resident ranges always go out
+    /// inline with sendfile. Default `pool`.
     pub cold_read: appliance_serve::ColdRead,
     /// Threads per drive for cold sendfiles (`cold_read = "pool"`), 1 to 1024. The reads of
     /// a cold range are queued at once by a read-ahead hint, so the drive's queue depth is not
@@ -523,7 +524,7 @@ mod tests {
             Some("connections_max"),
         );
         check(
-            "drives = [\"/a\"]\n[serve]\ncold_read = \"inline\"\ncold_threads_per_drive = 4",
+            "drives = [\"/a\"]\n[serve]\ncold_read = \"warm\"\ncold_threads_per_drive = 4",
             None,
         );
         check(

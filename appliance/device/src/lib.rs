@@ -10,6 +10,7 @@ mod open;
 pub mod priority;
 mod sim;
 mod uring;
+pub mod warm;
 pub mod zerocopy;
 
 pub use aligned::AlignedBuf;

@@ -336,7 +336,7 @@ fn to_off_t(bytes: u64) -> libc::off_t {
     libc::off_t::try_from(bytes).expect("a checked drive range fits off_t")
 }
 
-fn new_eventfd() -> io::Result<File> {
+pub(crate) fn new_eventfd() -> io::Result<File> {
     // SAFETY: eventfd takes no pointers; its result is checked before use.
     let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC) };
     if fd < 0 {

@@ -9,11 +9,16 @@
 //! `aio threads` pattern with a residency check in front (which nginx on Linux lacks), and a
 //! pool per drive so a slow drive cannot take the threads of the others.
 //!
+//! A second design, `warm`, keeps the sendfile on the worker but first has the drive's warming
+//! thread read the cold piece into the page cache through io_uring (`appliance_device::warm`)
+//! while the worker serves others. Both are measured in BENCHMARKS.md; `pool` is the default.
+//!
 //! A job owns everything it touches: a duplicate of the socket descriptor and the file
 //! handle (whose pins keep the segments from being reused while the thread reads them), so a
 //! connection that goes away while its job waits can never make a thread send the wrong bytes
 //! or to the wrong socket.
 
+use appliance_device::warm::{WarmRequest, Warmer};
 use appliance_device::zerocopy;
 use appliance_store::FileHandle;
 use prometheus_client::metrics::counter::Counter;
@@ -32,6 +37,9 @@ pub enum ColdRead {
     Inline,
     /// A cold range's sendfile runs on a thread of its drive's pool.
     Pool,
+    /// A cold piece is first read into the page cache by io_uring on the drive's warming
+    /// thread; the worker waits without blocking, then sends it inline.
+    Warm,
 }
 
 /// The cold-read settings.
@@ -88,9 +96,9 @@ impl Pool {
 pub struct ColdCounts {
     /// sendfile calls made on a worker because the range was resident (or the mode inline).
     pub inline_sends: Counter,
-    /// sendfile calls handed to a drive's pool.
+    /// Cold pieces: sendfile calls handed to a drive's pool, or pieces warmed before sending.
     pub pool_sends: Counter,
-    /// Pool jobs queued or running now.
+    /// Pool jobs or warm-ups queued or running now.
     pub pool_jobs: Gauge,
 }
 
@@ -103,12 +111,12 @@ impl ColdCounts {
         );
         registry.register(
             "sendfile_cold",
-            "sendfile calls handed to a drive's cold-read threads (the range was not cached)",
+            "Pieces not in the page cache, sent by a drive's cold-read threads or warmed first",
             self.pool_sends.clone(),
         );
         registry.register(
             "sendfile_cold_in_flight",
-            "Cold sendfile calls queued or running on the drives' threads now",
+            "Cold pieces being sent or warmed on the drives' threads now",
             self.pool_jobs.clone(),
         );
     }
@@ -118,6 +126,7 @@ impl ColdCounts {
 pub struct ColdReads {
     config: ColdConfig,
     pools: Box<[OnceLock<Option<Pool>>]>,
+    warmers: Box<[OnceLock<Option<Warmer>>]>,
     pub counts: ColdCounts,
 }
 
@@ -126,6 +135,7 @@ pub struct ColdReads {
 pub enum Route {
     Inline,
     Pool,
+    Warm,
 }
 
 impl ColdReads {
@@ -133,6 +143,7 @@ impl ColdReads {
         ColdReads {
             config,
             pools: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
+            warmers: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
             counts: ColdCounts::default(),
         }
     }
@@ -147,8 +158,54 @@ impl ColdReads {
         };
         match zerocopy::residency(source, offset_bytes, length_bytes) {
             zerocopy::Residency::Resident => Route::Inline,
-            zerocopy::Residency::Cold | zerocopy::Residency::Unknown => Route::Pool,
+            zerocopy::Residency::Cold | zerocopy::Residency::Unknown => match self.config.mode {
+                ColdRead::Warm => Route::Warm,
+                ColdRead::Pool | ColdRead::Inline => Route::Pool,
+            },
         }
+    }
+
+    /// Has the drive's warming thread read `offset_bytes..+length_bytes` into the page cache,
+    /// and waits (without blocking the worker) until it has. An error only means the sendfile
+    /// that follows may block; the bytes it sends are right either way.
+    pub async fn warm(
+        &self,
+        handle: &Arc<FileHandle>,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> io::Result<()> {
+        let Some(source) = handle.serve_fd() else {
+            return Ok(());
+        };
+        let fd = source.try_clone_to_owned()?;
+        let drive = handle.drive_number();
+        let warmer = self.warmers[usize::from(drive)].get_or_init(|| {
+            Warmer::start(format!("warm-{drive}"))
+                .map_err(|error| {
+                    tracing::error!(drive, %error, "cannot start the warming thread; cold ranges go out inline");
+                })
+                .ok()
+        });
+        let Some(warmer) = warmer else {
+            return Ok(());
+        };
+        self.counts.pool_sends.inc();
+        let _in_flight = InFlight::count(&self.counts.pool_jobs);
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        // The handle's pins keep the segments from reuse until the reads are done.
+        let handle = Arc::clone(handle);
+        warmer.warm(WarmRequest {
+            fd,
+            offset_bytes,
+            length_bytes,
+            done: Box::new(move |outcome| {
+                drop(handle);
+                let _ = reply.send(outcome);
+            }),
+        });
+        answer
+            .await
+            .unwrap_or_else(|_| Err(io::Error::other("the warming thread dropped a warm-up")))
     }
 
     /// Sends up to `count` bytes of the drive at `offset_bytes` to `socket` on a thread of

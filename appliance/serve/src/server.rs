@@ -692,13 +692,21 @@ async fn send_file_range(
         while offset < end {
             let chunk = usize::try_from((end - offset).min(SENDFILE_CHUNK_BYTES))
                 .expect("chunk fits usize");
-            let sent = match shared.cold.route(handle, offset, chunk as u64) {
-                Route::Inline => {
+            let route = shared.cold.route(handle, offset, chunk as u64);
+            if route == Route::Warm {
+                if let Err(error) = shared.cold.warm(handle, offset, chunk as u64).await {
+                    tracing::debug!(%error, "warming a cold piece failed; sending it anyway");
+                }
+            }
+            let sent = match route {
+                Route::Inline | Route::Warm => {
                     if !hinted && end - offset >= PREFETCH_BYTES_MIN {
                         let _ = zerocopy::prefetch(source, offset, end - offset);
                         hinted = true;
                     }
-                    shared.cold.counts.inline_sends.inc();
+                    if route == Route::Inline {
+                        shared.cold.counts.inline_sends.inc();
+                    }
                     let attempt = stream.async_io(Interest::WRITABLE, || {
                         zerocopy::sendfile(stream_fd(stream), source, &mut offset, chunk)
                     });
