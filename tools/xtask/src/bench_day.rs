@@ -431,10 +431,14 @@ fn start_beside(day: &Day, server: &mut Server, tag: &str, cap_bits_per_s: u64) 
         let folder = day.dir.join("incoming");
         let _ = std::fs::remove_dir_all(&folder);
         std::fs::create_dir_all(&folder)?;
-        let script = writer_script(day, &paths, &folder, cap_bits_per_s);
+        // A file, not `sh -c`: an uncapped phase's script is longer than one argument may be
+        // (MAX_ARG_STRLEN, 128 KiB).
+        let script = day.dir.join(format!("writer-{tag}.sh"));
+        std::fs::write(&script, writer_script(day, &paths, &folder, cap_bits_per_s))?;
         let child = launch(day.pin, None)
             .command("setsid")
-            .args(["sh", "-c", &script])
+            .arg("sh")
+            .arg(&script)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .spawn()
