@@ -63,7 +63,7 @@ type Job = Box<dyn FnOnce() + Send>;
 
 /// One drive's threads.
 struct Pool {
-    jobs: Mutex<mpsc::Sender<Job>>,
+    jobs: mpsc::Sender<Job>,
 }
 
 impl Pool {
@@ -85,9 +85,7 @@ impl Pool {
                     }
                 })?;
         }
-        Ok(Pool {
-            jobs: Mutex::new(sender),
-        })
+        Ok(Pool { jobs: sender })
     }
 }
 
@@ -209,19 +207,15 @@ impl ColdReads {
     }
 
     /// Sends up to `count` bytes of the drive at `offset_bytes` to `socket` on a thread of
-    /// the file's drive: what sendfile(2) returned (a full socket is `WouldBlock`). The whole
-    /// range is hinted for read-ahead first, so its reads are queued at once.
+    /// the file's drive: what sendfile(2) returned (a full socket is `WouldBlock`). The caller
+    /// hints the range for read-ahead first, so its reads are queued at once.
     pub async fn sendfile(
         &self,
         socket: OwnedFd,
         handle: &Arc<FileHandle>,
         offset_bytes: u64,
         count: usize,
-        readahead_bytes: u64,
     ) -> io::Result<usize> {
-        if let Some(source) = handle.serve_fd() {
-            let _ = zerocopy::prefetch(source, offset_bytes, readahead_bytes);
-        }
         let drive = handle.drive_number();
         let pool = self.pools[usize::from(drive)].get_or_init(|| {
             Pool::start(drive, self.config.threads_per_drive)
@@ -240,18 +234,12 @@ impl ColdReads {
         });
         self.counts.pool_sends.inc();
         let _in_flight = InFlight::count(&self.counts.pool_jobs);
-        let queued = pool
-            .jobs
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-            .send(job);
-        let outcome = match queued {
+        match pool.jobs.send(job) {
             Ok(()) => answer
                 .await
                 .unwrap_or_else(|_| Err(io::Error::other("a cold-read thread dropped its job"))),
             Err(_) => Err(io::Error::other("the cold-read threads are gone")),
-        };
-        outcome
+        }
     }
 }
 

@@ -693,6 +693,12 @@ async fn send_file_range(
             let chunk = usize::try_from((end - offset).min(SENDFILE_CHUNK_BYTES))
                 .expect("chunk fits usize");
             let route = shared.cold.route(handle, offset, chunk as u64);
+            // One read-ahead hint per range: always before a cold piece (so the drive sees
+            // its reads at once), and before a long resident one.
+            if !hinted && (route == Route::Pool || end - offset >= PREFETCH_BYTES_MIN) {
+                let _ = zerocopy::prefetch(source, offset, end - offset);
+                hinted = true;
+            }
             if route == Route::Warm {
                 if let Err(error) = shared.cold.warm(handle, offset, chunk as u64).await {
                     tracing::debug!(%error, "warming a cold piece failed; sending it anyway");
@@ -700,10 +706,6 @@ async fn send_file_range(
             }
             let sent = match route {
                 Route::Inline | Route::Warm => {
-                    if !hinted && end - offset >= PREFETCH_BYTES_MIN {
-                        let _ = zerocopy::prefetch(source, offset, end - offset);
-                        hinted = true;
-                    }
                     if route == Route::Inline {
                         shared.cold.counts.inline_sends.inc();
                     }
@@ -713,8 +715,7 @@ async fn send_file_range(
                     metered_write(meter, attempt).await?
                 }
                 Route::Pool => {
-                    let attempt =
-                        pool_sendfile(stream, handle, offset, chunk, end - offset, shared);
+                    let attempt = pool_sendfile(stream, handle, offset, chunk, shared);
                     let sent = metered_write(meter, attempt).await?;
                     if let Some(sent) = sent {
                         offset += sent as u64;
@@ -746,17 +747,12 @@ async fn pool_sendfile(
     handle: &Arc<FileHandle>,
     offset: u64,
     chunk: usize,
-    readahead_bytes: u64,
     shared: &Shared,
 ) -> io::Result<usize> {
     loop {
         stream.writable().await?;
         let socket = stream_fd(stream).try_clone_to_owned()?;
-        match shared
-            .cold
-            .sendfile(socket, handle, offset, chunk, readahead_bytes)
-            .await
-        {
+        match shared.cold.sendfile(socket, handle, offset, chunk).await {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 // The socket filled up between the readiness and the thread's call: forget
                 // the readiness so the next wait is for the kernel's next edge.
