@@ -1,6 +1,7 @@
 //! Safe wrappers of the system calls the serving path needs: sendfile(2) from a drive to a
-//! socket, send(2) with MSG_MORE for response heads, posix_fadvise(2) read-ahead hints, and
-//! cachestat(2) to ask whether a range is in the page cache before sending it inline.
+//! socket, send(2) with MSG_MORE for response heads, posix_fadvise(2) read-ahead hints,
+//! cachestat(2) to ask whether a range is in the page cache before sending it inline, and a
+//! poll(2) probe of whether a socket can take bytes now.
 //!
 //! They take borrowed descriptors and plain values, never block the caller longer than the
 //! kernel call itself, and report every failure as an `io::Error`.
@@ -19,26 +20,62 @@ pub fn sendfile(
 ) -> io::Result<usize> {
     let mut offset = libc::off_t::try_from(*offset_bytes)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
-    // SAFETY: both descriptors are open for the borrow's lifetime; `offset` is a valid,
-    // exclusively borrowed off_t the kernel updates; no user memory is read or written.
-    let sent = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut offset, count) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sent = loop {
+        // SAFETY: both descriptors are open for the borrow's lifetime; `offset` is a valid,
+        // exclusively borrowed off_t the kernel updates; no user memory is read or written.
+        let sent = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut offset, count) };
+        if sent >= 0 {
+            break sent;
+        }
+        // A signal that arrived before any byte moved (a cold read can wait on the drive
+        // long enough for one) is no failure: ask again.
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    };
     *offset_bytes = u64::try_from(offset).expect("the kernel returns a non-negative offset");
     Ok(usize::try_from(sent).expect("non-negative"))
+}
+
+/// Whether the socket can take bytes now (poll(2) for POLLOUT without waiting). An error or
+/// hang-up condition counts as writable: the next write reports it.
+pub fn writable_now(socket: BorrowedFd<'_>) -> io::Result<bool> {
+    let mut poll = libc::pollfd {
+        fd: socket.as_raw_fd(),
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    loop {
+        // SAFETY: `poll` is one valid pollfd for the call; the descriptor is open for the
+        // borrow's lifetime; a zero timeout never waits.
+        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
+        if ready >= 0 {
+            return Ok(ready > 0 && poll.revents != 0);
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    }
 }
 
 /// Sends bytes on a socket with MSG_MORE (more data follows: the kernel may hold them back to
 /// share a packet with the body) or without it; returns how many were queued.
 pub fn send(to: BorrowedFd<'_>, bytes: &[u8], more_follows: bool) -> io::Result<usize> {
     let flags = libc::MSG_NOSIGNAL | if more_follows { libc::MSG_MORE } else { 0 };
-    // SAFETY: `bytes` is a valid slice for its length for the duration of the call; the
-    // descriptor is open for the borrow's lifetime.
-    let sent = unsafe { libc::send(to.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
-    if sent < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    let sent = loop {
+        // SAFETY: `bytes` is a valid slice for its length for the duration of the call; the
+        // descriptor is open for the borrow's lifetime.
+        let sent = unsafe { libc::send(to.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
+        if sent >= 0 {
+            break sent;
+        }
+        let error = io::Error::last_os_error();
+        if error.kind() != io::ErrorKind::Interrupted {
+            return Err(error);
+        }
+    };
     Ok(usize::try_from(sent).expect("non-negative"))
 }
 

@@ -354,6 +354,13 @@ fn count_send_error(shared: &Shared, peer: SocketAddr, head: &RequestHead, error
         SendError::Cut(SendCut::NoProgress) => {
             shared.metrics.timeouts.inc();
             shared.metrics.client_aborts.inc();
+            tracing::info!(
+                %peer,
+                path = %head.path,
+                send_timeout_ms = u64::try_from(shared.config.send_timeout.as_millis())
+                    .unwrap_or(u64::MAX),
+                "cut a client that took no byte for the send timeout"
+            );
         }
         SendError::Cut(SendCut::TooSlow {
             window_bytes,
@@ -381,7 +388,15 @@ fn count_send_error(shared: &Shared, peer: SocketAddr, head: &RequestHead, error
             if aborted {
                 shared.metrics.client_aborts.inc();
             } else {
+                // The server's side failed (a drive's read, a cold-read thread): the client
+                // saw a response end early, so say why.
                 shared.metrics.errors.inc();
+                tracing::warn!(
+                    %peer,
+                    path = %head.path,
+                    %error,
+                    "a response ended early: sending its body failed"
+                );
             }
         }
     }
@@ -616,28 +631,32 @@ async fn send_error(
     })
 }
 
-/// Waits for one write that makes progress, within the send limits `meter` keeps: the count
-/// written, or `None` when the meter's deadline passed first and the client may go on.
+/// Waits for one write to finish, within the send limits `meter` keeps: the count written.
+/// A deadline that passes first only has the meter judge the client; the same write goes on
+/// being awaited, never dropped, because a write handed to a cold-read thread may already be
+/// putting bytes on the socket, and a second write of the same bytes would corrupt the body.
 async fn metered_write(
     meter: &mut SendMeter,
     attempt: impl Future<Output = io::Result<usize>>,
-) -> Result<Option<usize>, SendError> {
-    let outcome = match meter.deadline() {
-        Some(deadline) => {
-            let deadline = tokio::time::Instant::from_std(deadline);
-            tokio::time::timeout_at(deadline, attempt).await.ok()
-        }
-        None => Some(attempt.await),
-    };
-    match outcome {
-        Some(result) => {
-            let count = result?;
-            meter.record(count as u64, Instant::now())?;
-            Ok(Some(count))
-        }
-        None => {
-            meter.check(Instant::now())?;
-            Ok(None)
+) -> Result<usize, SendError> {
+    let mut attempt = std::pin::pin!(attempt);
+    loop {
+        let outcome = match meter.deadline() {
+            Some(deadline) => {
+                let deadline = tokio::time::Instant::from_std(deadline);
+                tokio::time::timeout_at(deadline, attempt.as_mut())
+                    .await
+                    .ok()
+            }
+            None => Some(attempt.as_mut().await),
+        };
+        match outcome {
+            Some(result) => {
+                let count = result?;
+                meter.record(count as u64, Instant::now())?;
+                return Ok(count);
+            }
+            None => meter.check(Instant::now())?,
         }
     }
 }
@@ -655,9 +674,7 @@ async fn send_all(
         let attempt = stream.async_io(Interest::WRITABLE, || {
             zerocopy::send(stream_fd(stream), &bytes[written..], more_follows)
         });
-        if let Some(count) = metered_write(meter, attempt).await? {
-            written += count;
-        }
+        written += metered_write(meter, attempt).await?;
     }
     shared.metrics.bytes_sent.inc_by(written as u64);
     Ok(written)
@@ -717,14 +734,9 @@ async fn send_file_range(
                 Route::Pool => {
                     let attempt = pool_sendfile(stream, handle, offset, chunk, shared);
                     let sent = metered_write(meter, attempt).await?;
-                    if let Some(sent) = sent {
-                        offset += sent as u64;
-                    }
+                    offset += sent as u64;
                     sent
                 }
-            };
-            let Some(sent) = sent else {
-                continue;
             };
             if sent == 0 {
                 let error = io::Error::new(
@@ -741,7 +753,7 @@ async fn send_file_range(
 }
 
 /// One sendfile of a cold piece on the drive's pool, once the socket can take bytes: the count
-/// sent. A full socket clears the stream's write readiness and waits again.
+/// sent.
 async fn pool_sendfile(
     stream: &TcpStream,
     handle: &Arc<FileHandle>,
@@ -749,16 +761,42 @@ async fn pool_sendfile(
     chunk: usize,
     shared: &Shared,
 ) -> io::Result<usize> {
+    write_elsewhere(stream, |socket| {
+        shared.cold.sendfile(socket, handle, offset, chunk)
+    })
+    .await
+}
+
+/// Runs `write` (a write to a duplicate of the stream's socket, done by another thread) once
+/// the socket is writable, until it writes or fails with more than a full socket.
+///
+/// A socket the other thread found full is probed again here before its write readiness is
+/// cleared. The client may have taken every byte since, and the runtime may already have
+/// seen that edge: clearing the readiness blindly would then wait for an edge that never
+/// comes. The probe looks at the socket after the readiness is read (as tokio's own `try_io`
+/// has its closure do), so only a socket still full is cleared.
+async fn write_elsewhere<F, W>(stream: &TcpStream, mut write: W) -> io::Result<usize>
+where
+    W: FnMut(std::os::fd::OwnedFd) -> F,
+    F: Future<Output = io::Result<usize>>,
+{
     loop {
         stream.writable().await?;
         let socket = stream_fd(stream).try_clone_to_owned()?;
-        match shared.cold.sendfile(socket, handle, offset, chunk).await {
+        match write(socket).await {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
-                // The socket filled up between the readiness and the thread's call: forget
-                // the readiness so the next wait is for the kernel's next edge.
-                let _ = stream.try_io(Interest::WRITABLE, || {
-                    Err::<(), _>(io::Error::from(io::ErrorKind::WouldBlock))
+                let probe = stream.try_io(Interest::WRITABLE, || {
+                    if zerocopy::writable_now(stream_fd(stream))? {
+                        Ok(())
+                    } else {
+                        Err(io::Error::from(io::ErrorKind::WouldBlock))
+                    }
                 });
+                match probe {
+                    Ok(()) => {}
+                    Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
+                    Err(error) => return Err(error),
+                }
             }
             outcome => return outcome,
         }
@@ -794,5 +832,73 @@ fn log_access(
     );
     if !shared.access_log.log(line) {
         shared.metrics.access_log_dropped.inc();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsFd;
+
+    /// The lost wake-up of the cold path: the socket is full when the other thread writes,
+    /// the client then takes every byte (so no later edge will come) and the runtime sees that
+    /// edge before the worker learns of the full socket. The write must still go on.
+    #[test]
+    fn a_write_elsewhere_that_found_the_socket_full_is_not_left_waiting() {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        runtime.block_on(async {
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let (server, _) = listener.accept().await.unwrap();
+            // The runtime holds a write readiness it saw earlier, and the socket (with the
+            // client's receive buffer) is full: as after a cold write that filled it.
+            let chunk = vec![7u8; 1 << 16];
+            let fill = || {
+                let mut queued = 0usize;
+                loop {
+                    match zerocopy::send(stream_fd(&server), &chunk, false) {
+                        Ok(count) => queued += count,
+                        Err(error) if error.kind() == io::ErrorKind::WouldBlock => break queued,
+                        Err(error) => panic!("{error}"),
+                    }
+                }
+            };
+            server.writable().await.unwrap();
+            let queued = fill();
+            let mut calls = 0;
+            let written = write_elsewhere(&server, |socket| {
+                calls += 1;
+                let first = calls == 1;
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                let mut client = client.try_clone().unwrap();
+                let total = queued;
+                std::thread::spawn(move || {
+                    let outcome = if first {
+                        // Full now; then the client takes it all, and the kernel's edge has
+                        // time to reach the runtime before the worker hears back.
+                        let mut taken = vec![0u8; total];
+                        client.read_exact(&mut taken).unwrap();
+                        std::thread::sleep(Duration::from_millis(200));
+                        Err(io::Error::from(io::ErrorKind::WouldBlock))
+                    } else {
+                        zerocopy::send(socket.as_fd(), b"after", false)
+                    };
+                    drop(socket);
+                    let _ = reply.send(outcome);
+                });
+                async move { answer.await.unwrap() }
+            });
+            let written = tokio::time::timeout(Duration::from_secs(5), written)
+                .await
+                .expect("the write waited for a readiness edge that had already passed");
+            assert_eq!(written.unwrap(), 5);
+            let mut after = [0u8; 5];
+            client.read_exact(&mut after).unwrap();
+            assert_eq!(&after, b"after");
+        });
     }
 }

@@ -130,6 +130,23 @@ pub fn test() -> Result<()> {
         for line in &lines[lines.len().saturating_sub(60)..] {
             println!("  | {line}");
         }
+        // How the daemon saw its responses end (a cut, a client abort, a server error).
+        match vm.admin_text("/metrics") {
+            Ok(metrics) => {
+                println!("vm-test: the daemon's serving counters:");
+                let serving = [
+                    "appliance_http_",
+                    "appliance_sendfile_",
+                    "appliance_drive_up",
+                ];
+                for line in metrics.lines().filter(|line| {
+                    !line.starts_with('#') && serving.iter().any(|name| line.starts_with(name))
+                }) {
+                    println!("  | {line}");
+                }
+            }
+            Err(error) => println!("vm-test: no /metrics: {error:#}"),
+        }
     }
     drop(vm);
     drop(nginx);
