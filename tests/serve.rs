@@ -892,19 +892,24 @@ fn evict(drives: &[PathBuf]) {
 /// hangs up in the middle of a cold range harms nobody. The warm mode (io_uring reads into the
 /// page cache, then sendfile) and the inline mode serve the same bytes; inline uses no thread.
 ///
-/// The last pass has one thread per drive and 1 ms send-rate windows (at 1 byte/s, so no
+/// The direct passes read cold pieces by direct I/O into the RAM cache (64 MiB, then 1 MiB so
+/// that entries are evicted all the time) and send them from there.
+///
+/// The fourth pass has one thread per drive and 1 ms send-rate windows (at 1 byte/s, so no
 /// client is ever too slow): a window ends while nearly every cold send waits in its drive's
 /// queue, and the worker must go on awaiting that send, not hand the same bytes to the pool a
 /// second time (which would put them on the wire twice).
 #[test]
 fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
     let passes = [
-        ("pool", 2, None),
-        ("warm", 2, None),
-        ("inline", 2, None),
-        ("pool", 1, Some(1)),
+        ("pool", 2, None, None),
+        ("warm", 2, None, None),
+        ("inline", 2, None, None),
+        ("pool", 1, Some(1), None),
+        ("direct", 2, None, None),
+        ("direct", 2, None, Some(1)),
     ];
-    for (pass, (mode, threads, window_ms)) in passes.into_iter().enumerate() {
+    for (pass, (mode, threads, window_ms, cache_mib)) in passes.into_iter().enumerate() {
         let appliance = Appliance::start(
             &format!("cold-{pass}-{mode}"),
             Serve {
@@ -912,6 +917,7 @@ fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
                 cold_threads_per_drive: Some(threads),
                 send_rate_window_ms: window_ms,
                 send_rate_min_bytes_per_s: window_ms.map(|_| 1),
+                cold_direct_cache_mib: cache_mib,
                 ..Serve::default()
             },
         );
@@ -970,6 +976,18 @@ fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
         } else {
             assert_eq!(cold, 0.0, "inline mode used a pool");
             assert!(inline > 0.0);
+        }
+        if mode == "direct" && cache_mib.is_none() {
+            // The same cold range twice: the second is answered from the cache, byte-exact.
+            evict(&appliance.drives);
+            let (path, bytes) = appliance.big_file();
+            let url = format!("http://127.0.0.1:{}{path}", appliance.port);
+            for _ in 0..2 {
+                let (status, _, body) = curl(&["-r", "4096-200000", &url]);
+                assert_eq!(status, 206);
+                assert!(body == bytes[4096..=200_000]);
+            }
+            assert!(metric(&appliance, "appliance_direct_cache_hits_total") >= 1.0);
         }
         // Still serving, byte-exact, after all of it.
         let (path, bytes) = appliance.big_file();

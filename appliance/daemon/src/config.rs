@@ -186,6 +186,10 @@ pub struct Serve {
     /// a cold range are queued at once by a read-ahead hint, so the drive's queue depth is not
     /// bounded by this; it bounds the cold ranges being sent at once per drive. Default 16.
     pub cold_threads_per_drive: usize,
+    /// With `cold_read = "direct"`: the RAM, in MiB, that keeps recent direct reads to be
+    /// sent again without the drive (keyed by content: a file's SHA-256 and offset). 0 turns
+    /// it off. Default 64.
+    pub cold_direct_cache_mib: u64,
 }
 
 impl Default for Serve {
@@ -210,6 +214,7 @@ impl Default for Serve {
             shutdown_grace_ms: millis(defaults.shutdown_grace),
             cold_read: defaults.cold.mode,
             cold_threads_per_drive: defaults.cold.threads_per_drive,
+            cold_direct_cache_mib: defaults.cold.direct_cache_bytes >> 20,
         }
     }
 }
@@ -337,6 +342,9 @@ impl Config {
         }
         if !(1..=1024).contains(&serve.cold_threads_per_drive) {
             bail!("serve.cold_threads_per_drive: must be 1 to 1024");
+        }
+        if serve.cold_direct_cache_mib > 1 << 20 {
+            bail!("serve.cold_direct_cache_mib: must be at most 1048576 (1 TiB)");
         }
         let fill = &self.fill;
         for source in &fill.sources {
@@ -466,6 +474,7 @@ impl Config {
             cold: appliance_serve::ColdConfig {
                 mode: serve.cold_read,
                 threads_per_drive: serve.cold_threads_per_drive,
+                direct_cache_bytes: serve.cold_direct_cache_mib << 20,
             },
         })
     }
@@ -534,6 +543,14 @@ mod tests {
         check(
             "drives = [\"/a\"]\n[serve]\ncold_threads_per_drive = 0",
             Some("serve.cold_threads_per_drive"),
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\ncold_read = \"direct\"\ncold_direct_cache_mib = 0",
+            None,
+        );
+        check(
+            "drives = [\"/a\"]\n[serve]\ncold_direct_cache_mib = 2000000",
+            Some("serve.cold_direct_cache_mib"),
         );
         check(
             "drives = [\"/a\"]\n[serve]\nmiss_redirect_base = \"ftp://x\"",

@@ -13,6 +13,13 @@
 //! thread read the cold piece into the page cache through io_uring (`appliance_device::warm`)
 //! while the worker serves others. Both are measured in BENCHMARKS.md; `pool` is the default.
 //!
+//! A third design, `direct`, reads a cold piece straight from the drive (direct I/O through
+//! the drive's ring, on a thread of its pool) into an aligned buffer, keeps it in a RAM cache
+//! of recent reads, and has the worker send it from there: a copy into the socket, where
+//! sendfile copies nothing. The cache is keyed by content (the file's SHA-256 and the offset
+//! in the file), never by where the bytes lie on the drive, so a reclaimed and rewritten
+//! segment can never be answered from a stale entry.
+//!
 //! A job owns everything it touches: a duplicate of the socket descriptor and the file
 //! handle (whose pins keep the segments from being reused while the thread reads them), so a
 //! connection that goes away while its job waits can never make a thread send the wrong bytes
@@ -20,10 +27,12 @@
 
 use appliance_device::warm::{WarmRequest, Warmer};
 use appliance_device::zerocopy;
+use appliance_device::AlignedBuf;
 use appliance_store::FileHandle;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
+use std::collections::HashMap;
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
 use std::sync::mpsc;
@@ -40,14 +49,19 @@ pub enum ColdRead {
     /// A cold piece is first read into the page cache by io_uring on the drive's warming
     /// thread; the worker waits without blocking, then sends it inline.
     Warm,
+    /// A cold piece is read by direct I/O on a thread of its drive's pool into a buffer kept
+    /// in a RAM cache, and sent from that buffer.
+    Direct,
 }
 
 /// The cold-read settings.
 #[derive(Clone, Copy, Debug)]
 pub struct ColdConfig {
     pub mode: ColdRead,
-    /// Threads per drive for cold sendfiles.
+    /// Threads per drive for cold sendfiles (or direct reads).
     pub threads_per_drive: usize,
+    /// RAM for recent direct reads (`Direct` only); 0 keeps none.
+    pub direct_cache_bytes: u64,
 }
 
 impl Default for ColdConfig {
@@ -55,7 +69,83 @@ impl Default for ColdConfig {
         ColdConfig {
             mode: ColdRead::Pool,
             threads_per_drive: 16,
+            direct_cache_bytes: 64 << 20,
         }
+    }
+}
+
+/// Bytes read from a drive by direct I/O: a shared aligned buffer and the part asked for.
+#[derive(Clone)]
+pub struct DirectBytes {
+    buf: Arc<AlignedBuf>,
+    start: usize,
+    len: usize,
+}
+
+impl DirectBytes {
+    pub fn bytes(&self) -> &[u8] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+/// A file's bytes by content: its SHA-256, the offset in the file, the length.
+type CacheKey = ([u8; 32], u64, u64);
+
+/// Recent direct reads under a byte budget; the least recently used go first.
+struct DirectCache {
+    bytes_max: u64,
+    inner: Mutex<CacheInner>,
+}
+
+#[derive(Default)]
+struct CacheInner {
+    entries: HashMap<CacheKey, (DirectBytes, u64)>,
+    bytes: u64,
+    clock: u64,
+}
+
+impl DirectCache {
+    fn get(&self, key: &CacheKey) -> Option<DirectBytes> {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        inner.clock += 1;
+        let clock = inner.clock;
+        let (bytes, used) = inner.entries.get_mut(key)?;
+        *used = clock;
+        Some(bytes.clone())
+    }
+
+    fn insert(&self, key: CacheKey, bytes: DirectBytes) {
+        let size = bytes.buf.len() as u64;
+        if size > self.bytes_max {
+            return;
+        }
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner());
+        if inner.entries.contains_key(&key) {
+            return;
+        }
+        while inner.bytes + size > self.bytes_max {
+            let Some(oldest) = inner
+                .entries
+                .iter()
+                .min_by_key(|(_, (_, used))| *used)
+                .map(|(key, _)| *key)
+            else {
+                break;
+            };
+            if let Some((gone, _)) = inner.entries.remove(&oldest) {
+                inner.bytes -= gone.buf.len() as u64;
+            }
+        }
+        inner.clock += 1;
+        let clock = inner.clock;
+        inner.bytes += size;
+        inner.entries.insert(key, (bytes, clock));
     }
 }
 
@@ -98,6 +188,8 @@ pub struct ColdCounts {
     pub pool_sends: Counter,
     /// Pool jobs or warm-ups queued or running now.
     pub pool_jobs: Gauge,
+    /// Cold pieces answered from the direct-read cache (`direct` only).
+    pub direct_cache_hits: Counter,
 }
 
 impl ColdCounts {
@@ -117,6 +209,11 @@ impl ColdCounts {
             "Cold pieces being sent or warmed on the drives' threads now",
             self.pool_jobs.clone(),
         );
+        registry.register(
+            "direct_cache_hits",
+            "Cold pieces sent from the RAM cache of direct reads (cold_read = direct)",
+            self.direct_cache_hits.clone(),
+        );
     }
 }
 
@@ -125,6 +222,7 @@ pub struct ColdReads {
     config: ColdConfig,
     pools: Box<[OnceLock<Option<Pool>>]>,
     warmers: Box<[OnceLock<Option<Warmer>>]>,
+    cache: DirectCache,
     pub counts: ColdCounts,
 }
 
@@ -134,6 +232,7 @@ pub enum Route {
     Inline,
     Pool,
     Warm,
+    Direct,
 }
 
 impl ColdReads {
@@ -142,6 +241,10 @@ impl ColdReads {
             config,
             pools: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
             warmers: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
+            cache: DirectCache {
+                bytes_max: config.direct_cache_bytes,
+                inner: Mutex::new(CacheInner::default()),
+            },
             counts: ColdCounts::default(),
         }
     }
@@ -158,6 +261,7 @@ impl ColdReads {
             zerocopy::Residency::Resident => Route::Inline,
             zerocopy::Residency::Cold | zerocopy::Residency::Unknown => match self.config.mode {
                 ColdRead::Warm => Route::Warm,
+                ColdRead::Direct => Route::Direct,
                 ColdRead::Pool | ColdRead::Inline => Route::Pool,
             },
         }
@@ -188,7 +292,7 @@ impl ColdReads {
             return Ok(());
         };
         self.counts.pool_sends.inc();
-        let _in_flight = InFlight::count(&self.counts.pool_jobs);
+        let in_flight = InFlight::count(&self.counts.pool_jobs);
         let (reply, answer) = tokio::sync::oneshot::channel();
         // The handle's pins keep the segments from reuse until the reads are done.
         let handle = Arc::clone(handle);
@@ -198,6 +302,7 @@ impl ColdReads {
             length_bytes,
             done: Box::new(move |outcome| {
                 drop(handle);
+                drop(in_flight);
                 let _ = reply.send(outcome);
             }),
         });
@@ -216,7 +321,58 @@ impl ColdReads {
         offset_bytes: u64,
         count: usize,
     ) -> io::Result<usize> {
-        let drive = handle.drive_number();
+        let handle = Arc::clone(handle);
+        self.on_pool(handle.drive_number(), move || {
+            inline_sendfile(&socket, &handle, offset_bytes, count)
+        })
+        .await
+    }
+}
+
+impl ColdReads {
+    /// The device bytes `offset_bytes..+length_bytes` of `handle`, which are file bytes from
+    /// `file_offset`: from the cache of direct reads, else read by direct I/O on a thread of
+    /// the drive's pool (and cached). The worker waits without blocking.
+    pub async fn read_direct(
+        &self,
+        handle: &Arc<FileHandle>,
+        file_offset: u64,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> io::Result<DirectBytes> {
+        let key = (handle.sha256(), file_offset, length_bytes);
+        if let Some(bytes) = self.cache.get(&key) {
+            self.counts.direct_cache_hits.inc();
+            return Ok(bytes);
+        }
+        let read = {
+            let handle = Arc::clone(handle);
+            move || -> io::Result<DirectBytes> {
+                let (buf, start) = handle
+                    .read_direct(offset_bytes, length_bytes)
+                    .map_err(io::Error::other)?;
+                let len = usize::try_from(length_bytes).expect("a piece fits in memory");
+                Ok(DirectBytes {
+                    buf: Arc::new(buf),
+                    start,
+                    len,
+                })
+            }
+        };
+        let bytes = self.on_pool(handle.drive_number(), read).await?;
+        if self.cache.bytes_max > 0 {
+            self.cache.insert(key, bytes.clone());
+        }
+        Ok(bytes)
+    }
+
+    /// Runs `work` on a thread of the drive's pool (inline when the pool cannot start) and
+    /// waits for it without blocking; a job whose caller is gone is dropped unrun.
+    async fn on_pool<T: Send + 'static>(
+        &self,
+        drive: u8,
+        work: impl FnOnce() -> io::Result<T> + Send + 'static,
+    ) -> io::Result<T> {
         let pool = self.pools[usize::from(drive)].get_or_init(|| {
             Pool::start(drive, self.config.threads_per_drive)
                 .map_err(|error| {
@@ -225,15 +381,21 @@ impl ColdReads {
                 .ok()
         });
         let Some(pool) = pool else {
-            return inline_sendfile(&socket, handle, offset_bytes, count);
+            return work();
         };
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let handle = Arc::clone(handle);
+        let in_flight = InFlight::count(&self.counts.pool_jobs);
         let job: Job = Box::new(move || {
-            let _ = reply.send(inline_sendfile(&socket, &handle, offset_bytes, count));
+            let _in_flight = in_flight;
+            // A caller gone while its job was queued (a client cut, the connection closed):
+            // its bytes are no longer wanted, and what the job holds (a duplicate of the
+            // socket, the handle's pins) would otherwise live until the drive got to it.
+            if reply.is_closed() {
+                return;
+            }
+            let _ = reply.send(work());
         });
         self.counts.pool_sends.inc();
-        let _in_flight = InFlight::count(&self.counts.pool_jobs);
         match pool.jobs.send(job) {
             Ok(()) => answer
                 .await
@@ -243,17 +405,17 @@ impl ColdReads {
     }
 }
 
-/// Counts a job for as long as its caller waits for it (dropped callers included).
-struct InFlight<'a>(&'a Gauge);
+/// Counts a job from the moment it is queued until the thread is done with it (or drops it).
+struct InFlight(Gauge);
 
-impl<'a> InFlight<'a> {
-    fn count(gauge: &'a Gauge) -> InFlight<'a> {
+impl InFlight {
+    fn count(gauge: &Gauge) -> InFlight {
         gauge.inc();
-        InFlight(gauge)
+        InFlight(gauge.clone())
     }
 }
 
-impl Drop for InFlight<'_> {
+impl Drop for InFlight {
     fn drop(&mut self) {
         self.0.dec();
     }

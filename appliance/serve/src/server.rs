@@ -712,7 +712,8 @@ async fn send_file_range(
             let route = shared.cold.route(handle, offset, chunk as u64);
             // One read-ahead hint per range: always before a cold piece (so the drive sees
             // its reads at once), and before a long resident one.
-            if !hinted && (route == Route::Pool || end - offset >= PREFETCH_BYTES_MIN) {
+            let direct = route == Route::Direct;
+            if !hinted && !direct && (route == Route::Pool || end - offset >= PREFETCH_BYTES_MIN) {
                 let _ = zerocopy::prefetch(source, offset, end - offset);
                 hinted = true;
             }
@@ -736,6 +737,23 @@ async fn send_file_range(
                     let sent = metered_write(meter, attempt).await?;
                     offset += sent as u64;
                     sent
+                }
+                Route::Direct => {
+                    let file_offset = start + total;
+                    let read = shared
+                        .cold
+                        .read_direct(handle, file_offset, offset, chunk as u64);
+                    let piece = read.await?;
+                    let bytes = piece.bytes();
+                    let mut written = 0;
+                    while written < bytes.len() {
+                        let attempt = stream.async_io(Interest::WRITABLE, || {
+                            zerocopy::send(stream_fd(stream), &bytes[written..], false)
+                        });
+                        written += metered_write(meter, attempt).await?;
+                    }
+                    offset += written as u64;
+                    written
                 }
             };
             if sent == 0 {

@@ -177,6 +177,35 @@ impl FileHandle {
         Ok(())
     }
 
+    /// Reads the device bytes `offset_bytes..+length_bytes` (a piece of one of this file's
+    /// `ranges`) straight from the drive, by direct I/O through its ring, bypassing the page
+    /// cache: the block-aligned buffer read and where the asked bytes start in it. Blocks the
+    /// caller until the read completes. The handle's pins keep the bytes from being reused
+    /// while it lives.
+    pub fn read_direct(
+        &self,
+        offset_bytes: u64,
+        length_bytes: u64,
+    ) -> Result<(AlignedBuf, usize), StoreError> {
+        let inside = self.ranges(0, self.meta.size_bytes).iter().any(|range| {
+            offset_bytes >= range.offset_bytes
+                && offset_bytes.saturating_add(length_bytes)
+                    <= range.offset_bytes + range.length_bytes
+        });
+        if !inside {
+            return Err(StoreError::InvalidPath(format!(
+                "a direct read outside {}",
+                self.meta.path
+            )));
+        }
+        let start = offset_bytes / BLOCK_BYTES * BLOCK_BYTES;
+        let end = (offset_bytes + length_bytes).div_ceil(BLOCK_BYTES) * BLOCK_BYTES;
+        let buf = AlignedBuf::new(to_usize(end - start));
+        let buf = read_exact_at(&*self.rt.drive, start, buf)
+            .map_err(|error| self.failed(self.rt.io_error("direct read", error)))?;
+        Ok((buf, to_usize(offset_bytes - start)))
+    }
+
     /// Re-reads every extent from the drive (direct I/O) and checks it against its CRC-32C.
     pub fn verify(&self) -> Result<(), StoreError> {
         for (number, extent) in self.meta.extents.iter().enumerate() {

@@ -64,6 +64,8 @@ pub struct Serve {
     pub cold_read: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub cold_threads_per_drive: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cold_direct_cache_mib: Option<u64>,
 }
 
 /// `[fill]`.
