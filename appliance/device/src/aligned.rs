@@ -120,6 +120,20 @@ impl std::fmt::Debug for AlignedBuf {
     }
 }
 
+/// Has glibc's malloc serve allocations of 128 KiB and more with their own mappings, returned
+/// to the system when freed. By default glibc raises that threshold after the first such free
+/// (up to 32 MiB), so large buffers allocated on one thread and freed on another, across many
+/// per-thread arenas, stay in the arenas: with the direct cold-read design in a memory cgroup
+/// of 256 MiB the process's own memory grew past the limit and the kernel killed it, with
+/// 80 MiB of buffers live at most. A fixed threshold turns that growth off for the process.
+pub fn return_large_frees_to_the_system() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes malloc's tuning; any value is valid for M_MMAP_THRESHOLD.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

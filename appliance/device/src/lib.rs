@@ -13,7 +13,7 @@ mod uring;
 pub mod warm;
 pub mod zerocopy;
 
-pub use aligned::AlignedBuf;
+pub use aligned::{return_large_frees_to_the_system, AlignedBuf};
 pub use open::{DriveInfo, DriveKind};
 pub use sim::{SimConfig, SimDrive, SimFaults, SplitMix64};
 pub use uring::{UringConfig, UringDrive};

@@ -74,6 +74,20 @@ impl Default for ColdConfig {
     }
 }
 
+/// The most bytes of direct reads held at once outside the cache (read, or being sent): the
+/// buffers are the process's own memory, not page cache the kernel can take back, so they
+/// are bounded like the write buffers. A read waits (without blocking the worker) for room.
+const DIRECT_IN_FLIGHT_BYTES_MAX: u64 = 64 << 20;
+/// The unit of that budget.
+const DIRECT_BUDGET_UNIT_BYTES: u64 = 64 << 10;
+
+/// A direct read being sent: its bytes, and its share of the in-flight budget (returned when
+/// this is dropped).
+pub struct DirectPiece {
+    pub bytes: DirectBytes,
+    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
 /// Bytes read from a drive by direct I/O: a shared aligned buffer and the part asked for.
 #[derive(Clone)]
 pub struct DirectBytes {
@@ -223,6 +237,7 @@ pub struct ColdReads {
     pools: Box<[OnceLock<Option<Pool>>]>,
     warmers: Box<[OnceLock<Option<Warmer>>]>,
     cache: DirectCache,
+    direct_budget: Arc<tokio::sync::Semaphore>,
     pub counts: ColdCounts,
 }
 
@@ -237,6 +252,11 @@ pub enum Route {
 
 impl ColdReads {
     pub fn new(config: ColdConfig) -> ColdReads {
+        if config.mode == ColdRead::Direct {
+            // Direct reads allocate a buffer per cold piece on the pool's threads and free it
+            // on a worker: without this, the freed buffers pile up in malloc's arenas.
+            appliance_device::return_large_frees_to_the_system();
+        }
         ColdReads {
             config,
             pools: (0..=u8::MAX).map(|_| OnceLock::new()).collect(),
@@ -245,6 +265,9 @@ impl ColdReads {
                 bytes_max: config.direct_cache_bytes,
                 inner: Mutex::new(CacheInner::default()),
             },
+            direct_budget: Arc::new(tokio::sync::Semaphore::new(
+                (DIRECT_IN_FLIGHT_BYTES_MAX / DIRECT_BUDGET_UNIT_BYTES) as usize,
+            )),
             counts: ColdCounts::default(),
         }
     }
@@ -339,12 +362,23 @@ impl ColdReads {
         file_offset: u64,
         offset_bytes: u64,
         length_bytes: u64,
-    ) -> io::Result<DirectBytes> {
+    ) -> io::Result<DirectPiece> {
         let key = (handle.sha256(), file_offset, length_bytes);
         if let Some(bytes) = self.cache.get(&key) {
             self.counts.direct_cache_hits.inc();
-            return Ok(bytes);
+            return Ok(DirectPiece {
+                bytes,
+                _budget: None,
+            });
         }
+        // Room for the aligned buffer (a block more on each side at most).
+        let units = (length_bytes + 2 * appliance_device::BLOCK_BYTES)
+            .div_ceil(DIRECT_BUDGET_UNIT_BYTES)
+            .min(DIRECT_IN_FLIGHT_BYTES_MAX / DIRECT_BUDGET_UNIT_BYTES);
+        let budget = Arc::clone(&self.direct_budget)
+            .acquire_many_owned(units as u32)
+            .await
+            .map_err(|_| io::Error::other("the direct-read budget is closed"))?;
         let read = {
             let handle = Arc::clone(handle);
             move || -> io::Result<DirectBytes> {
@@ -363,7 +397,10 @@ impl ColdReads {
         if self.cache.bytes_max > 0 {
             self.cache.insert(key, bytes.clone());
         }
-        Ok(bytes)
+        Ok(DirectPiece {
+            bytes,
+            _budget: Some(budget),
+        })
     }
 
     /// Runs `work` on a thread of the drive's pool (inline when the pool cannot start) and

@@ -744,7 +744,7 @@ async fn send_file_range(
                         .cold
                         .read_direct(handle, file_offset, offset, chunk as u64);
                     let piece = read.await?;
-                    let bytes = piece.bytes();
+                    let bytes = piece.bytes.bytes();
                     let mut written = 0;
                     while written < bytes.len() {
                         let attempt = stream.async_io(Interest::WRITABLE, || {

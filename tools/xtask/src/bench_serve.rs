@@ -289,6 +289,14 @@ pub fn serve() -> Result<Map<String, Value>> {
     if let Ok(cold_read) = std::env::var("BENCH_COLD_READ") {
         figures.insert("cold_read".into(), json!(cold_read));
     }
+    for (variable, key) in [
+        ("BENCH_COLD_THREADS", "cold_threads_per_drive"),
+        ("BENCH_DIRECT_CACHE_MIB", "cold_direct_cache_mib"),
+    ] {
+        if let Ok(value) = std::env::var(variable) {
+            figures.insert(key.into(), json!(value));
+        }
+    }
     print_report(&settings, &tally, &table);
     Ok(figures)
 }

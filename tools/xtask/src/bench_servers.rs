@@ -109,8 +109,18 @@ pub(crate) struct ApplianceSetup<'a> {
     pub cgroup: Option<&'a str>,
 }
 
+/// The number in environment variable `name`, if it is set.
+fn env_number(name: &str) -> Result<Option<u64>> {
+    std::env::var(name)
+        .ok()
+        .map(|text| text.parse())
+        .transpose()
+        .with_context(|| format!("{name}: not a number"))
+}
+
 /// The appliance on a fresh drive holding `catalog`, one serving worker thread, on core 1.
-/// `BENCH_COLD_READ`, when set, becomes `serve.cold_read`.
+/// `BENCH_COLD_READ`, when set, becomes `serve.cold_read`; `BENCH_COLD_THREADS`,
+/// `serve.cold_threads_per_drive`; `BENCH_DIRECT_CACHE_MIB`, `serve.cold_direct_cache_mib`.
 pub(crate) fn start_appliance(setup: &ApplianceSetup) -> Result<Server> {
     let (dir, binary) = (setup.dir, setup.binary);
     let drive = dir.join("drive0.img");
@@ -151,6 +161,8 @@ pub(crate) fn start_appliance(setup: &ApplianceSetup) -> Result<Server> {
             access_log: Some("off".into()),
             connections_max: Some(20000),
             cold_read: std::env::var("BENCH_COLD_READ").ok(),
+            cold_threads_per_drive: env_number("BENCH_COLD_THREADS")?,
+            cold_direct_cache_mib: env_number("BENCH_DIRECT_CACHE_MIB")?,
             ..Serve::default()
         },
         fill: setup.fill.clone(),
