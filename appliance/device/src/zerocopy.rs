@@ -20,22 +20,30 @@ pub fn sendfile(
 ) -> io::Result<usize> {
     let mut offset = libc::off_t::try_from(*offset_bytes)
         .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
-    let sent = loop {
+    // A signal that arrives before any byte moves (a cold read can wait on the drive long
+    // enough for one) is no failure: the call is made again.
+    let sent = retry_interrupted(|| {
         // SAFETY: both descriptors are open for the borrow's lifetime; `offset` is a valid,
         // exclusively borrowed off_t the kernel updates; no user memory is read or written.
-        let sent = unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut offset, count) };
-        if sent >= 0 {
-            break sent;
+        unsafe { libc::sendfile(to.as_raw_fd(), from.as_raw_fd(), &mut offset, count) }
+    })?;
+    *offset_bytes = u64::try_from(offset).expect("the kernel returns a non-negative offset");
+    Ok(usize::try_from(sent).expect("non-negative"))
+}
+
+/// Runs a system call until no signal interrupts it: its non-negative result, or the error
+/// it set.
+fn retry_interrupted(mut call: impl FnMut() -> isize) -> io::Result<isize> {
+    loop {
+        let result = call();
+        if result >= 0 {
+            return Ok(result);
         }
-        // A signal that arrived before any byte moved (a cold read can wait on the drive
-        // long enough for one) is no failure: ask again.
         let error = io::Error::last_os_error();
         if error.kind() != io::ErrorKind::Interrupted {
             return Err(error);
         }
-    };
-    *offset_bytes = u64::try_from(offset).expect("the kernel returns a non-negative offset");
-    Ok(usize::try_from(sent).expect("non-negative"))
+    }
 }
 
 /// Whether the socket can take bytes now (poll(2) for POLLOUT without waiting). An error or
@@ -46,36 +54,23 @@ pub fn writable_now(socket: BorrowedFd<'_>) -> io::Result<bool> {
         events: libc::POLLOUT,
         revents: 0,
     };
-    loop {
+    let ready = retry_interrupted(|| {
         // SAFETY: `poll` is one valid pollfd for the call; the descriptor is open for the
         // borrow's lifetime; a zero timeout never waits.
-        let ready = unsafe { libc::poll(&mut poll, 1, 0) };
-        if ready >= 0 {
-            return Ok(ready > 0 && poll.revents != 0);
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    }
+        unsafe { libc::poll(&mut poll, 1, 0) as isize }
+    })?;
+    Ok(ready > 0)
 }
 
 /// Sends bytes on a socket with MSG_MORE (more data follows: the kernel may hold them back to
 /// share a packet with the body) or without it; returns how many were queued.
 pub fn send(to: BorrowedFd<'_>, bytes: &[u8], more_follows: bool) -> io::Result<usize> {
     let flags = libc::MSG_NOSIGNAL | if more_follows { libc::MSG_MORE } else { 0 };
-    let sent = loop {
+    let sent = retry_interrupted(|| {
         // SAFETY: `bytes` is a valid slice for its length for the duration of the call; the
         // descriptor is open for the borrow's lifetime.
-        let sent = unsafe { libc::send(to.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) };
-        if sent >= 0 {
-            break sent;
-        }
-        let error = io::Error::last_os_error();
-        if error.kind() != io::ErrorKind::Interrupted {
-            return Err(error);
-        }
-    };
+        unsafe { libc::send(to.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), flags) }
+    })?;
     Ok(usize::try_from(sent).expect("non-negative"))
 }
 

@@ -350,9 +350,7 @@ impl ColdReads {
         })
         .await
     }
-}
 
-impl ColdReads {
     /// The device bytes `offset_bytes..+length_bytes` of `handle`, which are file bytes from
     /// `file_offset`: from the cache of direct reads, else read by direct I/O on a thread of
     /// the drive's pool (and cached). The worker waits without blocking.

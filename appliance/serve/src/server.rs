@@ -661,12 +661,24 @@ async fn metered_write(
     }
 }
 
-/// Writes all of `bytes`, within the send limits `meter` keeps.
+/// Writes all of `bytes`, within the send limits `meter` keeps, and counts them as sent.
 async fn send_all(
     stream: &TcpStream,
     bytes: &[u8],
     more_follows: bool,
     shared: &Shared,
+    meter: &mut SendMeter,
+) -> Result<usize, SendError> {
+    let written = write_all(stream, bytes, more_follows, meter).await?;
+    shared.metrics.bytes_sent.inc_by(written as u64);
+    Ok(written)
+}
+
+/// Writes all of `bytes`, within the send limits `meter` keeps (the caller counts them).
+async fn write_all(
+    stream: &TcpStream,
+    bytes: &[u8],
+    more_follows: bool,
     meter: &mut SendMeter,
 ) -> Result<usize, SendError> {
     let mut written = 0;
@@ -676,7 +688,6 @@ async fn send_all(
         });
         written += metered_write(meter, attempt).await?;
     }
-    shared.metrics.bytes_sent.inc_by(written as u64);
     Ok(written)
 }
 
@@ -712,8 +723,11 @@ async fn send_file_range(
             let route = shared.cold.route(handle, offset, chunk as u64);
             // One read-ahead hint per range: always before a cold piece (so the drive sees
             // its reads at once), and before a long resident one.
-            let direct = route == Route::Direct;
-            if !hinted && !direct && (route == Route::Pool || end - offset >= PREFETCH_BYTES_MIN) {
+            // (A direct read bypasses the page cache: a hint would only read the bytes twice.)
+            if !hinted
+                && route != Route::Direct
+                && (route == Route::Pool || end - offset >= PREFETCH_BYTES_MIN)
+            {
                 let _ = zerocopy::prefetch(source, offset, end - offset);
                 hinted = true;
             }
@@ -744,14 +758,7 @@ async fn send_file_range(
                         .cold
                         .read_direct(handle, file_offset, offset, chunk as u64);
                     let piece = read.await?;
-                    let bytes = piece.bytes.bytes();
-                    let mut written = 0;
-                    while written < bytes.len() {
-                        let attempt = stream.async_io(Interest::WRITABLE, || {
-                            zerocopy::send(stream_fd(stream), &bytes[written..], false)
-                        });
-                        written += metered_write(meter, attempt).await?;
-                    }
+                    let written = write_all(stream, piece.bytes.bytes(), false, meter).await?;
                     offset += written as u64;
                     written
                 }

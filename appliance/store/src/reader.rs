@@ -187,10 +187,10 @@ impl FileHandle {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> Result<(AlignedBuf, usize), StoreError> {
-        let inside = self.ranges(0, self.meta.size_bytes).iter().any(|range| {
-            offset_bytes >= range.offset_bytes
+        let inside = self.meta.extents.iter().any(|extent| {
+            offset_bytes >= extent.offset_bytes
                 && offset_bytes.saturating_add(length_bytes)
-                    <= range.offset_bytes + range.length_bytes
+                    <= extent.offset_bytes + extent.length_bytes
         });
         if !inside {
             return Err(StoreError::InvalidPath(format!(
