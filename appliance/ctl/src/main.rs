@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use appliance_proto::{
-    Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Scrub, Status,
+    Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Scrub, Status, TlsStatus,
     DEFAULT_SOCKET,
 };
 use clap::{CommandFactory, Parser, Subcommand};
@@ -256,6 +256,32 @@ fn print_status(status: &Status) {
         format!("load {load:.2}")
     });
     println!("host: {load}, {cpu}, {memory}");
+    if let Some(tls) = &status.tls {
+        print_tls(tls);
+    }
+}
+
+fn print_tls(tls: &TlsStatus) {
+    let path = match &tls.why_user {
+        None => "keys in the kernel (kTLS), bodies by sendfile".to_string(),
+        Some(why) => format!("encrypted in the process ({why})"),
+    };
+    println!(
+        "tls: {} {path}; open: {} kernel, {} user",
+        tls.listen, tls.connections_kernel, tls.connections_user
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |elapsed| elapsed.as_secs_f64());
+    for certificate in &tls.certificates {
+        println!(
+            "  certificate {} for {}: valid until {} (Unix time), {:.0} days from now",
+            certificate.file,
+            certificate.names.join(" "),
+            certificate.not_after_unix_s,
+            (certificate.not_after_unix_s as f64 - now) / 86_400.0
+        );
+    }
 }
 
 fn print_fill(fill: &FillStatus) {

@@ -30,6 +30,89 @@ pub struct Config {
     pub fill: Fill,
     #[serde(default)]
     pub scrub: Scrub,
+    /// The HTTPS listener; absent: no HTTPS.
+    pub tls: Option<Tls>,
+}
+
+/// `[tls]`: the HTTPS listener. TLS 1.3 and 1.2 only (ECDHE with AES-GCM or
+/// ChaCha20-Poly1305), ALPN `http/1.1`, session resumption by tickets whose keys rotate.
+/// SIGHUP loads the certificate files again; a bad one keeps the certificates in use and the
+/// log says why.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Tls {
+    /// HTTPS listener, for example `0.0.0.0:8443`. Required.
+    pub listen: SocketAddr,
+    /// Certificate chains and their keys, as PEM files: `[{ cert = "...", key = "..." }]`.
+    /// The certificate a client gets is chosen by the name it sends (SNI) among the DNS
+    /// names of each certificate (wildcards one level deep); the first is for every other
+    /// client. Each must be readable, unexpired, and its key must match. Required.
+    pub certificates: Vec<TlsCertificate>,
+    /// From accept to the end of the TLS handshake; a client still in its handshake then is
+    /// cut. Default 10000.
+    #[serde(default = "default_handshake_timeout_ms")]
+    pub handshake_timeout_ms: u64,
+    /// `auto`: hand each connection's keys to the kernel (kTLS) when it can take them, so
+    /// bodies go out with sendfile encrypted by the kernel; else rustls encrypts in the
+    /// process. `off`: always in the process. Default `auto`.
+    #[serde(default = "default_kernel_tls")]
+    pub kernel_tls: appliance_serve::KernelTls,
+}
+
+/// One certificate chain (leaf first) and its private key (PKCS#8, PKCS#1 or SEC1), as PEM.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+fn default_handshake_timeout_ms() -> u64 {
+    10_000
+}
+
+fn default_kernel_tls() -> appliance_serve::KernelTls {
+    appliance_serve::KernelTls::Auto
+}
+
+impl Tls {
+    fn certificate_files(&self) -> Vec<appliance_serve::CertificateFiles> {
+        self.certificates
+            .iter()
+            .map(|certificate| appliance_serve::CertificateFiles {
+                cert: certificate.cert.clone(),
+                key: certificate.key.clone(),
+            })
+            .collect()
+    }
+
+    /// The listener's settings for serving.
+    pub fn tls_config(&self) -> appliance_serve::TlsConfig {
+        appliance_serve::TlsConfig {
+            listen: self.listen,
+            certificates: self.certificate_files(),
+            handshake_timeout: Duration::from_millis(self.handshake_timeout_ms),
+            kernel_tls: self.kernel_tls,
+        }
+    }
+
+    /// Loads every certificate and key as serving would, now.
+    fn check(&self) -> Result<()> {
+        if self.certificates.is_empty() {
+            bail!("tls.certificates: at least one certificate is needed");
+        }
+        if self.handshake_timeout_ms == 0 {
+            bail!("tls.handshake_timeout_ms: must be greater than 0");
+        }
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |elapsed| {
+                i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
+            });
+        appliance_serve::tls::Identities::load(&self.certificate_files(), now)
+            .map_err(|error| anyhow::anyhow!("tls.certificates: {error}"))?;
+        Ok(())
+    }
 }
 
 /// `[scrub]`: the background scrubber, which re-reads every stored file with direct I/O and
@@ -128,8 +211,11 @@ impl Default for Fill {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Serve {
-    /// Subscriber listener. Default `0.0.0.0:8080`.
+    /// Plain HTTP subscriber listener. Default `0.0.0.0:8080`.
     pub listen: SocketAddr,
+    /// Whether the plain HTTP listener runs; `false` serves HTTPS only (`[tls]` is then
+    /// required). Default `true`.
+    pub plain_http: bool,
     /// Admin listener (health, metrics, drain); keep it on loopback. Default `127.0.0.1:8081`.
     pub admin_listen: SocketAddr,
     /// Longest request line (414 beyond). Default 8192.
@@ -196,7 +282,8 @@ impl Default for Serve {
     fn default() -> Serve {
         let defaults = ServeConfig::default();
         Serve {
-            listen: defaults.listen,
+            listen: defaults.listen.expect("a default listener"),
+            plain_http: true,
             admin_listen: SocketAddr::from(([127, 0, 0, 1], 8081)),
             request_line_bytes_max: defaults.limits.request_line_bytes_max,
             header_bytes_max: defaults.limits.header_bytes_max,
@@ -372,6 +459,13 @@ impl Config {
             }
         }
         self.fill_window()?;
+        match &self.tls {
+            Some(tls) => tls.check()?,
+            None if !serve.plain_http => {
+                bail!("serve.plain_http: false needs a [tls] listener, else nothing is served")
+            }
+            None => {}
+        }
         if let Some(base) = &serve.miss_redirect_base {
             if !(base.starts_with("http://") || base.starts_with("https://")) {
                 bail!("serve.miss_redirect_base: {base:?} is not an http(s) URL");
@@ -452,7 +546,8 @@ impl Config {
             path => AccessLogTarget::File(PathBuf::from(path)),
         };
         Ok(ServeConfig {
-            listen: serve.listen,
+            listen: serve.plain_http.then_some(serve.listen),
+            tls: self.tls.as_ref().map(Tls::tls_config),
             limits: appliance_serve::http::Limits {
                 request_line_bytes_max: serve.request_line_bytes_max,
                 header_bytes_max: serve.header_bytes_max,

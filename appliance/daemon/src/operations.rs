@@ -8,7 +8,8 @@
 use appliance_fill::{Filler, ManifestLocation};
 use appliance_proto::{
     Catalog, Damage, DriveRow, DriveState, Error, ErrorKind, FillCancelled, FillStarted, Host,
-    State, Status, Traffic, Upkeep, UpkeepState, VerifyProgress, VerifyReport,
+    State, Status, TlsCertificate, TlsStatus, Traffic, Upkeep, UpkeepState, VerifyProgress,
+    VerifyReport,
 };
 use appliance_serve::Shared;
 use appliance_store::{DriveStatus, Store, StoreStats};
@@ -136,7 +137,36 @@ impl Operations {
                 bytes_sent: traffic.bytes_sent,
             },
             host: samples.host,
+            tls: self.tls_status(),
         }
+    }
+
+    /// The HTTPS listener as operators see it.
+    fn tls_status(&self) -> Option<TlsStatus> {
+        let tls = self.serving.tls()?;
+        let (connections_kernel, connections_user) = self.serving.tls_connections_active();
+        Some(TlsStatus {
+            listen: tls.config.listen.to_string(),
+            path: if tls.kernel.available() {
+                "kernel"
+            } else {
+                "user"
+            }
+            .to_string(),
+            why_user: tls.kernel.why_not.clone(),
+            connections_kernel,
+            connections_user,
+            certificates: tls
+                .identities()
+                .list()
+                .iter()
+                .map(|identity| TlsCertificate {
+                    names: identity.names.clone(),
+                    not_after_unix_s: identity.not_after_unix_s,
+                    file: identity.cert_path.display().to_string(),
+                })
+                .collect(),
+        })
     }
 
     pub fn drives(&self) -> Vec<DriveRow> {

@@ -121,8 +121,14 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
     let admin_listener = tokio::net::TcpListener::bind(admin_listen)
         .await
         .with_context(|| format!("admin listener on {admin_listen}"))?;
+    let listening = server
+        .local_addrs()?
+        .iter()
+        .map(|(kind, address)| format!("{} {address}", kind.label()))
+        .collect::<Vec<_>>()
+        .join(", ");
     tracing::info!(
-        listen = %server.local_addr()?,
+        listen = %listening,
         admin = %admin_listener.local_addr()?,
         "serving"
     );
@@ -221,15 +227,42 @@ fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &applian
     if let Ok(serve) = config.serve_config() {
         shared.retarget_access_log(serve.access_log);
     }
+    reload_certificates(&config, shared);
     tracing::info!(
         bandwidth_bits_per_s = config.fill.bandwidth_bits_per_s,
         window = %config.fill.window,
         log_level = %config.log_level,
         access_log = %config.serve.access_log,
-        "SIGHUP: reloaded the fill bandwidth cap and window, the log level and the access-log \
-         file; listeners, limits, drives, fill sources and [scrub] take effect at the next \
-         restart"
+        "SIGHUP: reloaded the fill bandwidth cap and window, the log level, the access-log \
+         file and the TLS certificates; listeners, limits, drives, fill sources and [scrub] \
+         take effect at the next restart"
     );
+}
+
+/// SIGHUP with HTTPS: new handshakes get the certificates in the files now; connections
+/// already open keep theirs. (`Config::load` refused a bad file before this is reached, and
+/// the certificates in use stay.)
+fn reload_certificates(config: &Config, shared: &appliance_serve::Shared) {
+    let (Some(tls), Some(running)) = (&config.tls, shared.tls()) else {
+        if config.tls.is_some() != shared.tls().is_some() {
+            tracing::warn!("SIGHUP: adding or removing [tls] takes effect at the next restart");
+        }
+        return;
+    };
+    match running.reload(&tls.tls_config().certificates) {
+        Ok(()) => {
+            let names: Vec<String> = running
+                .identities()
+                .list()
+                .iter()
+                .map(|identity| identity.names.join(" "))
+                .collect();
+            tracing::info!(certificates = %names.join(", "), "SIGHUP: TLS certificates loaded");
+        }
+        Err(error) => {
+            tracing::error!(%error, "SIGHUP: TLS certificates refused; the ones in use stay")
+        }
+    }
 }
 
 /// WATCHDOG_USEC, when systemd expects keep-alives from this process (WATCHDOG_PID).

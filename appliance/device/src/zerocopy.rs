@@ -1,7 +1,8 @@
 //! Safe wrappers of the system calls the serving path needs: sendfile(2) from a drive to a
 //! socket, send(2) with MSG_MORE for response heads, posix_fadvise(2) read-ahead hints,
 //! cachestat(2) to ask whether a range is in the page cache before sending it inline, and a
-//! poll(2) probe of whether a socket can take bytes now.
+//! poll(2) probe of whether a socket can take bytes now, pread(2) for bodies that user space
+//! must encrypt, and the switch of a socket to the kernel's TLS layer.
 //!
 //! They take borrowed descriptors and plain values, never block the caller longer than the
 //! kernel call itself, and report every failure as an `io::Error`.
@@ -60,6 +61,42 @@ pub fn writable_now(socket: BorrowedFd<'_>) -> io::Result<bool> {
         unsafe { libc::poll(&mut poll, 1, 0) as isize }
     })?;
     Ok(ready > 0)
+}
+
+/// Reads up to `buf.len()` bytes of `from` at `offset_bytes` (pread(2)): the count read, 0 at
+/// the end. For bodies that must pass through user space (TLS encrypted by the process).
+pub fn pread(from: BorrowedFd<'_>, offset_bytes: u64, buf: &mut [u8]) -> io::Result<usize> {
+    let offset = libc::off_t::try_from(offset_bytes)
+        .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "offset beyond off_t"))?;
+    let read = retry_interrupted(|| {
+        // SAFETY: `buf` is a valid, exclusively borrowed slice for its length for the call;
+        // the descriptor is open for the borrow's lifetime.
+        unsafe { libc::pread(from.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), offset) }
+    })?;
+    Ok(usize::try_from(read).expect("non-negative"))
+}
+
+/// Turns on the kernel's TLS layer on a connected TCP socket (`setsockopt(TCP_ULP, "tls")`):
+/// what kernel TLS needs before any key is given. Fails with ENOENT when the kernel has no
+/// TLS module (or may not load it).
+pub fn enable_tls_ulp(socket: BorrowedFd<'_>) -> io::Result<()> {
+    const NAME: &[u8; 3] = b"tls";
+    // SAFETY: `NAME` is a valid buffer of the given length for the call; the descriptor is
+    // open for the borrow's lifetime.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TCP,
+            libc::TCP_ULP,
+            NAME.as_ptr().cast(),
+            3,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// Sends bytes on a socket with MSG_MORE (more data follows: the kernel may hold them back to

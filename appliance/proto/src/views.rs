@@ -161,6 +161,32 @@ pub struct Status {
     pub scrub: Scrub,
     pub traffic: Traffic,
     pub host: Host,
+    /// The HTTPS listener; None when there is none.
+    #[serde(default)]
+    pub tls: Option<TlsStatus>,
+}
+
+/// The HTTPS listener: how its connections are encrypted, and its certificates.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsStatus {
+    pub listen: String,
+    /// `kernel` (kTLS: the kernel encrypts what sendfile sends) or `user` (rustls in the
+    /// process).
+    pub path: String,
+    /// Why connections are encrypted in the process; None with kTLS.
+    pub why_user: Option<String>,
+    /// Open TLS connections by where they are encrypted.
+    pub connections_kernel: u64,
+    pub connections_user: u64,
+    pub certificates: Vec<TlsCertificate>,
+}
+
+/// One certificate in use.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct TlsCertificate {
+    pub names: Vec<String>,
+    pub not_after_unix_s: i64,
+    pub file: String,
 }
 
 impl Status {

@@ -21,6 +21,7 @@ use crate::http::{
 use crate::metrics::Metrics;
 use crate::send_rate::{SendCut, SendMeter, SendRateMin};
 use crate::signed::UrlSigner;
+use crate::tls::{HandshakeError, Secured, Tls, TlsConfig};
 use appliance_device::zerocopy;
 use appliance_store::{FileHandle, Store};
 use std::future::Future;
@@ -29,12 +30,16 @@ use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
-use tokio::io::{AsyncReadExt, Interest};
+use tokio::io::{AsyncReadExt, AsyncWriteExt, Interest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{watch, Semaphore};
 
 /// Largest sendfile(2) call; the kernel sends what the socket buffer takes anyway.
 const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
+/// Largest piece of a body read into user space to be encrypted by rustls in the process.
+const TLS_PIECE_BYTES: u64 = 256 << 10;
+/// How long a closing TLS connection may take to send its close_notify alert.
+const TLS_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bodies at least this long get an explicit read-ahead hint first; shorter ones are left to
 /// the kernel's own read-ahead, which saves a system call on the small-range path.
 const PREFETCH_BYTES_MIN: u64 = 256 << 10;
@@ -59,7 +64,10 @@ fn date_now() -> String {
 /// Every serving limit and option; each has a configured value.
 #[derive(Clone, Debug)]
 pub struct ServeConfig {
-    pub listen: SocketAddr,
+    /// The plain HTTP listener; None for HTTPS only.
+    pub listen: Option<SocketAddr>,
+    /// The HTTPS listener and its certificates; None for plain HTTP only.
+    pub tls: Option<TlsConfig>,
     pub limits: Limits,
     /// From a request's first byte (or the connection's start) to its complete head.
     pub header_read_timeout: Duration,
@@ -88,7 +96,8 @@ pub struct ServeConfig {
 impl Default for ServeConfig {
     fn default() -> ServeConfig {
         ServeConfig {
-            listen: "0.0.0.0:8080".parse().expect("valid"),
+            listen: Some(SocketAddr::from(([0, 0, 0, 0], 8080))),
+            tls: None,
             limits: Limits::default(),
             header_read_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(60),
@@ -117,6 +126,7 @@ pub struct Shared {
     access_log: AccessLog,
     signer: Option<UrlSigner>,
     cold: ColdReads,
+    tls: Option<Tls>,
 }
 
 /// Serving's counters, as operators see them.
@@ -169,6 +179,17 @@ impl Shared {
         self.access_log.reopen();
     }
 
+    /// The HTTPS listener's state; None when there is no HTTPS listener.
+    pub fn tls(&self) -> Option<&Tls> {
+        self.tls.as_ref()
+    }
+
+    /// TLS connections open now: (keys in the kernel, encrypted in the process).
+    pub fn tls_connections_active(&self) -> (u64, u64) {
+        let count = |path| u64::try_from(self.metrics.tls_active(path).get()).unwrap_or(0);
+        (count(TlsPath::Kernel), count(TlsPath::User))
+    }
+
     /// The send limits of a response whose sending starts now.
     fn send_meter(&self) -> SendMeter {
         SendMeter::start(
@@ -179,36 +200,109 @@ impl Shared {
     }
 }
 
-/// A bound server: the subscriber listener.
+/// Which subscriber listener a connection came in on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Listener {
+    Http,
+    Https,
+}
+
+impl Listener {
+    pub fn label(self) -> &'static str {
+        match self {
+            Listener::Http => "http",
+            Listener::Https => "https",
+        }
+    }
+}
+
+/// How a TLS connection is encrypted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TlsPath {
+    /// kTLS: the kernel encrypts what sendfile and send put on the socket.
+    Kernel,
+    /// rustls in the process, bodies read into buffers.
+    User,
+}
+
+impl TlsPath {
+    pub fn label(self) -> &'static str {
+        match self {
+            TlsPath::Kernel => "kernel",
+            TlsPath::User => "user",
+        }
+    }
+}
+
+/// A bound server: the subscriber listeners.
 pub struct Server {
     shared: Arc<Shared>,
-    listener: TcpListener,
+    listeners: Vec<(TcpListener, Listener)>,
+}
+
+async fn bind_listener(address: SocketAddr) -> io::Result<TcpListener> {
+    TcpListener::bind(address)
+        .await
+        .map_err(|error| io::Error::new(error.kind(), format!("listening on {address}: {error}")))
 }
 
 impl Server {
-    /// Binds the listener; must run inside a tokio runtime.
+    /// Loads the certificates, probes the kernel's TLS and binds the listeners; must run
+    /// inside a tokio runtime.
     pub async fn bind(store: Store, config: ServeConfig) -> io::Result<Server> {
-        let listener = TcpListener::bind(config.listen).await.map_err(|error| {
-            io::Error::new(
-                error.kind(),
-                format!("listening on {}: {error}", config.listen),
-            )
-        })?;
+        let mut listeners = Vec::new();
+        if let Some(address) = config.listen {
+            listeners.push((bind_listener(address).await?, Listener::Http));
+        }
+        let tls = match &config.tls {
+            Some(tls_config) => {
+                let tls = Tls::start(tls_config.clone())
+                    .await
+                    .map_err(|error| io::Error::new(io::ErrorKind::InvalidInput, error))?;
+                match &tls.kernel.why_not {
+                    None => tracing::info!("TLS: connections hand their keys to the kernel (kTLS)"),
+                    Some(why) => {
+                        tracing::info!(%why, "TLS: connections are encrypted in the process")
+                    }
+                }
+                listeners.push((bind_listener(tls_config.listen).await?, Listener::Https));
+                Some(tls)
+            }
+            None => None,
+        };
+        if listeners.is_empty() {
+            let error = "no subscriber listener: plain HTTP is off and there is no [tls]";
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, error));
+        }
         let signer = config.url_signing_key.as_deref().map(UrlSigner::new);
+        let metrics = Metrics::new();
+        if let Some(tls) = &tls {
+            metrics.tls_kernel.set(i64::from(tls.kernel.available()));
+        }
         let shared = Arc::new(Shared {
             cold: ColdReads::new(config.cold),
             store,
             access_log: AccessLog::start(config.access_log.clone()),
             config,
-            metrics: Metrics::new(),
+            metrics,
             draining: AtomicBool::new(false),
             signer,
+            tls,
         });
-        Ok(Server { shared, listener })
+        Ok(Server { shared, listeners })
     }
 
+    /// The first listener's address (plain HTTP when it is on).
     pub fn local_addr(&self) -> io::Result<SocketAddr> {
-        self.listener.local_addr()
+        self.listeners[0].0.local_addr()
+    }
+
+    /// Every listener with its address.
+    pub fn local_addrs(&self) -> io::Result<Vec<(Listener, SocketAddr)>> {
+        self.listeners
+            .iter()
+            .map(|(listener, kind)| Ok((*kind, listener.local_addr()?)))
+            .collect()
     }
 
     pub fn shared(&self) -> Arc<Shared> {
@@ -217,38 +311,163 @@ impl Server {
 
     /// Serves until `stop` turns true; then stops accepting and waits up to the grace period
     /// for the connections in flight.
-    pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Server { shared, listener } = self;
+    pub async fn run(self, stop: watch::Receiver<bool>) {
+        let Server { shared, listeners } = self;
+        // One limit for all listeners: a TLS handshake holds a slot like a request does.
         let slots = Arc::new(Semaphore::new(shared.config.connections_max));
-        loop {
-            let permit = tokio::select! {
-                permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
-                _ = stop.wait_for(|stop| *stop) => break,
-            };
-            let accepted = tokio::select! {
-                accepted = listener.accept() => accepted,
-                _ = stop.wait_for(|stop| *stop) => break,
-            };
-            match accepted {
-                Ok((stream, peer)) => {
-                    let shared = Arc::clone(&shared);
-                    tokio::spawn(async move {
-                        connection(stream, peer, &shared).await;
-                        drop(permit);
-                    });
-                }
-                Err(error) => {
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
+        let accepting: Vec<_> = listeners
+            .into_iter()
+            .map(|(listener, kind)| {
+                tokio::spawn(accept_loop(
+                    listener,
+                    kind,
+                    Arc::clone(&shared),
+                    Arc::clone(&slots),
+                    stop.clone(),
+                ))
+            })
+            .collect();
+        for task in accepting {
+            let _ = task.await;
         }
-        drop(listener);
         shared.set_draining(true);
         let deadline = Instant::now() + shared.config.shutdown_grace;
         while shared.connections_active() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
+    }
+}
+
+/// Accepts connections on one listener until `stop` turns true; the listener closes then.
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Listener,
+    shared: Arc<Shared>,
+    slots: Arc<Semaphore>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let permit = tokio::select! {
+            permit = Arc::clone(&slots).acquire_owned() => permit.expect("never closed"),
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            _ = stop.wait_for(|stop| *stop) => break,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let shared = Arc::clone(&shared);
+                tokio::spawn(async move {
+                    connection(stream, peer, kind, &shared).await;
+                    drop(permit);
+                });
+            }
+            Err(error) => {
+                tracing::warn!(%error, listener = kind.label(), "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
+}
+
+/// A client connection's byte stream: the socket itself, or TLS over it.
+enum Transport {
+    /// Plain HTTP: heads go out with send(2), bodies with sendfile(2).
+    Plain(TcpStream),
+    /// TLS with the keys in the kernel: written exactly like `Plain`, encrypted by the kernel.
+    Kernel(Box<ktls::KtlsStream<TcpStream>>),
+    /// TLS encrypted in the process: bodies are read into buffers and written through rustls.
+    User(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+/// Where a response's bytes go.
+enum Sink<'a> {
+    /// A socket the kernel sends from (and, with kTLS, encrypts for).
+    Socket(&'a TcpStream),
+    /// rustls, which encrypts in the process and writes to the socket.
+    Tls(&'a mut tokio_rustls::server::TlsStream<TcpStream>),
+}
+
+impl Transport {
+    fn sink(&mut self) -> Sink<'_> {
+        match self {
+            Transport::Plain(stream) => Sink::Socket(stream),
+            Transport::Kernel(stream) => Sink::Socket(stream.get_ref()),
+            Transport::User(stream) => Sink::Tls(stream),
+        }
+    }
+
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Transport::Plain(stream) => stream,
+            Transport::Kernel(stream) => stream.get_ref(),
+            Transport::User(stream) => stream.get_ref().0,
+        }
+    }
+
+    fn tls_path(&self) -> Option<TlsPath> {
+        match self {
+            Transport::Plain(_) => None,
+            Transport::Kernel(_) => Some(TlsPath::Kernel),
+            Transport::User(_) => Some(TlsPath::User),
+        }
+    }
+
+    async fn read_buf(&mut self, buf: &mut Vec<u8>) -> io::Result<usize> {
+        match self {
+            Transport::Plain(stream) => stream.read_buf(buf).await,
+            Transport::Kernel(stream) => stream.read_buf(buf).await,
+            Transport::User(stream) => stream.read_buf(buf).await,
+        }
+    }
+
+    /// Ends a connection whose last response was sent whole: a TLS connection says
+    /// close_notify (within a short bound) before the socket closes.
+    async fn close(mut self) {
+        let shutdown = async {
+            match &mut self {
+                Transport::Plain(_) => Ok(()),
+                Transport::Kernel(stream) => stream.shutdown().await,
+                Transport::User(stream) => stream.shutdown().await,
+            }
+        };
+        let _ = tokio::time::timeout(TLS_CLOSE_TIMEOUT, shutdown).await;
+    }
+}
+
+/// The TLS handshake of a connection on the HTTPS listener, within the handshake timeout;
+/// None (counted, logged) when it fails.
+async fn secure(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<Transport> {
+    let tls = shared.tls.as_ref()?;
+    let failed = |reason: &str| shared.metrics.tls_handshake_failures(reason).inc();
+    match tokio::time::timeout(tls.config.handshake_timeout, tls.handshake(stream)).await {
+        Err(_) => {
+            failed("timeout");
+            tracing::debug!(%peer, "TLS handshake timed out");
+            None
+        }
+        Ok(Err(HandshakeError::Refused(error))) => {
+            failed("refused");
+            tracing::debug!(%peer, %error, "TLS handshake refused");
+            None
+        }
+        Ok(Err(HandshakeError::Kernel(error))) => {
+            failed("kernel");
+            tracing::warn!(%peer, %error, "handing TLS keys to the kernel failed");
+            None
+        }
+        Ok(Ok(Secured::Kernel(stream))) => Some(Transport::Kernel(Box::new(stream))),
+        Ok(Ok(Secured::User(stream))) => Some(Transport::User(stream)),
+    }
+}
+
+/// Counts an open TLS connection by path for as long as it lives.
+struct TlsGuard<'a>(&'a Metrics, TlsPath);
+
+impl Drop for TlsGuard<'_> {
+    fn drop(&mut self) {
+        self.0.tls_active(self.1).dec();
     }
 }
 
@@ -299,28 +518,62 @@ impl Drop for ConnectionGuard<'_> {
     }
 }
 
-async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+async fn connection(stream: TcpStream, peer: SocketAddr, listener: Listener, shared: &Shared) {
     shared.metrics.connections_total.inc();
+    shared.metrics.listener(listener).connections.inc();
     shared.metrics.connections_active.inc();
     let _guard = ConnectionGuard(&shared.metrics);
     let _ = stream.set_nodelay(true);
+    let mut conn = match listener {
+        Listener::Http => Transport::Plain(stream),
+        Listener::Https => match secure(stream, peer, shared).await {
+            Some(conn) => conn,
+            None => return,
+        },
+    };
+    let _tls_guard = conn.tls_path().map(|path| {
+        shared.metrics.tls_connections(path).inc();
+        shared.metrics.tls_active(path).inc();
+        TlsGuard(&shared.metrics, path)
+    });
+    if serve_requests(&mut conn, peer, listener, shared).await == Ending::Clean {
+        conn.close().await;
+    }
+}
+
+/// How a connection's requests ended.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Ending {
+    /// The last response went out whole (or the client left between requests).
+    Clean,
+    /// The connection was reset (a client cut by the send limits) or failed mid-response.
+    Broken,
+}
+
+/// Answers a connection's requests in order until it closes.
+async fn serve_requests(
+    conn: &mut Transport,
+    peer: SocketAddr,
+    listener: Listener,
+    shared: &Shared,
+) -> Ending {
     let mut buf: Vec<u8> = Vec::with_capacity(4096);
     let mut served = 0u64;
     loop {
-        let (head, consumed) = match read_head(&mut stream, &mut buf, shared, served == 0).await {
+        let (head, consumed) = match read_head(conn, &mut buf, shared, served == 0).await {
             Ok(parsed) => parsed,
-            Err(ReadError::Closed) => return,
+            Err(ReadError::Closed) => return Ending::Clean,
             Err(ReadError::Timeout) => {
                 shared.metrics.timeouts.inc();
                 if !buf.is_empty() {
-                    let _ = send_error(&mut stream, shared, 408, false, request_method(&buf)).await;
+                    let _ = send_error(conn, shared, 408, false, request_method(&buf)).await;
                 }
-                return;
+                return Ending::Clean;
             }
             Err(ReadError::Http(error)) => {
                 let method = request_method(&buf);
-                let _ = send_error(&mut stream, shared, error.status(), false, method).await;
-                return;
+                let _ = send_error(conn, shared, error.status(), false, method).await;
+                return Ending::Clean;
             }
         };
         served += 1;
@@ -328,22 +581,25 @@ async fn connection(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             && served < shared.config.requests_per_connection_max
             && !shared.is_draining();
         let started = Instant::now();
-        let outcome = respond(&mut stream, &head, keep_alive, shared).await;
+        let outcome = respond(conn, &head, keep_alive, shared).await;
         if let Ok(answered) = &outcome {
-            log_access(shared, peer, &head, answered, started);
+            let counts = shared.metrics.listener(listener);
+            counts.responses.inc();
+            counts.bytes_sent.inc_by(answered.bytes_sent);
+            log_access(shared, peer, listener, &head, answered, started);
         }
         if let Err(error) = &outcome {
             count_send_error(shared, peer, &head, error);
             if matches!(error, SendError::Cut(_)) {
                 // Reset rather than close: a FIN would queue behind the bytes the client is
                 // not taking, and the kernel would hold them (and the socket) for minutes.
-                let _ = stream.set_zero_linger();
+                let _ = conn.tcp().set_zero_linger();
             }
-            return;
+            return Ending::Broken;
         }
         buf.drain(..consumed);
         if !outcome.is_ok_and(|answered| answered.keep_alive) {
-            return;
+            return Ending::Clean;
         }
     }
 }
@@ -404,7 +660,7 @@ fn count_send_error(shared: &Shared, peer: SocketAddr, head: &RequestHead, error
 
 /// Reads until `buf` holds a complete request head; returns it and its length.
 async fn read_head(
-    stream: &mut TcpStream,
+    conn: &mut Transport,
     buf: &mut Vec<u8>,
     shared: &Shared,
     first: bool,
@@ -436,7 +692,7 @@ async fn read_head(
             return Err(ReadError::Http(HttpError::HeadersTooLarge));
         }
         buf.reserve(4096.min(limit - buf.len()));
-        let read = match tokio::time::timeout(wait, stream.read_buf(buf)).await {
+        let read = match tokio::time::timeout(wait, conn.read_buf(buf)).await {
             Err(_) => return Err(ReadError::Timeout),
             Ok(Err(_)) | Ok(Ok(0)) => return Err(ReadError::Closed),
             Ok(Ok(read)) => read,
@@ -457,31 +713,31 @@ fn now_unix_s() -> u64 {
 /// Answers one request. `keep_alive` is what the connection allows; the answer says whether
 /// the response kept the connection open (a server error closes it).
 async fn respond(
-    stream: &mut TcpStream,
+    conn: &mut Transport,
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
 ) -> Result<Answered, SendError> {
     if head.method == Method::Other {
-        return send_error(stream, shared, 405, keep_alive, head.method).await;
+        return send_error(conn, shared, 405, keep_alive, head.method).await;
     }
     if let Some(signer) = &shared.signer {
         if signer
             .verify(&head.path, head.query.as_deref(), now_unix_s())
             .is_err()
         {
-            return send_error(stream, shared, 403, keep_alive, head.method).await;
+            return send_error(conn, shared, 403, keep_alive, head.method).await;
         }
     }
     let handle = match shared.store.open_file(&head.path) {
         Ok(Some(handle)) => Arc::new(handle),
         Ok(None) => {
             shared.metrics.misses.inc();
-            return miss(stream, head, keep_alive, shared).await;
+            return miss(conn, head, keep_alive, shared).await;
         }
         Err(error) => {
             tracing::error!(path = %head.path, %error, "lookup failed");
-            return send_error(stream, shared, 500, false, head.method).await;
+            return send_error(conn, shared, 500, false, head.method).await;
         }
     };
     shared.metrics.hits.inc();
@@ -515,7 +771,7 @@ async fn respond(
         }
         Selection::NotModified => (304, None),
         Selection::PreconditionFailed => {
-            let answered = send_error(stream, shared, 412, keep_alive, head.method).await?;
+            let answered = send_error(conn, shared, 412, keep_alive, head.method).await?;
             return Ok(Answered {
                 hit: true,
                 ..answered
@@ -541,10 +797,17 @@ async fn respond(
     );
     let send_body = response_has_content(head.method, status) && content_length > 0;
     let mut meter = shared.send_meter();
-    let mut sent = send_all(stream, &out, send_body, shared, &mut meter).await? as u64;
+    let mut sent = send_all(conn, &out, send_body, shared, &mut meter).await? as u64;
     if send_body {
         let (start, length) = body.expect("a body was selected");
-        sent += send_file_range(stream, &handle, start, length, shared, &mut meter).await?;
+        sent += match conn.sink() {
+            Sink::Socket(stream) => {
+                send_file_range(stream, &handle, start, length, shared, &mut meter).await?
+            }
+            Sink::Tls(tls) => {
+                tls_send_file_range(tls, &handle, start, length, shared, &mut meter).await?
+            }
+        };
     }
     shared.metrics.count_status(status);
     Ok(Answered {
@@ -557,13 +820,13 @@ async fn respond(
 
 /// A path the box does not hold: 404, or a 302 to the configured upstream.
 async fn miss(
-    stream: &mut TcpStream,
+    conn: &mut Transport,
     head: &RequestHead,
     keep_alive: bool,
     shared: &Shared,
 ) -> Result<Answered, SendError> {
     let Some(base) = &shared.config.miss_redirect_base else {
-        return send_error(stream, shared, 404, keep_alive, head.method).await;
+        return send_error(conn, shared, 404, keep_alive, head.method).await;
     };
     let mut location = base.trim_end_matches('/').to_string();
     location.extend(percent_encoding::utf8_percent_encode(
@@ -588,7 +851,7 @@ async fn miss(
         },
         &mut out,
     );
-    let sent = send_all(stream, &out, false, shared, &mut shared.send_meter()).await?;
+    let sent = send_all(conn, &out, false, shared, &mut shared.send_meter()).await?;
     shared.metrics.count_status(302);
     Ok(Answered {
         status: 302,
@@ -613,7 +876,7 @@ const PATH_ESCAPES: &percent_encoding::AsciiSet = &percent_encoding::CONTROLS
 
 /// Sends an error response (no content after it for HEAD); a miss, as nothing was served.
 async fn send_error(
-    stream: &mut TcpStream,
+    conn: &mut Transport,
     shared: &Shared,
     status: u16,
     keep_alive: bool,
@@ -622,7 +885,7 @@ async fn send_error(
     let mut out = Vec::with_capacity(256);
     error_response(status, keep_alive, method, &date_now(), &mut out);
     shared.metrics.count_status(status);
-    let sent = send_all(stream, &out, false, shared, &mut shared.send_meter()).await?;
+    let sent = send_all(conn, &out, false, shared, &mut shared.send_meter()).await?;
     Ok(Answered {
         status,
         bytes_sent: sent as u64,
@@ -663,13 +926,16 @@ async fn metered_write(
 
 /// Writes all of `bytes`, within the send limits `meter` keeps, and counts them as sent.
 async fn send_all(
-    stream: &TcpStream,
+    conn: &mut Transport,
     bytes: &[u8],
     more_follows: bool,
     shared: &Shared,
     meter: &mut SendMeter,
 ) -> Result<usize, SendError> {
-    let written = write_all(stream, bytes, more_follows, meter).await?;
+    let written = match conn.sink() {
+        Sink::Socket(stream) => write_all(stream, bytes, more_follows, meter).await?,
+        Sink::Tls(tls) => tls_write_all(tls, bytes, !more_follows, meter).await?,
+    };
     shared.metrics.bytes_sent.inc_by(written as u64);
     Ok(written)
 }
@@ -689,6 +955,74 @@ async fn write_all(
         written += metered_write(meter, attempt).await?;
     }
     Ok(written)
+}
+
+/// Writes all of `bytes` through rustls, within the send limits `meter` keeps, and with
+/// `flush` pushes out every encrypted byte it holds (the caller counts them).
+async fn tls_write_all(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    bytes: &[u8],
+    flush: bool,
+    meter: &mut SendMeter,
+) -> Result<usize, SendError> {
+    let mut written = 0;
+    while written < bytes.len() {
+        written += metered_write(meter, tls.write(&bytes[written..])).await?;
+    }
+    if flush {
+        metered_write(meter, async { tls.flush().await.map(|()| 0) }).await?;
+    }
+    Ok(written)
+}
+
+/// Sends file bytes `start..start + length` through rustls: each piece read into a buffer on
+/// the worker when it is in the page cache, else by direct I/O on a thread of the drive's
+/// pool (`ColdReads::read_direct`), so a worker never waits for a drive here either.
+async fn tls_send_file_range(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    handle: &Arc<FileHandle>,
+    start: u64,
+    length: u64,
+    shared: &Shared,
+    meter: &mut SendMeter,
+) -> Result<u64, SendError> {
+    let Some(source) = handle.serve_fd() else {
+        let error = io::Error::other("the drive has no descriptor to send from");
+        return Err(error.into());
+    };
+    let mut resident = Vec::new();
+    let mut total = 0u64;
+    for range in handle.ranges(start, length) {
+        let mut offset = range.offset_bytes;
+        let end = range.offset_bytes + range.length_bytes;
+        while offset < end {
+            let chunk = (end - offset).min(TLS_PIECE_BYTES);
+            let written = if shared.cold.route(handle, offset, chunk) == Route::Inline {
+                shared.cold.counts.inline_sends.inc();
+                resident.resize(usize::try_from(chunk).expect("a piece fits in memory"), 0);
+                let read = zerocopy::pread(source, offset, &mut resident)?;
+                tls_write_all(tls, &resident[..read], false, meter).await?
+            } else {
+                let piece = shared
+                    .cold
+                    .read_direct(handle, start + total, offset, chunk)
+                    .await?;
+                tls_write_all(tls, piece.bytes.bytes(), false, meter).await?
+            };
+            if written == 0 {
+                let error = io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "the drive ended inside a stored extent",
+                );
+                return Err(error.into());
+            }
+            offset += written as u64;
+            total += written as u64;
+            shared.metrics.bytes_sent.inc_by(written as u64);
+        }
+    }
+    metered_write(meter, async { tls.flush().await.map(|()| 0) }).await?;
+    Ok(total)
 }
 
 fn stream_fd(stream: &TcpStream) -> std::os::fd::BorrowedFd<'_> {
@@ -831,6 +1165,7 @@ where
 fn log_access(
     shared: &Shared,
     peer: SocketAddr,
+    listener: Listener,
     head: &RequestHead,
     answered: &Answered,
     started: Instant,
@@ -844,7 +1179,7 @@ fn log_access(
         Method::Other => "OTHER",
     };
     let line = format!(
-        "{} {} {} {} {} {} {} {:.3} {}\n",
+        "{} {} {} {} {} {} {} {:.3} {} {}\n",
         date_now(),
         peer,
         method,
@@ -853,7 +1188,8 @@ fn log_access(
         answered.status,
         answered.bytes_sent,
         started.elapsed().as_secs_f64() * 1000.0,
-        if answered.hit { "hit" } else { "miss" }
+        if answered.hit { "hit" } else { "miss" },
+        listener.label()
     );
     if !shared.access_log.log(line) {
         shared.metrics.access_log_dropped.inc();

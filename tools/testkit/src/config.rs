@@ -21,6 +21,27 @@ pub struct Config {
     pub serve: Serve,
     pub fill: Fill,
     pub scrub: Scrub,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<Tls>,
+}
+
+/// `[tls]`.
+#[derive(Clone, Debug, Serialize)]
+pub struct Tls {
+    pub listen: SocketAddr,
+    pub certificates: Vec<TlsCertificate>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub handshake_timeout_ms: Option<u64>,
+    /// `auto` or `off`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub kernel_tls: Option<String>,
+}
+
+/// One entry of `tls.certificates`.
+#[derive(Clone, Debug, Serialize)]
+pub struct TlsCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// `[serve]`.
@@ -28,6 +49,8 @@ pub struct Config {
 pub struct Serve {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub listen: Option<SocketAddr>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub plain_http: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub admin_listen: Option<SocketAddr>,
     #[serde(skip_serializing_if = "Option::is_none")]
