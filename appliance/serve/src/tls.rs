@@ -91,25 +91,43 @@ impl Identities {
         if files.is_empty() {
             return Err("no certificate is configured".to_string());
         }
-        let mut identities = Identities {
-            list: Vec::new(),
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
-        };
-        for file in files {
-            let identity = load_identity(file, now_unix_s)?;
-            let at = identities.list.len();
+        let loaded = files
+            .iter()
+            .map(|file| load_identity(file, now_unix_s))
+            .collect::<Result<Vec<_>, String>>()?;
+        Ok(Identities::of(loaded))
+    }
+
+    /// One certificate chain and key given as PEM bytes (tests, the fuzzer).
+    pub fn from_pem(
+        cert_pem: &[u8],
+        key_pem: &[u8],
+        now_unix_s: i64,
+    ) -> Result<Identities, String> {
+        let memory = Path::new("<memory>");
+        let identity = identity_from_pem(cert_pem, key_pem, memory, memory, now_unix_s)?;
+        Ok(Identities::of(vec![identity]))
+    }
+
+    /// Indexes `list` by name; the first certificate naming a name wins it.
+    fn of(list: Vec<Identity>) -> Identities {
+        let mut exact = HashMap::new();
+        let mut wildcard = HashMap::new();
+        for (at, identity) in list.iter().enumerate() {
             for name in &identity.names {
                 let name = name.to_ascii_lowercase();
                 match name.strip_prefix("*.") {
-                    Some(parent) => identities.wildcard.entry(parent.to_string()),
-                    None => identities.exact.entry(name),
+                    Some(parent) => wildcard.entry(parent.to_string()),
+                    None => exact.entry(name),
                 }
                 .or_insert(at);
             }
-            identities.list.push(identity);
         }
-        Ok(identities)
+        Identities {
+            list,
+            exact,
+            wildcard,
+        }
     }
 
     /// The certificate for a client's server name: an exact name, else a wildcard one level
@@ -133,10 +151,22 @@ impl Identities {
 }
 
 fn load_identity(files: &CertificateFiles, now_unix_s: i64) -> Result<Identity, String> {
-    let cert_path = files.cert.display();
-    let key_path = files.key.display();
     let cert_pem = read(&files.cert)?;
-    let chain = CertificateDer::pem_slice_iter(&cert_pem)
+    let key_pem = read(&files.key)?;
+    identity_from_pem(&cert_pem, &key_pem, &files.cert, &files.key, now_unix_s)
+}
+
+/// Parses and checks a chain and its key; errors name `cert_file` or `key_file`.
+fn identity_from_pem(
+    cert_pem: &[u8],
+    key_pem: &[u8],
+    cert_file: &Path,
+    key_file: &Path,
+    now_unix_s: i64,
+) -> Result<Identity, String> {
+    let cert_path = cert_file.display();
+    let key_path = key_file.display();
+    let chain = CertificateDer::pem_slice_iter(cert_pem)
         .collect::<Result<Vec<_>, _>>()
         .map_err(|error| format!("{cert_path}: not a PEM certificate chain: {error}"))?;
     let Some(leaf) = chain.first() else {
@@ -156,8 +186,7 @@ fn load_identity(files: &CertificateFiles, now_unix_s: i64) -> Result<Identity, 
             crate::http::http_date(u64::try_from(not_before).unwrap_or(0))
         ));
     }
-    let key_pem = read(&files.key)?;
-    let key = PrivateKeyDer::from_pem_slice(&key_pem).map_err(|error| {
+    let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| {
         format!("{key_path}: holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {error}")
     })?;
     let signing_key = aws_lc_rs::default_provider()
@@ -178,7 +207,7 @@ fn load_identity(files: &CertificateFiles, now_unix_s: i64) -> Result<Identity, 
         key: Arc::new(key),
         names,
         not_after_unix_s: not_after,
-        cert_path: files.cert.clone(),
+        cert_path: cert_file.to_path_buf(),
     })
 }
 
@@ -310,6 +339,15 @@ pub fn server_config(
     Ok(Arc::new(config))
 }
 
+/// A configuration that always encrypts in the process, over fixed `identities` (the
+/// fuzzer's, tests').
+pub fn user_space_config(identities: Identities) -> Result<Arc<ServerConfig>, String> {
+    let resolver = Arc::new(SniResolver {
+        current: RwLock::new(Arc::new(identities)),
+    });
+    server_config(resolver, &KernelSupport::without("user space only"))
+}
+
 /// The TLS state of a running server: its configuration, certificates and kernel support.
 pub struct Tls {
     pub config: TlsConfig,
@@ -425,50 +463,28 @@ pub fn first_bytes(config: &Arc<ServerConfig>, bytes: &[u8]) {
 mod tests {
     use super::*;
 
-    fn identity(names: &[&str]) -> Identity {
+    /// A self-signed certificate for `names`, loaded as the server would.
+    fn identities(names: &[&str]) -> Identities {
         let key = rcgen::KeyPair::generate().unwrap();
-        let params = rcgen::CertificateParams::new(
-            names
-                .iter()
-                .map(|name| name.to_string())
-                .collect::<Vec<_>>(),
-        )
-        .unwrap();
-        let cert = params.self_signed(&key).unwrap();
-        let der = PrivateKeyDer::try_from(key.serialize_der()).unwrap();
-        let signing = aws_lc_rs::default_provider()
-            .key_provider
-            .load_private_key(der)
+        let names: Vec<String> = names.iter().map(|name| name.to_string()).collect();
+        let cert = rcgen::CertificateParams::new(names)
+            .unwrap()
+            .self_signed(&key)
             .unwrap();
-        Identity {
-            key: Arc::new(CertifiedKey::new(vec![cert.der().clone()], signing)),
-            names: names.iter().map(|name| name.to_string()).collect(),
-            not_after_unix_s: 0,
-            cert_path: PathBuf::from(names[0]),
-        }
+        Identities::from_pem(
+            cert.pem().as_bytes(),
+            key.serialize_pem().as_bytes(),
+            now_unix_s(),
+        )
+        .unwrap()
     }
 
     #[test]
     fn sni_picks_exact_names_then_wildcards_then_the_first() {
-        let mut identities = Identities {
-            list: Vec::new(),
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
-        };
-        for (at, names) in [&["a.example"][..], &["*.b.example", "b.example"]]
-            .iter()
-            .enumerate()
-        {
-            let identity = identity(names);
-            for name in &identity.names {
-                match name.strip_prefix("*.") {
-                    Some(parent) => identities.wildcard.insert(parent.to_string(), at),
-                    None => identities.exact.insert(name.clone(), at),
-                };
-            }
-            identities.list.push(identity);
-        }
-        let chosen = |name| identities.choose(name).cert_path.display().to_string();
+        let mut list = identities(&["a.example"]).list;
+        list.extend(identities(&["*.b.example", "b.example"]).list);
+        let identities = Identities::of(list);
+        let chosen = |name| identities.choose(name).names[0].clone();
         assert_eq!(chosen(Some("a.example")), "a.example");
         assert_eq!(chosen(Some("B.EXAMPLE")), "*.b.example");
         assert_eq!(chosen(Some("video.b.example")), "*.b.example");
@@ -478,16 +494,30 @@ mod tests {
     }
 
     #[test]
+    fn a_key_of_another_certificate_is_refused() {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let other = rcgen::KeyPair::generate().unwrap();
+        let cert = rcgen::CertificateParams::new(vec!["a.example".to_string()])
+            .unwrap()
+            .self_signed(&key)
+            .unwrap();
+        let error = Identities::from_pem(
+            cert.pem().as_bytes(),
+            other.serialize_pem().as_bytes(),
+            now_unix_s(),
+        )
+        .unwrap_err();
+        assert!(error.contains("does not match"), "{error}");
+        let error = Identities::from_pem(cert.pem().as_bytes(), b"junk", now_unix_s()).unwrap_err();
+        assert!(error.contains("no PEM private key"), "{error}");
+        let error = Identities::from_pem(b"junk", key.serialize_pem().as_bytes(), now_unix_s())
+            .unwrap_err();
+        assert!(error.contains("no PEM certificate"), "{error}");
+    }
+
+    #[test]
     fn hostile_first_bytes_never_panic() {
-        let identities = Identities {
-            list: vec![identity(&["a.example"])],
-            exact: HashMap::new(),
-            wildcard: HashMap::new(),
-        };
-        let resolver = Arc::new(SniResolver {
-            current: RwLock::new(Arc::new(identities)),
-        });
-        let config = server_config(resolver, &KernelSupport::without("test")).unwrap();
+        let config = user_space_config(identities(&["a.example"])).unwrap();
         let mut seed = 0x9e37_79b9_7f4a_7c15u64;
         for length in 0..512usize {
             let bytes: Vec<u8> = (0..length)

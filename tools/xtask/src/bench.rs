@@ -26,13 +26,14 @@ pub fn run(name: &str) -> Result<()> {
         "fill" => report("fill", crate::bench_fill::fill()?),
         "serve" => report("serve", crate::bench_serve::serve()?),
         "day" => report("day", crate::bench_day::day()?),
+        "tls" => report("tls", crate::bench_tls::tls()?),
         "all" => {
             report("store-write", store_write()?)?;
             report("index", index()?)?;
             report("recovery", recovery()?)
         }
         other => bail!(
-            "unknown benchmark {other:?} (store-write, index, recovery, fill, serve, day, all)"
+            "unknown benchmark {other:?} (store-write, index, recovery, fill, serve, day, tls, all)"
         ),
     }
 }

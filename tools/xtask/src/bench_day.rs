@@ -247,6 +247,7 @@ fn run_rounds(day: &Day) -> Result<BTreeMap<(&'static str, &'static str), Vec<Da
         NginxFlavor::AioThreads,
         day.pin,
         Some("day"),
+        None,
     )?;
     nginx.limit_memory(Some(day.settings.limit_bytes))?;
     let sources: Vec<SourceFile> = day
@@ -275,6 +276,7 @@ fn run_rounds(day: &Day) -> Result<BTreeMap<(&'static str, &'static str), Vec<Da
             fill,
             pin: day.pin,
             cgroup: Some("day"),
+            tls: None,
         })?;
         appliance.limit_memory(Some(day.settings.limit_bytes))?;
         verify_ranges(&appliance, &sources)?;

@@ -8,7 +8,9 @@
 use crate::cgroup::MemoryCgroup;
 use crate::util::output;
 use anyhow::{bail, Context, Result};
-use appliance_testkit::{free_port, get, Config, Fill, Guard, Launch, Nginx, Serve, SplitMix64};
+use appliance_testkit::{
+    free_port, get, Config, Fill, Guard, Launch, Nginx, Serve, SplitMix64, Tls, TlsCertificate,
+};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -21,6 +23,8 @@ pub(crate) struct Server {
     /// `appliance`, `nginx` or `nginx_aio`: the name in the figures.
     pub name: &'static str,
     pub port: u16,
+    /// The HTTPS port, when the server was started with a certificate.
+    pub tls_port: Option<u16>,
     /// The process whose CPU time and storage reads are counted (the appliance, nginx's
     /// worker).
     pub cpu_pid: u32,
@@ -107,6 +111,8 @@ pub(crate) struct ApplianceSetup<'a> {
     pub pin: bool,
     /// Run in a memory cgroup named `BENCH-appliance` (created here).
     pub cgroup: Option<&'a str>,
+    /// An HTTPS listener with this certificate, beside plain HTTP.
+    pub tls: Option<&'a TlsCertificate>,
 }
 
 /// The number in environment variable `name`, if it is set.
@@ -150,6 +156,7 @@ pub(crate) fn start_appliance(setup: &ApplianceSetup) -> Result<Server> {
     println!("  imported in {:.1} s", started.elapsed().as_secs_f64());
     let loopback = |port| SocketAddr::from(([127, 0, 0, 1], port));
     let (port, admin_port) = (free_port()?, free_port()?);
+    let tls_port = setup.tls.map(|_| free_port()).transpose()?;
     let config_path = dir.join("appliance.toml");
     let config = Config {
         state_dir: Some(state.clone()),
@@ -166,6 +173,12 @@ pub(crate) fn start_appliance(setup: &ApplianceSetup) -> Result<Server> {
             ..Serve::default()
         },
         fill: setup.fill.clone(),
+        tls: setup.tls.zip(tls_port).map(|(certificate, tls_port)| Tls {
+            listen: loopback(tls_port),
+            certificates: vec![certificate.clone()],
+            handshake_timeout_ms: None,
+            kernel_tls: None,
+        }),
         ..Config::new(&[&drive])
     };
     config.write(&config_path)?;
@@ -191,6 +204,7 @@ pub(crate) fn start_appliance(setup: &ApplianceSetup) -> Result<Server> {
     Ok(Server {
         name: "appliance",
         port,
+        tls_port,
         cpu_pid: process.pid(),
         admin_port: Some(admin_port),
         appliance_config: Some((config, config_path)),
@@ -226,6 +240,7 @@ pub(crate) fn start_nginx(
     flavor: NginxFlavor,
     pin: bool,
     cgroup: Option<&str>,
+    tls: Option<&TlsCertificate>,
 ) -> Result<Server> {
     let name = flavor.name();
     let prefix = dir.join(name);
@@ -244,6 +259,19 @@ pub(crate) fn start_nginx(
     if flavor == NginxFlavor::AioThreads {
         builder = builder.http_directive("aio threads;");
     }
+    let tls_port = tls.map(|_| free_port()).transpose()?;
+    if let Some((certificate, tls_port)) = tls.zip(tls_port) {
+        // kTLS when OpenSSL and the kernel have it (nginx 1.21.4+, OpenSSL 3): sendfile stays.
+        builder = builder.http_directive(&format!(
+            "server {{ listen 127.0.0.1:{tls_port} ssl; root {root}; \
+             ssl_certificate {cert}; ssl_certificate_key {key}; \
+             ssl_protocols TLSv1.2 TLSv1.3; ssl_session_cache shared:SSL:10m; \
+             ssl_session_tickets on; ssl_conf_command Options KTLS; }}",
+            root = root.display(),
+            cert = certificate.cert.display(),
+            key = certificate.key.display(),
+        ));
+    }
     let nginx = builder
         .launch(launch(pin, cgroup.as_ref()))
         .start()
@@ -253,6 +281,7 @@ pub(crate) fn start_nginx(
     Ok(Server {
         name,
         port,
+        tls_port,
         cpu_pid: worker,
         admin_port: None,
         appliance_config: None,

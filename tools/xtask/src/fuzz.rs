@@ -16,10 +16,11 @@ const TARGETS: &[(&str, u32)] = &[
     ("http_request", 4096),
     ("manifest", 8192),
     ("control", 4096),
+    ("tls_first_bytes", 4096),
 ];
 
 const USAGE: &str = "usage: cargo xtask fuzz <build | TARGET (--seconds N | --runs N)>; \
-                     targets: decoders, http_request, manifest, control";
+                     targets: decoders, http_request, manifest, control, tls_first_bytes";
 
 pub fn run(args: &[&str]) -> Result<()> {
     match args {

@@ -13,6 +13,7 @@ mod bench_fill;
 mod bench_host;
 mod bench_serve;
 mod bench_servers;
+mod bench_tls;
 mod cgroup;
 mod day_load;
 mod demo;
@@ -28,7 +29,7 @@ mod wrk;
 use anyhow::{bail, Result};
 
 const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | sim [--seeds N] | \
-                     bench <store-write|index|recovery|serve|fill|day|all> | \
+                     bench <store-write|index|recovery|serve|fill|day|tls|all> | \
                      fuzz <build | TARGET --seconds N | TARGET --runs N> | \
                      soak --rounds N [--seed S] [--release]>";
 
