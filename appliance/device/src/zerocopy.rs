@@ -99,6 +99,30 @@ pub fn enable_tls_ulp(socket: BorrowedFd<'_>) -> io::Result<()> {
     }
 }
 
+/// Lets kernel TLS send sendfile(2) data straight from the page cache without its own copy
+/// (`TLS_TX_ZEROCOPY_RO`, Linux 5.19+; it takes effect with NIC offload). Safe only when the
+/// file bytes cannot change while they are in flight: the store never rewrites a published
+/// range while it can be read. Fails on kernels without the option.
+pub fn tls_tx_zerocopy_sendfile(socket: BorrowedFd<'_>) -> io::Result<()> {
+    let on: libc::c_int = 1;
+    // SAFETY: `on` is a valid c_int for the call and its size is passed; the descriptor is
+    // open for the borrow's lifetime.
+    let result = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_TLS,
+            libc::TLS_TX_ZEROCOPY_RO,
+            (&on as *const libc::c_int).cast(),
+            4,
+        )
+    };
+    if result == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 /// Sends bytes on a socket with MSG_MORE (more data follows: the kernel may hold them back to
 /// share a packet with the body) or without it; returns how many were queued.
 pub fn send(to: BorrowedFd<'_>, bytes: &[u8], more_follows: bool) -> io::Result<usize> {

@@ -415,6 +415,11 @@ impl Tls {
             let stream = ktls::config_ktls_server(tls)
                 .await
                 .map_err(|error| HandshakeError::Kernel(error.to_string()))?;
+            // Published ranges are never rewritten while they can be read (the store's
+            // rule), so the kernel may send file pages without copying them first.
+            if let Err(error) = zerocopy::tls_tx_zerocopy_sendfile(stream.get_ref().as_fd()) {
+                tracing::debug!(%error, "TLS_TX_ZEROCOPY_RO refused; the kernel copies");
+            }
             Ok(Secured::Kernel(stream))
         } else {
             let tls = self

@@ -69,6 +69,7 @@ const TEST_TOOLS: &[(&str, &str)] = &[
     ("fio", "fio"),
     ("nginx", "nginx"),
     ("curl", "curl"),
+    ("openssl", "openssl"),
 ];
 
 /// Installs missing test tools with apt-get when running as root (a fresh machine).

@@ -8,7 +8,10 @@
 //! 2. fill from nginx on the host's loopback, which the guest reaches only through QEMU's
 //!    `guestfwd` rule, started and awaited with `appliance-ctl --json fill --wait` in the
 //!    guest, then ranges of every file compared byte by byte through `hostfwd`; the guest's
-//!    `appliance-ctl status`, and its man page and bash completion in place;
+//!    `appliance-ctl status`, and its man page and bash completion in place; HTTPS ranges
+//!    through another `hostfwd` port are byte-exact, and the guest kernel's TLS counters
+//!    (/proc/net/tls_stat) show that it encrypted them (kTLS: the keys went to the kernel
+//!    after the handshake, and the bodies went out with sendfile);
 //! 3. one data drive hot-removed (`device_del` over QMP): the other drives keep serving, the
 //!    drive is reported failed in `/health` and `/metrics`, and the daemon was not restarted
 //!    (same PID on the serial console, no restart by systemd);
@@ -87,7 +90,16 @@ window = ""
 concurrency = 4
 attempts_per_source = 3
 backoff_initial_ms = 200
+
+# HTTPS with the certificate the test made (fw_cfg, installed by appliance-firstboot); the
+# Debian kernel's TLS module is loaded at boot, so connections use kTLS.
+[tls]
+listen = "0.0.0.0:443"
+certificates = [{ cert = "/etc/appliance/tls/lab.pem", key = "/etc/appliance/tls/lab.key" }]
 "#;
+
+/// The name on the lab certificate (the host's curl resolves it to the hostfwd port).
+const TLS_NAME: &str = "appliance.lab.example";
 
 pub fn test() -> Result<()> {
     let started = Instant::now();
@@ -235,6 +247,12 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
     vm.show_status_and_docs()?;
     timings.add(
         "2. appliance-ctl status, man page and completion in the guest",
+        step,
+    );
+    let step = Instant::now();
+    vm.check_https(catalog)?;
+    timings.add(
+        "2. HTTPS ranges through hostfwd, carried by the guest's kTLS",
         step,
     );
 
@@ -499,6 +517,10 @@ struct Vm {
     foreign: PathBuf,
     http_port: u16,
     admin_port: u16,
+    /// The host port forwarded to the guest's HTTPS listener.
+    https_port: u16,
+    /// The lab certificate, the only one the host's curl trusts.
+    ca: PathBuf,
     started: Instant,
 }
 
@@ -532,11 +554,18 @@ impl Vm {
         util::output("mkfs.ext4", &["-q", "-F", &foreign.display().to_string()])?;
         let lab = work.join("lab.toml");
         std::fs::write(&lab, LAB_CONFIG)?;
+        let certificate = appliance_testkit::tls::self_signed(
+            work,
+            "lab",
+            &[TLS_NAME],
+            appliance_testkit::tls::Validity::Current,
+        )?;
         let serial = work.join("serial.log");
         let qmp_path = work.join("qmp.sock");
         let agent_path = work.join("qga.sock");
         let http_port = free_port()?;
         let admin_port = free_port()?;
+        let https_port = free_port()?;
         let mut args: Vec<String> = [
             // One host thread runs both vCPUs in turn. With multi-threaded TCG, the guest
             // kernel's live text patching (a static key flipped at boot: int3 written,
@@ -583,6 +612,16 @@ impl Vm {
                 "name=opt/appliance/appliance.base.toml,file={}",
                 lab.display()
             ),
+            "-fw_cfg".into(),
+            format!(
+                "name=opt/appliance/tls.pem,file={}",
+                certificate.cert.display()
+            ),
+            "-fw_cfg".into(),
+            format!(
+                "name=opt/appliance/tls.key,file={}",
+                certificate.key.display()
+            ),
             // The boot drive: NVMe too, so the guest must tell it from the data drives.
             "-drive".into(),
             format!("file={},if=none,id=boot,format=qcow2", boot.display()),
@@ -609,6 +648,7 @@ impl Vm {
                 "user,id=n0,restrict=on,\
                  hostfwd=tcp:127.0.0.1:{http_port}-:80,\
                  hostfwd=tcp:127.0.0.1:{admin_port}-:8081,\
+                 hostfwd=tcp:127.0.0.1:{https_port}-:443,\
                  guestfwd=tcp:{ORIGIN}:80-cmd:socat - TCP:127.0.0.1:{origin_port}"
             ),
             // No option ROM: nothing boots from the network, and the BIOS is faster.
@@ -633,6 +673,8 @@ impl Vm {
             foreign,
             http_port,
             admin_port,
+            https_port,
+            ca: certificate.cert,
             started,
         };
         vm.qmp = Qmp::connect(&qmp_path, &mut vm.child)?;
@@ -816,6 +858,89 @@ impl Vm {
             }
         }
         Ok(served)
+    }
+
+    /// HTTPS through the hostfwd port: ranges of several files, fetched by curl trusting only
+    /// the lab certificate, must be byte-exact, the guest kernel's TLS counters must show that
+    /// it took over the connections' encryption (kTLS), and the daemon must say so.
+    fn check_https(&mut self, catalog: &Catalog) -> Result<()> {
+        let before = self.tls_stat()?;
+        let resolve = format!("{TLS_NAME}:{}:127.0.0.1", self.https_port);
+        let mut checked = 0;
+        for file in catalog
+            .files
+            .iter()
+            .filter(|file| !file.bytes.is_empty())
+            .take(8)
+        {
+            let size = file.bytes.len();
+            for (first, last) in [(0, size.min(65_536) - 1), (size / 2, size - 1)] {
+                let out = Command::new("curl")
+                    .args(["-sf", "--max-time", "60", "--resolve", &resolve, "--cacert"])
+                    .arg(&self.ca)
+                    .args(["-r", &format!("{first}-{last}")])
+                    .arg(format!(
+                        "https://{TLS_NAME}:{}{}",
+                        self.https_port, file.path
+                    ))
+                    .output()
+                    .context("running curl")?;
+                if !out.status.success() {
+                    bail!(
+                        "https {} {first}-{last}: curl failed ({})",
+                        file.path,
+                        out.status
+                    );
+                }
+                if out.stdout != file.bytes[first..=last] {
+                    bail!(
+                        "https {} {first}-{last}: {} bytes differ from the origin's",
+                        file.path,
+                        out.stdout.len()
+                    );
+                }
+                checked += 1;
+            }
+        }
+        let after = self.tls_stat()?;
+        let sent = |stat: &std::collections::BTreeMap<String, u64>| {
+            stat.get("TlsTxSw").copied().unwrap_or(0)
+                + stat.get("TlsTxDevice").copied().unwrap_or(0)
+        };
+        if sent(&after) < sent(&before) + checked {
+            bail!(
+                "{checked} HTTPS connections, but the guest kernel set up TLS transmission for \
+                 {} (kTLS not in use): before {before:?}, after {after:?}",
+                sent(&after) - sent(&before)
+            );
+        }
+        let metrics = self.admin_text("/metrics")?;
+        if !metrics.lines().any(|line| line == "appliance_tls_kernel 1") {
+            bail!("the daemon does not report kTLS in use (appliance_tls_kernel)");
+        }
+        println!(
+            "vm-test: 2. HTTPS: {checked} ranges byte-exact through hostfwd; the guest kernel \
+             encrypted them (kTLS): /proc/net/tls_stat TlsTxSw {} -> {}",
+            before.get("TlsTxSw").copied().unwrap_or(0),
+            after.get("TlsTxSw").copied().unwrap_or(0)
+        );
+        Ok(())
+    }
+
+    /// The guest kernel's TLS counters (/proc/net/tls_stat), read through the guest agent.
+    fn tls_stat(&mut self) -> Result<std::collections::BTreeMap<String, u64>> {
+        let out = self
+            .agent
+            .run("/bin/cat", &["/proc/net/tls_stat"], CTL_TIMEOUT)?
+            .success("cat /proc/net/tls_stat (is the tls module loaded?)")?;
+        Ok(out
+            .stdout
+            .lines()
+            .filter_map(|line| {
+                let mut fields = line.split_whitespace();
+                Some((fields.next()?.to_string(), fields.next()?.parse().ok()?))
+            })
+            .collect())
     }
 
     /// A clean reboot: the ACPI power button (systemd powers off; `-no-shutdown` keeps QEMU),
