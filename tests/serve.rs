@@ -14,7 +14,7 @@ use std::net::TcpStream;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
-use util::{formatted_drives, Catalog, Daemon, Scratch};
+use util::{formatted_drives, metric, Catalog, Daemon, Scratch};
 
 /// A running appliance over an imported catalog.
 struct Appliance {
@@ -61,31 +61,12 @@ impl Appliance {
             .unwrap();
         stream
     }
-
-    /// The largest file of the catalog: (path, bytes).
-    fn big_file(&self) -> (String, Vec<u8>) {
-        self.catalog
-            .files
-            .iter()
-            .max_by_key(|(_, bytes)| bytes.len())
-            .cloned()
-            .unwrap()
-    }
 }
 
 /// curl with `args`; returns (status, headers text, body bytes).
 fn curl(args: &[&str]) -> (u16, String, Vec<u8>) {
-    let out = Command::new("curl")
-        .args(["-s", "-D", "/dev/stderr", "--max-time", "20"])
-        .args(args)
-        .output()
-        .expect("curl");
-    let headers = String::from_utf8_lossy(&out.stderr).into_owned();
-    let status = headers
-        .get(9..12)
-        .and_then(|code| code.parse().ok())
-        .unwrap_or(0);
-    (status, headers.to_ascii_lowercase(), out.stdout)
+    let fetched = util::curl(args);
+    (fetched.status, fetched.head, fetched.body)
 }
 
 /// One raw exchange: sends `request`, reads until the server closes or `timeout` passes.
@@ -105,7 +86,7 @@ fn raw(stream: &mut TcpStream, request: &[u8]) -> String {
 #[test]
 fn gets_ranges_conditionals_and_head_follow_rfc_9110() {
     let appliance = Appliance::start("protocol", Serve::default());
-    let (path, bytes) = appliance.big_file();
+    let (path, bytes) = appliance.catalog.largest();
     let url = appliance.url(&path);
     let size = bytes.len();
     let (status, headers, body) = curl(&[&url]);
@@ -259,7 +240,7 @@ fn keep_alive_pipelining_and_request_limits() {
             ..Serve::default()
         },
     );
-    let (path, bytes) = appliance.big_file();
+    let (path, bytes) = appliance.catalog.largest();
     let mut stream = appliance.connect();
     let one = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n");
     let two = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=4-7\r\n\r\n");
@@ -344,7 +325,7 @@ fn malformed_requests_get_400_and_the_connection_closes() {
         );
     }
     // The daemon is still serving.
-    let (path, _) = appliance.big_file();
+    let (path, _) = appliance.catalog.largest();
     assert_eq!(curl(&["-r", "0-0", &appliance.url(&path)]).0, 206);
 }
 
@@ -384,7 +365,7 @@ fn slow_idle_and_stalled_clients_are_cut_off() {
     assert_eq!(stream.read(&mut buf).unwrap_or(0), 0);
     assert!(started.elapsed() < Duration::from_secs(5));
     // A client that stops reading a large body is dropped after the send timeout.
-    let (path, _) = appliance.big_file();
+    let (path, _) = appliance.catalog.largest();
     let mut stalled = appliance.connect();
     for _ in 0..20 {
         let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\n\r\n");
@@ -417,7 +398,7 @@ fn connections_beyond_the_limit_wait_without_harming_others() {
             ..Serve::default()
         },
     );
-    let (path, bytes) = appliance.big_file();
+    let (path, bytes) = appliance.catalog.largest();
     let mut first = appliance.connect();
     let mut second = appliance.connect();
     let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nRange: bytes=0-3\r\n\r\n");
@@ -477,7 +458,7 @@ fn signed_urls_are_enforced_when_a_key_is_set() {
             ..Serve::default()
         },
     );
-    let (path, _) = appliance.big_file();
+    let (path, _) = appliance.catalog.largest();
     let signer = appliance_serve::signed::UrlSigner::new(b"0123456789abcdef0123456789abcdef");
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -508,7 +489,7 @@ fn drain_tells_steering_and_reports_drained_when_idle() {
     // The CLI first (built here if need be, which can take longer than the held
     // connection's idle timeout: the box would then drain before it is asked about).
     let ctl = appliance.ctl();
-    let (path, _) = appliance.big_file();
+    let (path, _) = appliance.catalog.largest();
     let (status, body) = appliance.admin("GET", "/health");
     assert_eq!(status, 200);
     assert!(body.contains("\"state\":\"serving\""), "{body}");
@@ -613,7 +594,7 @@ fn error_answers_to_head_carry_no_content_and_close_when_they_say_so() {
         .as_secs()
         + 600;
     let signed = |path: &str| format!("{path}?{}", signer.sign(path, expires));
-    let (path, bytes) = appliance.big_file();
+    let (path, bytes) = appliance.catalog.largest();
     let pipelined_get = format!(
         "GET {} HTTP/1.1\r\nHost: x\r\nRange: bytes=0-9\r\n\r\n",
         signed(&path)
@@ -788,16 +769,6 @@ fn signing_keys_are_the_key_files_bytes_exactly() {
             }
         }
     }
-}
-
-/// A counter or gauge from the admin listener's metrics (0 when absent).
-fn metric(daemon: &Daemon, name: &str) -> f64 {
-    let (_, metrics) = daemon.admin("GET", "/metrics");
-    metrics
-        .lines()
-        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// A client with a tiny receive buffer that takes 64 bytes every 100 ms of a large file makes
@@ -980,7 +951,7 @@ fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
         if mode == "direct" && cache_mib.is_none() {
             // The same cold range twice: the second is answered from the cache, byte-exact.
             evict(&appliance.drives);
-            let (path, bytes) = appliance.big_file();
+            let (path, bytes) = appliance.catalog.largest();
             let url = format!("http://127.0.0.1:{}{path}", appliance.port);
             for _ in 0..2 {
                 let (status, _, body) = curl(&["-r", "4096-200000", &url]);
@@ -990,7 +961,7 @@ fn cold_ranges_are_sent_by_the_drives_threads_byte_exact_under_load() {
             assert!(metric(&appliance, "appliance_direct_cache_hits_total") >= 1.0);
         }
         // Still serving, byte-exact, after all of it.
-        let (path, bytes) = appliance.big_file();
+        let (path, bytes) = appliance.catalog.largest();
         let (status, _, body) = curl(&[&format!("http://127.0.0.1:{}{path}", appliance.port)]);
         assert_eq!(status, 200);
         assert!(body == bytes);

@@ -132,6 +132,15 @@ pub struct Catalog {
 }
 
 impl Catalog {
+    /// The largest file: (path, bytes).
+    pub fn largest(&self) -> (String, Vec<u8>) {
+        self.files
+            .iter()
+            .max_by_key(|(_, bytes)| bytes.len())
+            .cloned()
+            .expect("a catalog has files")
+    }
+
     pub fn generate(scratch: &Scratch, name: &str, count: u64, size_max: u64) -> Catalog {
         let root = scratch.path(name);
         let mut files = Vec::new();
@@ -351,4 +360,42 @@ impl Daemon {
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
+}
+
+/// What curl got: its exit code, the status, the response heads (lowercase) and the body.
+pub struct Fetched {
+    pub exit_code: i32,
+    pub status: u16,
+    pub head: String,
+    pub body: Vec<u8>,
+}
+
+/// curl with `args`, silent, for 20 s at most; the response heads come by `-D`.
+pub fn curl<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> Fetched {
+    let out = Command::new("curl")
+        .args(["-s", "-D", "/dev/stderr", "--max-time", "20"])
+        .args(args)
+        .output()
+        .expect("run curl");
+    let head = String::from_utf8_lossy(&out.stderr).to_ascii_lowercase();
+    let status = head
+        .get(9..12)
+        .and_then(|code| code.parse().ok())
+        .unwrap_or(0);
+    Fetched {
+        exit_code: out.status.code().unwrap_or(-1),
+        status,
+        head,
+        body: out.stdout,
+    }
+}
+
+/// A counter or gauge from the admin listener's metrics (0 when absent).
+pub fn metric(daemon: &Daemon, name: &str) -> f64 {
+    let (_, metrics) = daemon.admin("GET", "/metrics");
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+        .and_then(|value| value.trim().parse().ok())
+        .unwrap_or(0.0)
 }

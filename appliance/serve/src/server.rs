@@ -418,7 +418,12 @@ impl Transport {
         match self {
             Transport::Plain(stream) => stream.read_buf(buf).await,
             Transport::Kernel(stream) => stream.read_buf(buf).await,
-            Transport::User(stream) => stream.read_buf(buf).await,
+            Transport::User(stream) => {
+                let mut chunk = [0u8; 4096];
+                let read = tls_read(stream, &mut chunk).await?;
+                buf.extend_from_slice(&chunk[..read]);
+                Ok(read)
+            }
         }
     }
 
@@ -434,6 +439,34 @@ impl Transport {
         };
         let _ = tokio::time::timeout(TLS_CLOSE_TIMEOUT, shutdown).await;
     }
+}
+
+/// Reads decrypted bytes into `chunk` (the count; 0 at the end). What rustls queued while
+/// reading goes out while the read waits, not with the next response: the alert that refuses
+/// a renegotiation would otherwise reach the client only when the connection times out, and
+/// leave it hanging in its handshake until then.
+async fn tls_read(
+    stream: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    chunk: &mut [u8],
+) -> io::Result<usize> {
+    use std::pin::Pin;
+    use std::task::Poll;
+    use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+    std::future::poll_fn(|context| {
+        let mut read = ReadBuf::new(chunk);
+        match Pin::new(&mut *stream).poll_read(context, &mut read) {
+            Poll::Ready(outcome) => Poll::Ready(outcome.map(|()| read.filled().len())),
+            Poll::Pending => {
+                if stream.get_ref().1.wants_write() {
+                    if let Poll::Ready(Err(error)) = Pin::new(&mut *stream).poll_flush(context) {
+                        return Poll::Ready(Err(error));
+                    }
+                }
+                Poll::Pending
+            }
+        }
+    })
+    .await
 }
 
 /// The TLS handshake of a connection on the HTTPS listener, within the handshake timeout;

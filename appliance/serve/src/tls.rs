@@ -211,8 +211,27 @@ fn identity_from_pem(
     })
 }
 
+/// The largest certificate or key file read: a chain is a few KiB, and a path to a device
+/// or a log must not fill the memory.
+const PEM_FILE_BYTES_MAX: u64 = 1 << 20;
+
 fn read(path: &Path) -> Result<Vec<u8>, String> {
-    std::fs::read(path).map_err(|error| format!("{}: cannot be read: {error}", path.display()))
+    use std::io::Read;
+    let cannot = |error: io::Error| format!("{}: cannot be read: {error}", path.display());
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)
+        .map_err(cannot)?
+        .take(PEM_FILE_BYTES_MAX + 1)
+        .read_to_end(&mut bytes)
+        .map_err(cannot)?;
+    if bytes.len() as u64 > PEM_FILE_BYTES_MAX {
+        return Err(format!(
+            "{}: larger than {} KiB, not a certificate or key file",
+            path.display(),
+            PEM_FILE_BYTES_MAX >> 10
+        ));
+    }
+    Ok(bytes)
 }
 
 /// The leaf's DNS names (subjectAltName, else the subject's common name) and validity.
@@ -518,6 +537,31 @@ mod tests {
         let error = Identities::from_pem(b"junk", key.serialize_pem().as_bytes(), now_unix_s())
             .unwrap_err();
         assert!(error.contains("no PEM certificate"), "{error}");
+    }
+
+    #[test]
+    fn files_that_are_not_certificates_are_refused_without_reading_them_whole() {
+        let files = |cert: &str, key: &str| {
+            vec![CertificateFiles {
+                cert: PathBuf::from(cert),
+                key: PathBuf::from(key),
+            }]
+        };
+        let error = Identities::load(&files("/dev/zero", "/dev/zero"), 0).unwrap_err();
+        assert!(error.contains("/dev/zero: larger than 1024 KiB"), "{error}");
+        let error = Identities::load(&files("/nonexistent.pem", "/dev/null"), 0).unwrap_err();
+        assert!(
+            error.contains("/nonexistent.pem: cannot be read"),
+            "{error}"
+        );
+        let error = Identities::load(&files("/", "/"), 0).unwrap_err();
+        assert!(error.contains("/: cannot be read"), "{error}");
+        let error = Identities::load(&files("/dev/null", "/dev/null"), 0).unwrap_err();
+        assert!(
+            error.contains("/dev/null: holds no PEM certificate"),
+            "{error}"
+        );
+        assert!(Identities::load(&[], 0).is_err());
     }
 
     #[test]

@@ -192,8 +192,13 @@ fn ensure_built(binary: &Path, applianced: &Path) -> io::Result<()> {
         let workspace = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../Cargo.toml");
         let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
         let mut command = Command::new(cargo);
+        // appliance-ctl alone: a test's `applianced` was built with the dev-dependencies'
+        // features unified in (sha2's std, ...), so building it here again would rebuild it
+        // (and half the tree) with other features, at every test run. A test also inherits
+        // its own package's CARGO_MANIFEST_DIR, which build scripts (ring's) watch.
         command
-            .args(BUILD_APPLIANCE_ARGS)
+            .env_remove("CARGO_MANIFEST_DIR")
+            .args(["build", "--quiet", "-p", "appliance-ctl"])
             .arg("--manifest-path")
             .arg(&workspace);
         let profile = applianced.parent().and_then(Path::file_name);
