@@ -1193,3 +1193,58 @@ fn drain_closes_https_keep_alive_connections_at_their_next_response() {
         "never drained"
     );
 }
+
+/// Sessions resume: TLS 1.3 and 1.2 by ticket, TLS 1.2 by session ID (a client that offers
+/// no ticket), and a session from before a certificate reload still resumes after it (the
+/// ticket keys and the session cache outlive reloads).
+#[test]
+fn sessions_resume_by_ticket_and_by_session_id_across_a_reload() {
+    let appliance = Appliance::start("resume");
+    let (path, _) = appliance.catalog.largest();
+    // HTTP/1.0: the server closes after the answer, so the client has read every ticket
+    // before it writes its session out.
+    let request = format!("HEAD {path} HTTP/1.0\r\n\r\n");
+    let shapes: [(&str, &str, &[&str]); 3] = [
+        ("TLS 1.3 by ticket", "TLSv1.3", &["-tls1_3"]),
+        ("TLS 1.2 by ticket", "TLSv1.2", &["-tls1_2"]),
+        (
+            "TLS 1.2 by session ID",
+            "TLSv1.2",
+            &["-tls1_2", "-no_ticket"],
+        ),
+    ];
+    let mut sessions = Vec::new();
+    for (number, (what, version, options)) in shapes.iter().enumerate() {
+        let session = appliance.scratch.path(&format!("session-{number}.pem"));
+        let session_arg = session.to_str().unwrap().to_string();
+        let mut args: Vec<&str> = options.to_vec();
+        args.extend(["-sess_out", &session_arg]);
+        let first = appliance.s_client(&args, Some(request.as_bytes()), Duration::from_secs(10));
+        assert!(
+            first.output.contains(&format!("New, {version}")) && session.exists(),
+            "{what}: the first connection: {}",
+            first.output
+        );
+        sessions.push((what, version, options, session_arg));
+    }
+    let resume = |round: &str| {
+        for (what, version, options, session) in &sessions {
+            let mut args: Vec<&str> = options.to_vec();
+            args.extend(["-sess_in", session.as_str()]);
+            let run = appliance.s_client(&args, Some(request.as_bytes()), Duration::from_secs(10));
+            assert!(
+                run.output.contains(&format!("Reused, {version}")),
+                "{what}, {round}: the session was not resumed: {}",
+                run.output
+            );
+            assert!(
+                run.output.contains(" 200 OK"),
+                "{what}, {round}: {}",
+                run.output
+            );
+        }
+    };
+    resume("before the reload");
+    reload(&appliance, 0);
+    resume("after a certificate reload");
+}
