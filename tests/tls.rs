@@ -818,14 +818,49 @@ fn check_config_refuses_bad_certificates() {
     check_config(&config_path, &https_only(None), what, Some(&refusal));
     let with = https_only(Some(tls_section(&[&video])));
     check_config(&config_path, &with, "plain_http = false with [tls]", None);
-    // The daemon refuses to start on what check-config refuses, with the same message.
-    with_tls(Some(tls_section(&[&expired])))
+    // The daemon refuses to start on a certificate it cannot use, with the same message.
+    // (An expired one it serves all the same: see the next test.)
+    with_tls(Some(tls_section(&[&mismatched])))
         .write(&config_path)
         .unwrap();
     let stderr = run_refused(&config_path);
     assert!(
-        stderr.contains(&shown(&expired.cert)) && stderr.contains("expired"),
+        stderr.contains(&shown(&mismatched.key)) && stderr.contains("does not match"),
         "{stderr}"
+    );
+}
+
+/// A certificate that expired (a renewal that failed) must not take the box down at its next
+/// start: plain HTTP serves, HTTPS serves the certificate (clients refuse it), and status
+/// names the problem. A reload to an expired certificate keeps the valid one in use.
+#[test]
+fn an_expired_certificate_is_a_problem_not_a_dead_box() {
+    let appliance = Appliance::start_with("expired", |scratch, config| {
+        let expired = self_signed(&scratch.root, "old", &[VIDEO], Validity::Expired).unwrap();
+        config.tls.as_mut().unwrap().certificates = vec![expired];
+    });
+    let (path, bytes) = appliance.catalog.largest();
+    assert!(
+        appliance.get(&path) == Some(bytes),
+        "plain HTTP does not serve"
+    );
+    let status = appliance.ctl().status().unwrap();
+    let problems = status["problems"].to_string();
+    assert!(
+        problems.contains("old.pem") && problems.contains("expired"),
+        "{status}"
+    );
+    let video = &appliance.certificates[0];
+    let fetched = curl(&[
+        "--cacert".to_string(),
+        video.cert.display().to_string(),
+        "--resolve".to_string(),
+        format!("{VIDEO}:{}:127.0.0.1", appliance.tls_port),
+        appliance.https_url(VIDEO, &path),
+    ]);
+    assert_eq!(
+        fetched.exit_code, 60,
+        "the expired certificate is what is served"
     );
 }
 

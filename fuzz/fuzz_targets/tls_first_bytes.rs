@@ -18,12 +18,8 @@ fn config() -> &'static Arc<rustls::ServerConfig> {
             .expect("a name")
             .self_signed(&key)
             .expect("a certificate");
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX));
-        let identities =
-            Identities::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes(), now)
-                .expect("the certificate loads");
+        let identities = Identities::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes())
+            .expect("the certificate loads");
         user_space_config(identities).expect("a configuration")
     })
 }

@@ -96,7 +96,7 @@ impl Tls {
         }
     }
 
-    /// Loads every certificate and key as serving would, now.
+    /// Loads every certificate and key as serving would (readable, PEM, matching).
     fn check(&self) -> Result<()> {
         if self.certificates.is_empty() {
             bail!("tls.certificates: at least one certificate is needed");
@@ -104,13 +104,25 @@ impl Tls {
         if self.handshake_timeout_ms == 0 {
             bail!("tls.handshake_timeout_ms: must be greater than 0");
         }
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |elapsed| {
-                i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-            });
-        appliance_serve::tls::Identities::load(&self.certificate_files(), now)
-            .map_err(|error| anyhow::anyhow!("tls.certificates: {error}"))?;
+        self.identities()?;
+        Ok(())
+    }
+
+    fn identities(&self) -> Result<appliance_serve::tls::Identities> {
+        appliance_serve::tls::Identities::load(&self.certificate_files())
+            .map_err(|error| anyhow::anyhow!("tls.certificates: {error}"))
+    }
+
+    /// `check-config`'s stricter look: every certificate must also be valid now. (Start and
+    /// SIGHUP only log this: an expired certificate must not take plain HTTP and every other
+    /// setting down with it; a reload keeps the certificates in use instead.)
+    pub fn check_valid_now(&self) -> Result<()> {
+        let problems = self
+            .identities()?
+            .validity_problems(appliance_serve::tls::now_unix_s());
+        if !problems.is_empty() {
+            bail!("tls.certificates: {}", problems.join("; "));
+        }
         Ok(())
     }
 }

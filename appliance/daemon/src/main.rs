@@ -88,6 +88,10 @@ fn main() {
         Command::Run { config } => run::run(&config),
         Command::Fill { config, manifest } => run::fill_once(&config, manifest.as_deref()),
         Command::CheckConfig { config } => config::Config::load(&config)
+            .and_then(|loaded| match &loaded.tls {
+                Some(tls) => tls.check_valid_now().map(|()| loaded),
+                None => Ok(loaded),
+            })
             .and_then(|loaded| loaded.serve_config())
             .map(|_| {
                 println!("{}: ok", config.display());

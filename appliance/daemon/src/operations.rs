@@ -86,7 +86,15 @@ impl Operations {
         let upkeep = upkeep_view(self.upkeep.state());
         let traffic = self.serving.traffic();
         let draining = self.serving.is_draining();
-        let problems = problems(&drives, &upkeep);
+        let mut problems = problems(&drives, &upkeep);
+        if let Some(tls) = self.serving.tls() {
+            problems.extend(
+                tls.identities()
+                    .validity_problems(appliance_serve::tls::now_unix_s())
+                    .into_iter()
+                    .map(|problem| format!("TLS: {problem}")),
+            );
+        }
         let in_service: Vec<&DriveRow> = drives
             .iter()
             .filter(|drive| drive.state == DriveState::Ok)

@@ -37,7 +37,7 @@ use tokio::sync::{watch, Semaphore};
 /// Largest sendfile(2) call; the kernel sends what the socket buffer takes anyway.
 const SENDFILE_CHUNK_BYTES: u64 = 4 << 20;
 /// Largest piece of a body read into user space to be encrypted by rustls in the process.
-const TLS_PIECE_BYTES: u64 = 256 << 10;
+const TLS_PIECE_BYTES: u64 = 64 << 10;
 /// How long a closing TLS connection may take to send its close_notify alert.
 const TLS_CLOSE_TIMEOUT: Duration = Duration::from_secs(1);
 /// Bodies at least this long get an explicit read-ahead hint first; shorter ones are left to
@@ -419,10 +419,13 @@ impl Transport {
             Transport::Plain(stream) => stream.read_buf(buf).await,
             Transport::Kernel(stream) => stream.read_buf(buf).await,
             Transport::User(stream) => {
-                let mut chunk = [0u8; 4096];
-                let read = tls_read(stream, &mut chunk).await?;
-                buf.extend_from_slice(&chunk[..read]);
-                Ok(read)
+                // Into `buf` itself: a buffer of its own here would be part of every
+                // connection's future, plain ones included.
+                let filled = buf.len();
+                buf.resize(filled + 4096, 0);
+                let read = tls_read(stream, &mut buf[filled..]).await;
+                buf.truncate(filled + *read.as_ref().unwrap_or(&0));
+                read
             }
         }
     }
@@ -486,8 +489,9 @@ async fn secure(stream: TcpStream, peer: SocketAddr, shared: &Shared) -> Option<
             None
         }
         Ok(Err(HandshakeError::Kernel(error))) => {
+            // A client can cause this (bad bytes right after its Finished): not worth a warning.
             failed("kernel");
-            tracing::warn!(%peer, %error, "handing TLS keys to the kernel failed");
+            tracing::debug!(%peer, %error, "handing TLS keys to the kernel failed");
             None
         }
         Ok(Ok(Secured::Kernel(stream))) => Some(Transport::Kernel(Box::new(stream))),

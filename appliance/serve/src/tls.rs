@@ -60,6 +60,7 @@ pub struct TlsConfig {
 pub struct Identity {
     key: Arc<CertifiedKey>,
     pub names: Vec<String>,
+    pub not_before_unix_s: i64,
     pub not_after_unix_s: i64,
     pub cert_path: PathBuf,
 }
@@ -86,26 +87,24 @@ pub struct Identities {
 
 impl Identities {
     /// Loads every certificate and key, checking each: readable, PEM, a key that matches its
-    /// certificate, valid at `now_unix_s`. The first failure is the error, naming the file.
-    pub fn load(files: &[CertificateFiles], now_unix_s: i64) -> Result<Identities, String> {
+    /// certificate. The first failure is the error, naming the file. Whether each is valid
+    /// now is `validity_problems`: an expired certificate must not keep the box from starting
+    /// (plain HTTP and every other setting would go down with it).
+    pub fn load(files: &[CertificateFiles]) -> Result<Identities, String> {
         if files.is_empty() {
             return Err("no certificate is configured".to_string());
         }
         let loaded = files
             .iter()
-            .map(|file| load_identity(file, now_unix_s))
+            .map(load_identity)
             .collect::<Result<Vec<_>, String>>()?;
         Ok(Identities::of(loaded))
     }
 
     /// One certificate chain and key given as PEM bytes (tests, the fuzzer).
-    pub fn from_pem(
-        cert_pem: &[u8],
-        key_pem: &[u8],
-        now_unix_s: i64,
-    ) -> Result<Identities, String> {
+    pub fn from_pem(cert_pem: &[u8], key_pem: &[u8]) -> Result<Identities, String> {
         let memory = Path::new("<memory>");
-        let identity = identity_from_pem(cert_pem, key_pem, memory, memory, now_unix_s)?;
+        let identity = identity_from_pem(cert_pem, key_pem, memory, memory)?;
         Ok(Identities::of(vec![identity]))
     }
 
@@ -148,12 +147,37 @@ impl Identities {
     pub fn list(&self) -> &[Identity] {
         &self.list
     }
+
+    /// The certificates not valid at `now_unix_s` (expired, or not yet valid), one readable
+    /// line each, naming the file.
+    pub fn validity_problems(&self, now_unix_s: i64) -> Vec<String> {
+        let date = |unix_s: i64| crate::http::http_date(u64::try_from(unix_s).unwrap_or(0));
+        self.list
+            .iter()
+            .filter_map(|identity| {
+                let file = identity.cert_path.display();
+                if now_unix_s > identity.not_after_unix_s {
+                    Some(format!(
+                        "{file}: the certificate expired at {} (notAfter)",
+                        date(identity.not_after_unix_s)
+                    ))
+                } else if now_unix_s < identity.not_before_unix_s {
+                    Some(format!(
+                        "{file}: the certificate is not valid before {} (notBefore)",
+                        date(identity.not_before_unix_s)
+                    ))
+                } else {
+                    None
+                }
+            })
+            .collect()
+    }
 }
 
-fn load_identity(files: &CertificateFiles, now_unix_s: i64) -> Result<Identity, String> {
+fn load_identity(files: &CertificateFiles) -> Result<Identity, String> {
     let cert_pem = read(&files.cert)?;
     let key_pem = read(&files.key)?;
-    identity_from_pem(&cert_pem, &key_pem, &files.cert, &files.key, now_unix_s)
+    identity_from_pem(&cert_pem, &key_pem, &files.cert, &files.key)
 }
 
 /// Parses and checks a chain and its key; errors name `cert_file` or `key_file`.
@@ -162,7 +186,6 @@ fn identity_from_pem(
     key_pem: &[u8],
     cert_file: &Path,
     key_file: &Path,
-    now_unix_s: i64,
 ) -> Result<Identity, String> {
     let cert_path = cert_file.display();
     let key_path = key_file.display();
@@ -174,18 +197,6 @@ fn identity_from_pem(
     };
     let (names, not_before, not_after) = leaf_facts(leaf)
         .map_err(|error| format!("{cert_path}: the certificate cannot be parsed: {error}"))?;
-    if now_unix_s > not_after {
-        return Err(format!(
-            "{cert_path}: the certificate expired at {} (notAfter)",
-            crate::http::http_date(u64::try_from(not_after).unwrap_or(0))
-        ));
-    }
-    if now_unix_s < not_before {
-        return Err(format!(
-            "{cert_path}: the certificate is not valid before {} (notBefore)",
-            crate::http::http_date(u64::try_from(not_before).unwrap_or(0))
-        ));
-    }
     let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|error| {
         format!("{key_path}: holds no PEM private key (PKCS#8, PKCS#1 or SEC1): {error}")
     })?;
@@ -206,6 +217,7 @@ fn identity_from_pem(
     Ok(Identity {
         key: Arc::new(key),
         names,
+        not_before_unix_s: not_before,
         not_after_unix_s: not_after,
         cert_path: cert_file.to_path_buf(),
     })
@@ -396,7 +408,12 @@ pub enum HandshakeError {
 impl Tls {
     /// Loads the certificates and probes the kernel; an error says what is wrong.
     pub async fn start(config: TlsConfig) -> Result<Tls, String> {
-        let identities = Identities::load(&config.certificates, now_unix_s())?;
+        let identities = Identities::load(&config.certificates)?;
+        // Served all the same: refusing to start would take plain HTTP down too, and an
+        // operator sees the problem in the log, in `status` and in /health's problems.
+        for problem in identities.validity_problems(now_unix_s()) {
+            tracing::error!(%problem, "TLS certificate not valid now; clients will refuse it");
+        }
         let resolver = Arc::new(SniResolver {
             current: RwLock::new(Arc::new(identities)),
         });
@@ -410,10 +427,18 @@ impl Tls {
         })
     }
 
-    /// Loads `files` and, when every one is good, serves new handshakes with them. On an
-    /// error the certificates in use stay. Connections already open are not touched.
+    /// Loads `files` and, when every one is good and valid now, serves new handshakes with
+    /// them. On an error the certificates in use stay. Connections already open are not
+    /// touched.
     pub fn reload(&self, files: &[CertificateFiles]) -> Result<(), String> {
-        let identities = Identities::load(files, now_unix_s())?;
+        let identities = Identities::load(files)?;
+        if let Some(problem) = identities
+            .validity_problems(now_unix_s())
+            .into_iter()
+            .next()
+        {
+            return Err(problem);
+        }
         self.resolver.replace(identities);
         Ok(())
     }
@@ -451,7 +476,7 @@ impl Tls {
     }
 }
 
-fn now_unix_s() -> i64 {
+pub fn now_unix_s() -> i64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |elapsed| {
@@ -495,12 +520,7 @@ mod tests {
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        Identities::from_pem(
-            cert.pem().as_bytes(),
-            key.serialize_pem().as_bytes(),
-            now_unix_s(),
-        )
-        .unwrap()
+        Identities::from_pem(cert.pem().as_bytes(), key.serialize_pem().as_bytes()).unwrap()
     }
 
     #[test]
@@ -525,17 +545,12 @@ mod tests {
             .unwrap()
             .self_signed(&key)
             .unwrap();
-        let error = Identities::from_pem(
-            cert.pem().as_bytes(),
-            other.serialize_pem().as_bytes(),
-            now_unix_s(),
-        )
-        .unwrap_err();
-        assert!(error.contains("does not match"), "{error}");
-        let error = Identities::from_pem(cert.pem().as_bytes(), b"junk", now_unix_s()).unwrap_err();
-        assert!(error.contains("no PEM private key"), "{error}");
-        let error = Identities::from_pem(b"junk", key.serialize_pem().as_bytes(), now_unix_s())
+        let error = Identities::from_pem(cert.pem().as_bytes(), other.serialize_pem().as_bytes())
             .unwrap_err();
+        assert!(error.contains("does not match"), "{error}");
+        let error = Identities::from_pem(cert.pem().as_bytes(), b"junk").unwrap_err();
+        assert!(error.contains("no PEM private key"), "{error}");
+        let error = Identities::from_pem(b"junk", key.serialize_pem().as_bytes()).unwrap_err();
         assert!(error.contains("no PEM certificate"), "{error}");
     }
 
@@ -547,21 +562,54 @@ mod tests {
                 key: PathBuf::from(key),
             }]
         };
-        let error = Identities::load(&files("/dev/zero", "/dev/zero"), 0).unwrap_err();
+        let error = Identities::load(&files("/dev/zero", "/dev/zero")).unwrap_err();
         assert!(error.contains("/dev/zero: larger than 1024 KiB"), "{error}");
-        let error = Identities::load(&files("/nonexistent.pem", "/dev/null"), 0).unwrap_err();
+        let error = Identities::load(&files("/nonexistent.pem", "/dev/null")).unwrap_err();
         assert!(
             error.contains("/nonexistent.pem: cannot be read"),
             "{error}"
         );
-        let error = Identities::load(&files("/", "/"), 0).unwrap_err();
+        let error = Identities::load(&files("/", "/")).unwrap_err();
         assert!(error.contains("/: cannot be read"), "{error}");
-        let error = Identities::load(&files("/dev/null", "/dev/null"), 0).unwrap_err();
+        let error = Identities::load(&files("/dev/null", "/dev/null")).unwrap_err();
         assert!(
             error.contains("/dev/null: holds no PEM certificate"),
             "{error}"
         );
-        assert!(Identities::load(&[], 0).is_err());
+        assert!(Identities::load(&[]).is_err());
+    }
+
+    /// A ClientHello fragmented so that rustls' deframer buffer is almost full makes it offer
+    /// the kTLS path's record-boundary reader (`ktls::CorkStream`) fewer than the 5 bytes of
+    /// the next record header. Upstream ktls asserted that never happens: one client could
+    /// abort the daemon. The handshake must fail cleanly instead.
+    #[tokio::test]
+    async fn cork_hands_out_a_record_header_in_pieces_when_rustls_has_little_room() {
+        use tokio::io::AsyncWriteExt;
+        let config = user_space_config(identities(&["a.example"])).unwrap();
+        let acceptor = tokio_rustls::TlsAcceptor::from(config);
+        let (mut client, server) = tokio::io::duplex(1 << 20);
+        let mut records = Vec::new();
+        let record = |records: &mut Vec<u8>, payload: &[u8]| {
+            records.extend_from_slice(&[22, 3, 3]);
+            records.extend_from_slice(&u16::try_from(payload.len()).unwrap().to_be_bytes());
+            records.extend_from_slice(payload);
+        };
+        // A ClientHello that claims 0xffff bytes, sent in fragments that fill the buffer.
+        let mut first = vec![1, 0, 0xff, 0xff];
+        first.resize(16_384, 0x42);
+        record(&mut records, &first);
+        for length in [16_384, 16_384, 16_360] {
+            record(&mut records, &vec![0x42; length]);
+        }
+        record(&mut records, &[0x42; 64]);
+        client.write_all(&records).await.unwrap();
+        drop(client);
+        let outcome = acceptor.accept(ktls::CorkStream::new(server)).await;
+        assert!(
+            outcome.is_err(),
+            "a truncated, oversized ClientHello was accepted"
+        );
     }
 
     #[test]
