@@ -740,7 +740,7 @@ async fn read_head(
     }
 }
 
-fn now_unix_s() -> u64 {
+pub(crate) fn now_unix_s() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|elapsed| elapsed.as_secs())
@@ -1007,9 +1007,34 @@ async fn tls_write_all(
         written += metered_write(meter, tls.write(&bytes[written..])).await?;
     }
     if flush {
-        metered_write(meter, async { tls.flush().await.map(|()| 0) }).await?;
+        tls_flush(tls, meter).await?;
     }
     Ok(written)
+}
+
+/// Pushes out every encrypted byte rustls holds, within the send limits `meter` keeps.
+async fn tls_flush(
+    tls: &mut tokio_rustls::server::TlsStream<TcpStream>,
+    meter: &mut SendMeter,
+) -> Result<(), SendError> {
+    metered_write(meter, async { tls.flush().await.map(|()| 0) }).await?;
+    Ok(())
+}
+
+/// The drive's descriptor that a file's bytes are sent or read from.
+fn serve_source(handle: &FileHandle) -> Result<std::os::fd::BorrowedFd<'_>, SendError> {
+    handle
+        .serve_fd()
+        .ok_or_else(|| io::Error::other("the drive has no descriptor to send from").into())
+}
+
+/// A piece that came back empty: the drive ended inside a stored extent.
+fn ended_inside_extent() -> SendError {
+    io::Error::new(
+        io::ErrorKind::UnexpectedEof,
+        "the drive ended inside a stored extent",
+    )
+    .into()
 }
 
 /// Sends file bytes `start..start + length` through rustls: each piece read into a buffer on
@@ -1023,10 +1048,7 @@ async fn tls_send_file_range(
     shared: &Shared,
     meter: &mut SendMeter,
 ) -> Result<u64, SendError> {
-    let Some(source) = handle.serve_fd() else {
-        let error = io::Error::other("the drive has no descriptor to send from");
-        return Err(error.into());
-    };
+    let source = serve_source(handle)?;
     let mut resident = Vec::new();
     let mut total = 0u64;
     for range in handle.ranges(start, length) {
@@ -1047,18 +1069,14 @@ async fn tls_send_file_range(
                 tls_write_all(tls, piece.bytes.bytes(), false, meter).await?
             };
             if written == 0 {
-                let error = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the drive ended inside a stored extent",
-                );
-                return Err(error.into());
+                return Err(ended_inside_extent());
             }
             offset += written as u64;
             total += written as u64;
             shared.metrics.bytes_sent.inc_by(written as u64);
         }
     }
-    metered_write(meter, async { tls.flush().await.map(|()| 0) }).await?;
+    tls_flush(tls, meter).await?;
     Ok(total)
 }
 
@@ -1078,10 +1096,7 @@ async fn send_file_range(
     shared: &Shared,
     meter: &mut SendMeter,
 ) -> Result<u64, SendError> {
-    let Some(source) = handle.serve_fd() else {
-        let error = io::Error::other("the drive has no descriptor to send from");
-        return Err(error.into());
-    };
+    let source = serve_source(handle)?;
     let ranges = handle.ranges(start, length);
     let mut total = 0u64;
     for range in ranges {
@@ -1135,11 +1150,7 @@ async fn send_file_range(
                 }
             };
             if sent == 0 {
-                let error = io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the drive ended inside a stored extent",
-                );
-                return Err(error.into());
+                return Err(ended_inside_extent());
             }
             total += sent as u64;
             shared.metrics.bytes_sent.inc_by(sent as u64);

@@ -476,12 +476,9 @@ impl Tls {
     }
 }
 
+/// The serving clock, as a certificate's validity times count (signed).
 pub fn now_unix_s() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |elapsed| {
-            i64::try_from(elapsed.as_secs()).unwrap_or(i64::MAX)
-        })
+    i64::try_from(crate::server::now_unix_s()).unwrap_or(i64::MAX)
 }
 
 /// Feeds `bytes` to a fresh server connection as a client's first bytes, and answers what it

@@ -183,10 +183,7 @@ pub fn day() -> Result<Map<String, Value>> {
         return Ok(figures);
     }
     let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
-    let applianced = match std::env::var("BENCH_APPLIANCED") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => util::applianced()?,
-    };
+    let applianced = crate::bench_servers::applianced_under_test()?;
     let dir = workspace_root().join("target/bench/day");
     std::fs::create_dir_all(&dir)?;
     // What a run writes (drive, state, the writer's files, the phases' symlinks and

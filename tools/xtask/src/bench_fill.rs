@@ -86,10 +86,7 @@ impl Settings {
 pub fn fill() -> Result<Map<String, Value>> {
     let settings = Settings::from_env()?;
     ensure_tools()?;
-    let applianced = match std::env::var("BENCH_APPLIANCED") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => util::applianced()?,
-    };
+    let applianced = crate::bench_servers::applianced_under_test()?;
     let dir = workspace_root().join("target/bench/fill");
     std::fs::create_dir_all(&dir)?;
     let _cleanup = cleanup(&dir);

@@ -213,10 +213,7 @@ pub fn serve() -> Result<Map<String, Value>> {
     if !pin {
         println!("  fewer than 2 cores: wrk and the servers are not pinned");
     }
-    let applianced = match std::env::var("BENCH_APPLIANCED") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => util::applianced()?,
-    };
+    let applianced = crate::bench_servers::applianced_under_test()?;
     let dir = workspace_root().join("target/bench/serve");
     std::fs::create_dir_all(&dir)?;
     let catalog = dir.join("catalog");

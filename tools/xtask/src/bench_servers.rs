@@ -115,6 +115,14 @@ pub(crate) struct ApplianceSetup<'a> {
     pub tls: Option<&'a TlsCertificate>,
 }
 
+/// The `applianced` a benchmark runs: BENCH_APPLIANCED when set, else the release build.
+pub(crate) fn applianced_under_test() -> Result<PathBuf> {
+    match std::env::var("BENCH_APPLIANCED") {
+        Ok(path) => Ok(PathBuf::from(path)),
+        Err(_) => crate::util::applianced(),
+    }
+}
+
 /// The number in environment variable `name`, if it is set.
 fn env_number(name: &str) -> Result<Option<u64>> {
     std::env::var(name)

@@ -17,14 +17,14 @@ use crate::bench_serve::{
     file_name, generate_catalog, range_script, run_wrk, url_path, Load, Run, FILE_BYTES,
 };
 use crate::bench_servers::{start_appliance, start_nginx, ApplianceSetup, NginxFlavor, Server};
-use crate::util::{self, workspace_root};
+use crate::util::workspace_root;
 use anyhow::{bail, Context, Result};
 use appliance_testkit::tls::{self_signed, Validity};
 use appliance_testkit::{Fill, Guard, SplitMix64};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -67,10 +67,7 @@ pub fn tls() -> Result<Map<String, Value>> {
     let seconds = env_u64("BENCH_SECONDS", 8).max(1);
     let files = env_u64("BENCH_TLS_FILES", 32).max(1);
     let pin = std::thread::available_parallelism().map_or(1, usize::from) >= 2;
-    let applianced = match std::env::var("BENCH_APPLIANCED") {
-        Ok(path) => PathBuf::from(path),
-        Err(_) => util::applianced()?,
-    };
+    let applianced = crate::bench_servers::applianced_under_test()?;
     let dir = workspace_root().join("target/bench/tls");
     std::fs::create_dir_all(&dir)?;
     let catalog = dir.join("catalog");
@@ -211,78 +208,53 @@ pub fn tls() -> Result<Map<String, Value>> {
         "case", "appliance", "nginx", "ratio", "cpu ratio"
     );
     for (name, _, _) in RANGE_CASES {
-        let ours = &ranges[&(name, "appliance")];
-        let theirs = &ranges[&(name, "nginx")];
-        for (server, list) in [("appliance", ours), ("nginx", theirs)] {
-            figures.insert(
-                format!("{name}_{server}_gbps"),
-                json!(round_to(median_of(list, |run| run.gbps), 3)),
-            );
-            figures.insert(
-                format!("{name}_{server}_rps"),
-                json!(round_to(median_of(list, |run| run.rps), 0)),
-            );
-            figures.insert(
-                format!("{name}_{server}_p99_ms"),
-                json!(round_to(median_of(list, |run| run.p99_ms), 2)),
-            );
-            figures.insert(
-                format!("{name}_{server}_cpu_s_per_gb"),
-                json!(round_to(median_of(list, |run| run.cpu_s_per_gb), 3)),
-            );
-        }
-        let ratio = median_of(ours, |run| run.gbps) / median_of(theirs, |run| run.gbps);
-        let cpu_ratio =
-            median_of(theirs, |run| run.cpu_s_per_gb) / median_of(ours, |run| run.cpu_s_per_gb);
-        figures.insert(format!("{name}_ratio"), json!(round_to(ratio, 3)));
-        figures.insert(format!("{name}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
-        let cell = |list: &[Run]| {
-            format!(
-                "{:.2} GB/s {:.0} ms {:.3} s/GB",
-                median_of(list, |run| run.gbps),
-                median_of(list, |run| run.p99_ms),
-                median_of(list, |run| run.cpu_s_per_gb)
-            )
-        };
-        println!(
-            "  {name:<18} {:>22} {:>22} {ratio:>7.3} {cpu_ratio:>9.3}",
-            cell(ours),
-            cell(theirs)
+        summarize(
+            &mut figures,
+            name,
+            &ranges[&(name, "appliance")],
+            &ranges[&(name, "nginx")],
+            &Summary {
+                fields: &[
+                    ("gbps", |run| run.gbps, 3),
+                    ("rps", |run| run.rps, 0),
+                    ("p99_ms", |run| run.p99_ms, 2),
+                    ("cpu_s_per_gb", |run| run.cpu_s_per_gb, 3),
+                ],
+                throughput: |run| run.gbps,
+                cpu: |run| run.cpu_s_per_gb,
+                cell: |list| {
+                    format!(
+                        "{:.2} GB/s {:.0} ms {:.3} s/GB",
+                        median_of(list, |run| run.gbps),
+                        median_of(list, |run| run.p99_ms),
+                        median_of(list, |run| run.cpu_s_per_gb)
+                    )
+                },
+            },
         );
     }
     for (name, _) in HANDSHAKE_CASES {
-        let ours = &handshakes[&(name, "appliance")];
-        let theirs = &handshakes[&(name, "nginx")];
-        for (server, list) in [("appliance", ours), ("nginx", theirs)] {
-            figures.insert(
-                format!("{name}_{server}_per_s"),
-                json!(round_to(median_of(list, |run| run.per_s), 0)),
-            );
-            figures.insert(
-                format!("{name}_{server}_cpu_ms_each"),
-                json!(round_to(median_of(list, |run| run.cpu_ms_each), 4)),
-            );
-            figures.insert(
-                format!("{name}_{server}_resumed_share"),
-                json!(round_to(median_of(list, |run| run.resumed_share), 3)),
-            );
-        }
-        let ratio = median_of(ours, |run| run.per_s) / median_of(theirs, |run| run.per_s);
-        let cpu_ratio =
-            median_of(theirs, |run| run.cpu_ms_each) / median_of(ours, |run| run.cpu_ms_each);
-        figures.insert(format!("{name}_ratio"), json!(round_to(ratio, 3)));
-        figures.insert(format!("{name}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
-        let cell = |list: &[Handshakes]| {
-            format!(
-                "{:.0}/s {:.3} ms",
-                median_of(list, |run| run.per_s),
-                median_of(list, |run| run.cpu_ms_each)
-            )
-        };
-        println!(
-            "  {name:<18} {:>22} {:>22} {ratio:>7.3} {cpu_ratio:>9.3}",
-            cell(ours),
-            cell(theirs)
+        summarize(
+            &mut figures,
+            name,
+            &handshakes[&(name, "appliance")],
+            &handshakes[&(name, "nginx")],
+            &Summary {
+                fields: &[
+                    ("per_s", |run| run.per_s, 0),
+                    ("cpu_ms_each", |run| run.cpu_ms_each, 4),
+                    ("resumed_share", |run| run.resumed_share, 3),
+                ],
+                throughput: |run| run.per_s,
+                cpu: |run| run.cpu_ms_each,
+                cell: |list| {
+                    format!(
+                        "{:.0}/s {:.3} ms",
+                        median_of(list, |run| run.per_s),
+                        median_of(list, |run| run.cpu_ms_each)
+                    )
+                },
+            },
         );
     }
     println!(
@@ -303,6 +275,46 @@ pub fn tls() -> Result<Map<String, Value>> {
     figures.insert("handshake_clients".into(), json!(HANDSHAKE_CLIENTS));
     figures.insert("problems".into(), json!(notes));
     Ok(figures)
+}
+
+/// A figure kept per server: its JSON key suffix, its value in one run, its decimals.
+type Field<T> = (&'static str, fn(&T) -> f64, i32);
+
+/// How a case's runs are summarised: the figures kept per server (JSON key suffix, the value
+/// of a run, decimals), what the ratios compare, and the table cell of one server.
+struct Summary<T: 'static> {
+    fields: &'static [Field<T>],
+    throughput: fn(&T) -> f64,
+    cpu: fn(&T) -> f64,
+    cell: fn(&[T]) -> String,
+}
+
+/// Records a case's medians for both servers, `<case>_ratio` (our throughput over nginx's)
+/// and `<case>_cpu_ratio` (nginx's CPU over ours), and prints its table line.
+fn summarize<T>(
+    figures: &mut Map<String, Value>,
+    name: &str,
+    ours: &[T],
+    theirs: &[T],
+    summary: &Summary<T>,
+) {
+    for (server, list) in [("appliance", ours), ("nginx", theirs)] {
+        for (key, field, places) in summary.fields {
+            figures.insert(
+                format!("{name}_{server}_{key}"),
+                json!(round_to(median_of(list, field), *places)),
+            );
+        }
+    }
+    let ratio = median_of(ours, summary.throughput) / median_of(theirs, summary.throughput);
+    let cpu_ratio = median_of(theirs, summary.cpu) / median_of(ours, summary.cpu);
+    figures.insert(format!("{name}_ratio"), json!(round_to(ratio, 3)));
+    figures.insert(format!("{name}_cpu_ratio"), json!(round_to(cpu_ratio, 3)));
+    println!(
+        "  {name:<18} {:>22} {:>22} {ratio:>7.3} {cpu_ratio:>9.3}",
+        (summary.cell)(ours),
+        (summary.cell)(theirs)
+    );
 }
 
 fn tls_port(server: &Server) -> Result<u16> {

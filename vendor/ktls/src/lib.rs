@@ -59,7 +59,8 @@ impl CompatibleCiphers {
     pub async fn new() -> io::Result<Self> {
         let mut ciphers = CompatibleCiphers::default();
 
-        let ln = TcpListener::bind("0.0.0.0:0").await?;
+        // appliance fix: the probe's listener on loopback, not on every interface
+        let ln = TcpListener::bind("127.0.0.1:0").await?;
         let local_addr = ln.local_addr()?;
 
         // Accepted conns of ln
