@@ -1,11 +1,15 @@
 //! Black-box tests of the real `applianced` binary: formatting refusals, start-up with broken
 //! or missing drives, SIGKILL in the middle of writing many files, the same on a loop device,
-//! a drive that starts failing I/O (device-mapper error target) staying out of service, and a
-//! drive failing under the running daemon turning status, `/health` and `/metrics` degraded.
+//! a drive that starts failing I/O (device-mapper error target) staying out of service, a
+//! drive failing under the running daemon turning status, `/health` and `/metrics` degraded,
+//! and a drive in a newer on-disk format reported failed and never touched.
 
 mod util;
 
+use appliance_store::layout::{FORMAT_VERSION, FORMAT_VERSION_OLDEST_READ, SUPERBLOCK_BYTES};
+use sha2::{Digest, Sha256};
 use std::io::{BufRead, BufReader};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use util::{applianced, loop_device, root_or_skip, Catalog, Scratch, APPLIANCED};
 
@@ -251,4 +255,101 @@ fn a_drive_that_fails_under_the_running_daemon_makes_the_box_degraded_everywhere
         metrics.contains(&drive_down),
         "{drive_down} missing:\n{metrics}"
     );
+}
+
+/// Rewrites the format version of both superblock copies of a drive file (bytes 8..12 of each
+/// 4 KiB copy) and reseals each with its CRC-32C (bytes 4092..4096), as a build of that version
+/// would have written them.
+fn set_superblock_version(drive: &Path, version: u32) {
+    let bytes = std::fs::read(drive).unwrap();
+    for copy in 0..2 {
+        let start = usize::try_from(copy * SUPERBLOCK_BYTES).unwrap();
+        let mut block = bytes[start..start + 4096].to_vec();
+        block[8..12].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..4092]);
+        block[4092..].copy_from_slice(&crc.to_le_bytes());
+        util::write_at(drive, copy * SUPERBLOCK_BYTES, &block);
+    }
+}
+
+fn sha256_of(drive: &Path) -> [u8; 32] {
+    Sha256::digest(std::fs::read(drive).unwrap()).into()
+}
+
+/// A drive that a newer appliance image wrote (both superblock copies name a newer format
+/// version, checksums valid) is reported failed with that reason in status and `/health`, the
+/// other drive keeps serving its files, `applianced format` without `--force` refuses it with
+/// the same reason, and not one byte of it changes: not at start, not at the clean stop
+/// (SIGTERM), not at a restart.
+#[test]
+fn a_drive_in_a_newer_format_is_reported_failed_and_left_untouched() {
+    let scratch = Scratch::new("newer-format");
+    let drives = util::formatted_drives(&scratch, 2, 64 << 20, 4);
+    let catalog = Catalog::generate(&scratch, "src", 10, 300_000);
+    let paths: Vec<&Path> = drives.iter().map(|drive| drive.as_path()).collect();
+    let out = scratch.store(&paths, &["import", catalog.root.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", out.stderr);
+    let config = || appliance_testkit::Config::new(&drives);
+    let daemon = util::Daemon::start(&scratch, config());
+    assert_eq!(daemon.ctl().status().unwrap()["state"], "serving");
+    assert!(daemon.stop().success());
+    let newer = &drives[0];
+    let version = FORMAT_VERSION + 1;
+    set_superblock_version(newer, version);
+    let before = sha256_of(newer);
+    let reason = format!(
+        "store format version {version} is newer than this build reads \
+         ({FORMAT_VERSION_OLDEST_READ}..={FORMAT_VERSION}): written by a newer appliance image; \
+         the drive is left untouched (boot the newer image, or reformat it by hand with \
+         applianced format --force)"
+    );
+    for run in ["first start", "restart"] {
+        let daemon = util::Daemon::start(&scratch, config());
+        let status = daemon.ctl().status().unwrap();
+        let (code, body) = daemon.admin("GET", "/health");
+        assert_eq!(code, 200, "{run}: the other drive serves: {body}");
+        let health: serde_json::Value = serde_json::from_str(&body).unwrap();
+        for view in [&status, &health] {
+            assert_eq!(view["state"], "degraded", "{run}: {view}");
+            assert_eq!(view["drives"][0]["state"], "failed", "{run}: {view}");
+            assert_eq!(view["drives"][0]["error"], reason.as_str(), "{run}: {view}");
+            assert_eq!(view["drives"][1]["state"], "ok", "{run}: {view}");
+            let problems = view["problems"].to_string();
+            assert!(problems.contains(&reason), "{run}: {problems}");
+        }
+        let (_, metrics) = daemon.admin("GET", "/metrics");
+        let drive_down = format!("appliance_drive_up{{drive=\"{}\"}} 0", newer.display());
+        assert!(
+            metrics.contains(&drive_down),
+            "{run}: {drive_down}:\n{metrics}"
+        );
+        let mut served = 0;
+        for (path, bytes) in &catalog.files {
+            if let Some(body) = daemon.get(path) {
+                assert!(body == *bytes, "{run}: {path} bytes");
+                served += 1;
+            }
+        }
+        assert!(served > 0, "{run}: the other drive serves its files");
+        assert_eq!(Some(served), status["drives"][1]["files"].as_u64(), "{run}");
+        if run == "first start" {
+            let refused = applianced(&["format", "--segment-mib", "4", newer.to_str().unwrap()]);
+            assert!(!refused.status.success(), "{run}: {}", refused.stdout);
+            assert!(
+                refused.stderr.contains(&reason),
+                "{run}: {}",
+                refused.stderr
+            );
+            assert!(
+                refused.stderr.contains("holds appliance data"),
+                "{run}: {}",
+                refused.stderr
+            );
+        }
+        assert!(daemon.stop().success(), "{run}: a clean stop");
+        assert!(
+            sha256_of(newer) == before,
+            "{run}: the newer drive's bytes changed"
+        );
+    }
 }

@@ -360,6 +360,13 @@ impl Daemon {
     pub fn pid(&self) -> u32 {
         self.guard.pid()
     }
+
+    /// Stops the daemon with SIGTERM (SIGKILL after 10 s); how it ended.
+    pub fn stop(mut self) -> std::process::ExitStatus {
+        self.guard
+            .stop(Duration::from_secs(10))
+            .expect("stop applianced")
+    }
 }
 
 /// What curl got: its exit code, the status, the response heads (lowercase) and the body.

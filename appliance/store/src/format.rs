@@ -1,11 +1,16 @@
 //! Formatting a drive: refusing drives that hold other data, then writing superblocks and an
 //! empty checkpoint.
+//!
+//! Without `force`, nothing is written to a drive that holds anything recognised: appliance
+//! data of any format version (a newer one included: it is never taken for blank), or a
+//! filesystem or partition signature.
 
 use crate::layout::to_usize;
 use crate::layout::{
     checkpoint_region_bytes, CheckpointHeader, LogPosition, SegmentKind, SegmentRow, Superblock,
-    SEGMENT_BYTES_MIN, SUPERBLOCK_BYTES,
+    FORMAT_VERSION, SEGMENT_BYTES_MIN, SUPERBLOCK_BYTES,
 };
+use crate::recovery::version_refusal;
 use appliance_device::{read_exact_at, write_all_at, AlignedBuf, Drive};
 use std::fmt;
 use std::io;
@@ -33,6 +38,9 @@ pub struct FormatOptions {
 pub enum FormatError {
     /// The drive holds something that must not be overwritten without `force`.
     Occupied(String),
+    /// The drive holds appliance data in a format version this build does not read (the reason
+    /// says which and what to do); only `force` overwrites it.
+    UnreadableVersion(String),
     /// The drive is too small for the requested geometry.
     TooSmall {
         size_bytes: u64,
@@ -52,6 +60,11 @@ impl fmt::Display for FormatError {
                     "refusing to format: the drive {what} (use --force to overwrite)"
                 )
             }
+            FormatError::UnreadableVersion(reason) => write!(
+                f,
+                "refusing to format: the drive holds appliance data in a format this build \
+                 cannot read: {reason}"
+            ),
             FormatError::TooSmall {
                 size_bytes,
                 needed_bytes,
@@ -86,28 +99,61 @@ const SIGNATURES: &[(usize, &[u8], &str)] = &[
     (510, &[0x55, 0xAA], "DOS partition table or FAT boot sector"),
 ];
 
-/// What the first bytes of a drive hold: our superblock, a known signature, or nothing known.
-pub fn inspect_drive(drive: &dyn Drive) -> io::Result<Option<String>> {
+/// What the first bytes of a drive hold.
+#[derive(Debug)]
+pub enum DriveContents {
+    /// Nothing recognised: a blank drive, or bytes of no known kind.
+    Unrecognised,
+    /// An appliance store this build opens (the first valid superblock copy).
+    Appliance(Superblock),
+    /// An appliance store in a format version this build does not read: why, and what to do.
+    ApplianceUnreadable(String),
+    /// A filesystem, partition table or volume signature (its name).
+    Foreign(&'static str),
+}
+
+/// Looks at the first bytes of a drive: appliance superblocks first (a copy in a version this
+/// build does not read decides, as it does at open), then known signatures. Reads only.
+pub fn inspect_drive(drive: &dyn Drive) -> io::Result<DriveContents> {
     let probe_bytes = (128 * 1024).min(drive.info().size_bytes);
     let head = read_exact_at(drive, 0, AlignedBuf::new(to_usize(probe_bytes)))?;
-    for copy in 0..2usize {
-        let start = copy * to_usize(SUPERBLOCK_BYTES);
-        if let Some(bytes) = head.get(start..start + to_usize(SUPERBLOCK_BYTES)) {
-            if let Ok(superblock) = Superblock::decode(bytes) {
-                return Ok(Some(format!(
-                    "holds appliance data (drive {}, formatted at unix time {})",
-                    uuid_text(&superblock.drive_uuid),
-                    superblock.created_unix_s
-                )));
-            }
+    let copies: Vec<_> = (0..2usize)
+        .filter_map(|copy| {
+            let start = copy * to_usize(SUPERBLOCK_BYTES);
+            head.get(start..start + to_usize(SUPERBLOCK_BYTES))
+                .map(Superblock::decode)
+        })
+        .collect();
+    for copy in &copies {
+        if let Some(refusal) = copy.as_ref().err().and_then(version_refusal) {
+            return Ok(DriveContents::ApplianceUnreadable(refusal));
         }
+    }
+    if let Some(superblock) = copies.into_iter().find_map(Result::ok) {
+        return Ok(DriveContents::Appliance(superblock));
     }
     for (offset, magic, name) in SIGNATURES {
         if head.get(*offset..offset + magic.len()) == Some(*magic) {
-            return Ok(Some(format!("holds a {name} signature")));
+            return Ok(DriveContents::Foreign(name));
         }
     }
-    Ok(None)
+    Ok(DriveContents::Unrecognised)
+}
+
+/// Refuses a drive that holds anything recognised (see [`inspect_drive`]).
+fn refuse_occupied(drive: &dyn Drive) -> Result<(), FormatError> {
+    match inspect_drive(drive)? {
+        DriveContents::Unrecognised => Ok(()),
+        DriveContents::Appliance(superblock) => Err(FormatError::Occupied(format!(
+            "holds appliance data (drive {}, formatted at unix time {})",
+            uuid_text(&superblock.drive_uuid),
+            superblock.created_unix_s
+        ))),
+        DriveContents::ApplianceUnreadable(reason) => Err(FormatError::UnreadableVersion(reason)),
+        DriveContents::Foreign(name) => {
+            Err(FormatError::Occupied(format!("holds a {name} signature")))
+        }
+    }
 }
 
 /// The usual text form of a UUID.
@@ -161,6 +207,7 @@ fn geometry(size_bytes: u64, options: &FormatOptions) -> Result<Superblock, Form
     let segment_count = u32::try_from((size_bytes - segments_offset_bytes) / segment_bytes)
         .expect("below the estimate");
     let superblock = Superblock {
+        format_version: FORMAT_VERSION,
         drive_uuid: options.drive_uuid,
         segment_bytes,
         segment_count,
@@ -180,9 +227,7 @@ fn geometry(size_bytes: u64, options: &FormatOptions) -> Result<Superblock, Form
 pub fn format_drive(drive: &dyn Drive, options: &FormatOptions) -> Result<Superblock, FormatError> {
     let superblock = geometry(drive.info().size_bytes, options)?;
     if !options.force {
-        if let Some(what) = inspect_drive(drive)? {
-            return Err(FormatError::Occupied(what));
-        }
+        refuse_occupied(drive)?;
     }
     // Old checkpoints and the start of the first log segment are cleared, so nothing of an
     // earlier format can be mistaken for this one's (record checksums are also salted).
@@ -209,6 +254,7 @@ pub fn format_drive(drive: &dyn Drive, options: &FormatOptions) -> Result<Superb
         SegmentRow { kind, live: 0 }.encode(&mut body);
     }
     let header = CheckpointHeader {
+        format_version: superblock.format_version,
         generation: 1,
         epoch: 1,
         log_head: LogPosition {

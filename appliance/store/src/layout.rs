@@ -1,8 +1,9 @@
 //! The on-disk format, written by hand: superblock, record header, file metadata, checkpoint.
 //!
 //! Everything is little-endian and versioned, every structure carries a CRC-32C, and every
-//! decoder returns a typed error for any byte pattern (it never panics on input). This module
-//! does no I/O.
+//! decoder returns a typed error for any byte pattern (it never panics on input). The version
+//! policy (what a build opens, what it writes) is at [`FORMAT_VERSION`]. This module does no
+//! I/O.
 
 use std::fmt;
 
@@ -12,8 +13,22 @@ pub const SUPERBLOCK_MAGIC: u64 = u64::from_le_bytes(*b"APPLSUPR");
 pub const RECORD_MAGIC: u32 = u32::from_le_bytes(*b"ALRC");
 /// Magic at the start of a checkpoint header: "APPLCKPT".
 pub const CHECKPOINT_MAGIC: u64 = u64::from_le_bytes(*b"APPLCKPT");
-/// The on-disk format version this code reads and writes.
+/// The on-disk format version this build writes when it formats a drive.
+///
+/// Version policy (ARCHITECTURE.md, "On-disk format versions"):
+/// - Every version keeps the first 12 bytes of a superblock (magic, then the version as a
+///   little-endian u32 at bytes 8..12) and the CRC-32C of bytes 0..4092 at 4092..4096, so any
+///   build can tell an appliance drive of another version from damage.
+/// - A build opens the versions `FORMAT_VERSION_OLDEST_READ..=FORMAT_VERSION`. The superblock's
+///   version is checked right after its magic and checksum, before any other field of it is
+///   trusted; every structure under it (checkpoints, records) is decoded by that version.
+/// - A drive in a version outside that range is refused and left untouched: no checkpoint, no
+///   recovery write, no reformat. Only an operator's `applianced format --force` overwrites it.
+/// - A build writes the version the drive's superblock names, never a newer one on its own: the
+///   previous image of an A/B pair can still open the drive after a rollback.
 pub const FORMAT_VERSION: u32 = 1;
+/// The oldest on-disk format version this build opens (see [`FORMAT_VERSION`]).
+pub const FORMAT_VERSION_OLDEST_READ: u32 = 1;
 
 /// Size of one superblock copy; copy A sits at offset 0, copy B right after it.
 pub const SUPERBLOCK_BYTES: u64 = 4096;
@@ -36,6 +51,10 @@ pub const SEGMENT_BYTES_MIN: u64 = 2 << 20;
 /// Extent rows one file may have; a file longer than that many segments is refused.
 pub const EXTENTS_PER_FILE_MAX: usize = 16_384;
 
+const _: () = assert!(
+    0 < FORMAT_VERSION_OLDEST_READ && FORMAT_VERSION_OLDEST_READ <= FORMAT_VERSION,
+    "a build reads the version it writes, and version 0 never existed"
+);
 const _: () = assert!(RECORD_HEADER_BYTES.is_multiple_of(RECORD_ALIGN_BYTES));
 const _: () = assert!(appliance_device::BLOCK_BYTES.is_multiple_of(RECORD_ALIGN_BYTES));
 const _: () = assert!(SEGMENT_BYTES_MIN.is_multiple_of(appliance_device::BLOCK_BYTES));
@@ -58,8 +77,10 @@ const _: () = assert!(CHECKPOINT_HEADER_BYTES == appliance_device::BLOCK_BYTES);
 pub enum DecodeError {
     /// The magic number is not ours.
     BadMagic,
-    /// A version this code does not read.
-    UnsupportedVersion(u32),
+    /// A format version newer than this build reads: written by a newer build.
+    VersionNewer(u32),
+    /// A format version older than this build reads.
+    VersionOlder(u32),
     /// A checksum did not match.
     BadChecksum,
     /// The bytes end before the structure does.
@@ -72,9 +93,18 @@ impl fmt::Display for DecodeError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             DecodeError::BadMagic => write!(f, "bad magic number"),
-            DecodeError::UnsupportedVersion(v) => {
-                write!(f, "format version {v} (this build reads {FORMAT_VERSION})")
-            }
+            DecodeError::VersionNewer(version) => write!(
+                f,
+                "store format version {version} is newer than this build reads \
+                 ({FORMAT_VERSION_OLDEST_READ}..={FORMAT_VERSION}): written by a newer appliance \
+                 image"
+            ),
+            DecodeError::VersionOlder(version) => write!(
+                f,
+                "store format version {version} is older than this build reads \
+                 ({FORMAT_VERSION_OLDEST_READ}..={FORMAT_VERSION}): written by an appliance \
+                 image this one no longer opens"
+            ),
             DecodeError::BadChecksum => write!(f, "checksum mismatch"),
             DecodeError::Truncated => write!(f, "truncated structure"),
             DecodeError::BadField(name) => write!(f, "field {name} out of range"),
@@ -84,9 +114,22 @@ impl fmt::Display for DecodeError {
 
 impl std::error::Error for DecodeError {}
 
+/// Checks a format version read from a drive against the range this build reads.
+pub fn check_format_version(version: u32) -> Result<u32, DecodeError> {
+    if version > FORMAT_VERSION {
+        Err(DecodeError::VersionNewer(version))
+    } else if version < FORMAT_VERSION_OLDEST_READ {
+        Err(DecodeError::VersionOlder(version))
+    } else {
+        Ok(version)
+    }
+}
+
 /// The drive's identity and geometry, stored twice at the start of the drive.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Superblock {
+    /// The drive's format version: what everything on the drive is decoded and written by.
+    pub format_version: u32,
     pub drive_uuid: [u8; 16],
     pub segment_bytes: u64,
     pub segment_count: u32,
@@ -120,11 +163,12 @@ impl Superblock {
         (segment < self.segment_count).then_some(segment)
     }
 
-    /// Encodes one 4 KiB superblock copy.
+    /// Encodes one 4 KiB superblock copy in its own format version.
     pub fn encode(&self) -> Vec<u8> {
+        check_format_version(self.format_version).expect("a version this build writes");
         let mut out = Vec::with_capacity(4096);
         out.extend_from_slice(&SUPERBLOCK_MAGIC.to_le_bytes());
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.format_version.to_le_bytes());
         out.extend_from_slice(&0u32.to_le_bytes());
         out.extend_from_slice(&self.drive_uuid);
         for value in [
@@ -141,11 +185,16 @@ impl Superblock {
         seal_block(out)
     }
 
-    /// Decodes and checks one superblock copy.
+    /// Decodes and checks one superblock copy: magic and checksum, then the version (refused
+    /// when outside what this build reads), and only then the fields, by that version.
     pub fn decode(bytes: &[u8]) -> Result<Superblock, DecodeError> {
         let mut reader = open_block(bytes, SUPERBLOCK_MAGIC)?;
+        let format_version = check_format_version(reader.u32()?)?;
+        // Every version this build reads (only 1 so far) has the layout below; a build that
+        // reads two layouts branches on `format_version` here.
         reader.u32()?;
         let superblock = Superblock {
+            format_version,
             drive_uuid: reader.array()?,
             segment_bytes: reader.u64()?,
             segment_count: u32::try_from(reader.u64()?)
@@ -238,6 +287,9 @@ impl RecordKind {
 }
 
 /// The 32-byte header in front of every log record.
+///
+/// Records (and their payloads) carry no version of their own: they are in their drive's
+/// format version (`Superblock::format_version`), whose superblock was checked first.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct RecordHeader {
     pub kind: RecordKind,
@@ -493,6 +545,8 @@ pub struct LogPosition {
 /// The fixed part of a checkpoint; the body (segment rows, then entry rows) follows it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct CheckpointHeader {
+    /// The format version it was written in: always its drive's (`Superblock::format_version`).
+    pub format_version: u32,
     pub generation: u64,
     /// The run (epoch) whose records follow the head.
     pub epoch: u32,
@@ -505,11 +559,12 @@ pub struct CheckpointHeader {
 }
 
 impl CheckpointHeader {
-    /// Encodes the 4 KiB header block.
+    /// Encodes the 4 KiB header block in its own format version.
     pub fn encode(&self) -> Vec<u8> {
+        check_format_version(self.format_version).expect("a version this build writes");
         let mut out = Vec::with_capacity(4096);
         out.extend_from_slice(&CHECKPOINT_MAGIC.to_le_bytes());
-        out.extend_from_slice(&FORMAT_VERSION.to_le_bytes());
+        out.extend_from_slice(&self.format_version.to_le_bytes());
         out.extend_from_slice(&self.body_crc.to_le_bytes());
         out.extend_from_slice(&self.drive_uuid);
         for value in [
@@ -526,9 +581,11 @@ impl CheckpointHeader {
         seal_block(out)
     }
 
-    /// Decodes and checks a header block (not the body).
+    /// Decodes and checks a header block (not the body): magic and checksum, then the version,
+    /// then the fields. Recovery takes it only when its version is its superblock's.
     pub fn decode(bytes: &[u8]) -> Result<CheckpointHeader, DecodeError> {
         let mut reader = open_block(bytes, CHECKPOINT_MAGIC)?;
+        let format_version = check_format_version(reader.u32()?)?;
         let body_crc = reader.u32()?;
         let drive_uuid = reader.array()?;
         let generation = reader.u64()?;
@@ -548,6 +605,7 @@ impl CheckpointHeader {
             return Err(DecodeError::BadField("body_bytes"));
         }
         Ok(CheckpointHeader {
+            format_version,
             generation,
             epoch,
             log_head,
@@ -608,8 +666,8 @@ fn seal_block(mut out: Vec<u8>) -> Vec<u8> {
     out
 }
 
-/// Checks a sealed 4 KiB block's length, magic, checksum and version; returns a reader
-/// positioned after the version.
+/// Checks a sealed 4 KiB block's length, magic and checksum; returns a reader positioned
+/// after the magic, at the version, which the caller checks before any other field.
 fn open_block(bytes: &[u8], magic: u64) -> Result<Reader<'_>, DecodeError> {
     if bytes.len() < 4096 {
         return Err(DecodeError::Truncated);
@@ -621,10 +679,6 @@ fn open_block(bytes: &[u8], magic: u64) -> Result<Reader<'_>, DecodeError> {
     let stored_crc = u32::from_le_bytes(bytes[4092..4096].try_into().expect("4 bytes"));
     if crc32c::crc32c(&bytes[..4092]) != stored_crc {
         return Err(DecodeError::BadChecksum);
-    }
-    let version = reader.u32()?;
-    if version != FORMAT_VERSION {
-        return Err(DecodeError::UnsupportedVersion(version));
     }
     Ok(reader)
 }
@@ -740,6 +794,7 @@ mod tests {
 
     fn superblock() -> Superblock {
         Superblock {
+            format_version: FORMAT_VERSION,
             drive_uuid: [7; 16],
             segment_bytes: 4 << 20,
             segment_count: 10,
@@ -815,14 +870,6 @@ mod tests {
         assert_eq!(Superblock::decode(&encoded), Ok(superblock()));
         check_every_flip_refused(&encoded, 4096, Superblock::decode);
         check_every_truncation_refused(&encoded[..], Superblock::decode);
-        let mut version = encoded.clone();
-        version[8..12].copy_from_slice(&2u32.to_le_bytes());
-        let crc = crc32c::crc32c(&version[..4092]);
-        version[4092..].copy_from_slice(&crc.to_le_bytes());
-        assert_eq!(
-            Superblock::decode(&version),
-            Err(DecodeError::UnsupportedVersion(2))
-        );
         type Damage = fn(&mut Superblock);
         let bad_geometry: &[(&str, Damage)] = &[
             ("segment_bytes", |sb| sb.segment_bytes = 4097),
@@ -906,6 +953,7 @@ mod tests {
     #[test]
     fn checkpoint_header_round_trip_and_corruptions() {
         let header = CheckpointHeader {
+            format_version: FORMAT_VERSION,
             generation: 5,
             epoch: 2,
             log_head: LogPosition {
@@ -942,6 +990,89 @@ mod tests {
             assert_eq!(SegmentRow::decode(&bytes), Ok(row));
             bytes[0] = 9;
             assert!(SegmentRow::decode(&bytes).is_err());
+        }
+    }
+
+    /// A sealed 4 KiB block with its version field (bytes 8..12) set to `version` and its
+    /// checksum recomputed, as another build would have written it.
+    fn with_version(block: &[u8], version: u32) -> Vec<u8> {
+        let mut block = block.to_vec();
+        block[8..12].copy_from_slice(&version.to_le_bytes());
+        let crc = crc32c::crc32c(&block[..4092]);
+        block[4092..4096].copy_from_slice(&crc.to_le_bytes());
+        block
+    }
+
+    /// Versions a drive may name, and what this build's decoders make of them.
+    fn version_cases() -> Vec<(u32, Result<u32, DecodeError>)> {
+        let mut cases = vec![
+            (
+                FORMAT_VERSION + 1,
+                Err(DecodeError::VersionNewer(FORMAT_VERSION + 1)),
+            ),
+            (u32::MAX, Err(DecodeError::VersionNewer(u32::MAX))),
+            (0, Err(DecodeError::VersionOlder(0))),
+            (
+                FORMAT_VERSION_OLDEST_READ - 1,
+                Err(DecodeError::VersionOlder(FORMAT_VERSION_OLDEST_READ - 1)),
+            ),
+        ];
+        for readable in FORMAT_VERSION_OLDEST_READ..=FORMAT_VERSION {
+            cases.push((readable, Ok(readable)));
+        }
+        cases
+    }
+
+    #[test]
+    fn superblock_version_is_checked_against_the_readable_range() {
+        let encoded = superblock().encode();
+        for (version, expected) in version_cases() {
+            let decoded = Superblock::decode(&with_version(&encoded, version));
+            let decoded_version = decoded.map(|superblock| superblock.format_version);
+            assert_eq!(decoded_version, expected, "version {version}");
+        }
+        // The version is checked before any other field is trusted: a newer version with a
+        // geometry this build would call broken is still reported as newer.
+        let mut broken = superblock();
+        broken.segment_count = 0;
+        let newer = with_version(&broken.encode(), FORMAT_VERSION + 1);
+        assert_eq!(
+            Superblock::decode(&newer),
+            Err(DecodeError::VersionNewer(FORMAT_VERSION + 1))
+        );
+        let refusal = DecodeError::VersionNewer(FORMAT_VERSION + 1).to_string();
+        assert!(
+            refusal.contains("is newer than this build reads"),
+            "{refusal}"
+        );
+        let refusal = DecodeError::VersionOlder(0).to_string();
+        assert!(
+            refusal.contains("is older than this build reads"),
+            "{refusal}"
+        );
+    }
+
+    #[test]
+    fn checkpoint_header_version_is_checked_against_the_readable_range() {
+        let header = CheckpointHeader {
+            format_version: FORMAT_VERSION,
+            generation: 1,
+            epoch: 1,
+            log_head: LogPosition {
+                offset_bytes: 1 << 20,
+                seq: 1,
+            },
+            segment_count: 10,
+            entry_count: 0,
+            body_bytes: 10 * SEGMENT_ROW_BYTES,
+            body_crc: 0,
+            drive_uuid: [7; 16],
+        };
+        let encoded = header.encode();
+        for (version, expected) in version_cases() {
+            let decoded = CheckpointHeader::decode(&with_version(&encoded, version));
+            let decoded_version = decoded.map(|header| header.format_version);
+            assert_eq!(decoded_version, expected, "version {version}");
         }
     }
 }

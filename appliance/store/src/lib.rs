@@ -25,7 +25,7 @@ mod writer;
 pub use appliance_device::{Drive, DriveInfo, DriveKind};
 pub use drive::DriveStatus;
 pub use error::StoreError;
-pub use format::{format_drive, inspect_drive, FormatError, FormatOptions};
+pub use format::{format_drive, inspect_drive, DriveContents, FormatError, FormatOptions};
 pub use reader::{DeviceRange, FileHandle};
 pub use scrub::{FileVersion, ScrubOutcome};
 pub use store::{DriveSource, Store, StoreConfig, StoreStats, StoredFile};

@@ -481,6 +481,8 @@ pub(crate) fn write_checkpoint(index: &Index, rt: &DriveRt) -> Result<(), StoreE
         return Err(fail(error));
     }
     let header = CheckpointHeader {
+        // The drive's own version, never a newer one: see layout::FORMAT_VERSION.
+        format_version: superblock.format_version,
         generation: log.generation + 1,
         epoch: log.epoch,
         log_head: head,

@@ -1,6 +1,9 @@
 //! Opening a formatted drive: superblock checks, the newest valid checkpoint, replay of the log
 //! written since, and a fresh checkpoint for the new run.
 //!
+//! Nothing is written to a drive before its superblock and checkpoint checked out: a drive in a
+//! format version this build does not read is refused and left exactly as it was.
+//!
 //! Replay stops at the first record that does not check out (bad header, checksum, sequence or
 //! an epoch older than the one before it): that is the torn tail of the last run, never
 //! acknowledged to anyone. Recovery reads the checkpoint and the log tail only, never the data.
@@ -77,12 +80,41 @@ pub(crate) fn open_drive(
     Ok(rt)
 }
 
+/// Why a drive whose superblock names `error`'s version is refused, with what the operator can
+/// do; `None` when `error` is not about the version.
+pub(crate) fn version_refusal(error: &DecodeError) -> Option<String> {
+    let remedy = match error {
+        DecodeError::VersionNewer(_) => "boot the newer image",
+        DecodeError::VersionOlder(_) => "boot an image that reads it",
+        _ => return None,
+    };
+    Some(format!(
+        "{error}; the drive is left untouched ({remedy}, or reformat it by hand with \
+         applianced format --force)"
+    ))
+}
+
+/// Reads and checks both superblock copies. A copy whose checksum holds but whose version this
+/// build does not read refuses the drive, whatever the other copy says: a newer build has been
+/// at it, and nothing here may touch it.
 fn read_superblock(drive: &dyn Drive) -> Result<Superblock, String> {
     let bytes = read_exact_at(drive, 0, AlignedBuf::new(2 * to_usize(SUPERBLOCK_BYTES)))
         .map_err(|error| format!("reading the superblock: {error}"))?;
     let first = Superblock::decode(&bytes[..4096]);
     let second = Superblock::decode(&bytes[4096..]);
+    for copy in [&first, &second] {
+        if let Some(refusal) = copy.as_ref().err().and_then(version_refusal) {
+            return Err(refusal);
+        }
+    }
     let superblock = match (first, second) {
+        (Ok(a), Ok(b)) if a.format_version != b.format_version => {
+            return Err(format!(
+                "the superblock copies name different format versions (copy A: {}; copy B: \
+                 {}); the drive is left untouched",
+                a.format_version, b.format_version
+            ))
+        }
         (Ok(superblock), _) | (Err(_), Ok(superblock)) => superblock,
         (Err(DecodeError::BadMagic), Err(DecodeError::BadMagic)) => {
             return Err("not formatted as an appliance drive (no superblock)".into())
@@ -100,7 +132,8 @@ fn read_superblock(drive: &dyn Drive) -> Result<Superblock, String> {
 }
 
 /// Loads the newest checkpoint whose header and body check out: its segment rows are
-/// returned and its entries are in the index. The body streams through a bounded window.
+/// returned and its entries are in the index. The body streams through a bounded window. A
+/// header in a version this build does not read refuses the drive, as the superblock's does.
 fn load_checkpoint(
     drive: &dyn Drive,
     superblock: &Superblock,
@@ -119,12 +152,17 @@ fn load_checkpoint(
         .map_err(|error| format!("reading checkpoint {slot}: {error}"))?;
         match CheckpointHeader::decode(&block) {
             Ok(header) => candidates.push((header, slot)),
-            Err(error) => problems.push(format!("slot {slot}: {error}")),
+            Err(error) => match version_refusal(&error) {
+                // Another build has written here: refused before anything is written.
+                Some(refusal) => return Err(format!("checkpoint {slot}: {refusal}")),
+                None => problems.push(format!("slot {slot}: {error}")),
+            },
         }
     }
     candidates.sort_by_key(|(header, _)| std::cmp::Reverse(header.generation));
     for (header, slot) in candidates {
-        if header.drive_uuid != superblock.drive_uuid
+        if header.format_version != superblock.format_version
+            || header.drive_uuid != superblock.drive_uuid
             || header.segment_count != superblock.segment_count
             || header.entry_count > superblock.files_max
             || CHECKPOINT_HEADER_BYTES.saturating_add(header.body_bytes)

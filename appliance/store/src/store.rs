@@ -701,7 +701,10 @@ fn open_slot(number: u8, source: DriveSource, index: &Index, config: &StoreConfi
         Arc::clone(&config.on_drive_failed),
     ) {
         Ok(rt) => DriveSlot::Ready(Arc::new(rt)),
-        Err(reason) => DriveSlot::Failed { path, uuid, reason },
+        Err(reason) => {
+            tracing::error!(drive = %path.display(), %reason, "data drive not opened");
+            DriveSlot::Failed { path, uuid, reason }
+        }
     }
 }
 
