@@ -5,6 +5,8 @@
 
 #![forbid(unsafe_code)]
 
+mod update;
+
 use anyhow::{bail, Context, Result};
 use appliance_proto::{
     Command, DriveRow, FillReport, FillStatus, Reply, Request, Response, Scrub, Status, TlsStatus,
@@ -61,6 +63,27 @@ enum Action {
         #[arg(long, conflicts_with = "path")]
         all: bool,
     },
+    /// Install a signed image update (RAUC bundle) into the slot not booted.
+    Update {
+        /// The bundle: a file on the box, or an http(s) URL (downloaded to /var/tmp first).
+        source: String,
+        /// Reboot into the new slot once it is installed.
+        #[arg(long)]
+        reboot: bool,
+    },
+    /// Mark the booted slot good once applianced has been healthy for a while, and notice a
+    /// fallback from a failed update (run at every boot by appliance-update-confirm.service).
+    ConfirmSlot {
+        /// Seconds applianced must be healthy without a break (default 60). A value that is
+        /// not a number is reported and the default used: a typo in update.conf must not
+        /// keep a good slot from being confirmed.
+        #[arg(long, default_value = "60")]
+        healthy_for_s: String,
+        /// Seconds after which a first boot of new contents that is still not healthy reboots
+        /// into the other slot (default 900; same rule).
+        #[arg(long, default_value = "900")]
+        deadline_s: String,
+    },
     /// Writes shell completions and man pages into a folder (the image build runs it).
     #[command(hide = true)]
     GenerateDocs(appliance_clidocs::GenerateDocsArgs),
@@ -86,9 +109,29 @@ fn main() {
 
 fn run(cli: &Cli) -> Result<()> {
     match &cli.command {
-        Action::Status => {
-            let status = reply!(call(cli, Command::Status)?, Reply::Status(status) => status);
-            print(cli, &*status, print_status)
+        Action::Status => status(cli),
+        Action::Update { source, reboot } => update::install(source, *reboot),
+        Action::ConfirmSlot {
+            healthy_for_s,
+            deadline_s,
+        } => {
+            // A daemon that hangs (its socket held by systemd) must not stall the gate past
+            // its deadline: each probe gets 10 s.
+            let healthy = || -> Result<bool> {
+                let mut connection = Connection::open(&cli.socket)?;
+                connection
+                    .writer
+                    .set_read_timeout(Some(Duration::from_secs(10)))?;
+                let reply = connection.call(Command::Status)?;
+                let status = reply!(reply, Reply::Status(status) => status);
+                Ok(status.healthy)
+            };
+            update::confirm(
+                update::seconds_or("--healthy-for-s", healthy_for_s, 60),
+                // At least a minute: a shorter deadline would roll back every update.
+                update::seconds_or("--deadline-s", deadline_s, 900).max(Duration::from_secs(60)),
+                &healthy,
+            )
         }
         Action::Drives => {
             let drives = reply!(call(cli, Command::Drives)?, Reply::Drives(drives) => drives);
@@ -206,6 +249,53 @@ fn print<T: Serialize>(cli: &Cli, value: &T, text: impl Fn(&T)) -> Result<()> {
 
 fn gib(bytes: u64) -> String {
     format!("{:.1}", bytes as f64 / f64::from(1u32 << 30))
+}
+
+/// `status`: the daemon's status and, on a box that updates through RAUC, its two root slots.
+#[derive(Serialize)]
+struct StatusWithSlots {
+    #[serde(flatten)]
+    status: Status,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots: Option<update::Slots>,
+    /// Why the slots could not be read, when they could not.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    slots_error: Option<String>,
+}
+
+fn status(cli: &Cli) -> Result<()> {
+    let (slots, slots_error) = if update::available() {
+        match update::slots() {
+            Ok(slots) => (Some(slots), None),
+            Err(error) => (None, Some(format!("{error:#}"))),
+        }
+    } else {
+        (None, None)
+    };
+    let status = match call(cli, Command::Status) {
+        Ok(reply) => reply!(reply, Reply::Status(status) => *status),
+        Err(error) => {
+            // The slots matter most when the daemon is down (a broken update): show them.
+            if let (Some(slots), false) = (&slots, cli.json) {
+                update::print_slots(slots);
+            }
+            return Err(error);
+        }
+    };
+    let combined = StatusWithSlots {
+        status,
+        slots,
+        slots_error,
+    };
+    print(cli, &combined, |combined| {
+        print_status(&combined.status);
+        if let Some(slots) = &combined.slots {
+            update::print_slots(slots);
+        }
+        if let Some(error) = &combined.slots_error {
+            println!("slots: unavailable ({error})");
+        }
+    })
 }
 
 fn print_status(status: &Status) {

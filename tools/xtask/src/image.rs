@@ -15,7 +15,21 @@ const IMAGE_TOOLS: &[(&str, &str)] = &[
     ("grub-mkimage", "grub-common"),
     ("grub-editenv", "grub-common"),
     ("zstd", "zstd"),
+    ("mkfs.fat", "dosfstools"),
+    ("mcopy", "mtools"),
+    ("openssl", "openssl"),
 ];
+
+/// Files the image build reads from packages that put no program on the PATH.
+const IMAGE_FILES: &[(&str, &str)] = &[
+    ("/usr/lib/grub/i386-pc/boot.img", "grub-pc-bin"),
+    ("/usr/lib/grub/x86_64-efi/linux.mod", "grub-efi-amd64-bin"),
+];
+
+/// Installs what the image build needs (as root, with apt-get).
+pub fn ensure_tools() -> Result<()> {
+    ensure_packages(IMAGE_TOOLS, IMAGE_FILES)
+}
 
 /// Installs missing Debian packages (as root, with apt-get), or says which are missing.
 pub fn ensure_packages(tools: &[(&str, &str)], extra_files: &[(&str, &str)]) -> Result<()> {
@@ -59,13 +73,15 @@ pub fn image() -> Result<PathBuf> {
         bail!("cargo xtask image needs root: mmdebstrap and the image's file owners");
     }
     let started = Instant::now();
-    ensure_packages(
-        IMAGE_TOOLS,
-        &[("/usr/lib/grub/i386-pc/boot.img", "grub-pc-bin")],
-    )?;
+    ensure_tools()?;
     let root = util::workspace_root();
     util::applianced()?;
-    util::run_in(&root, "bash", &["image/build.sh"])?;
+    let keyring = crate::bundle::image_keyring()?;
+    util::run_in(
+        &root,
+        "bash",
+        &["image/build.sh", "--keyring", &keyring.to_string_lossy()],
+    )?;
     let image = root.join("target/image/appliance.img");
     println!(
         "xtask image: {} ({} MiB) in {:.1} s",

@@ -14,6 +14,7 @@ mod bench_host;
 mod bench_serve;
 mod bench_servers;
 mod bench_tls;
+mod bundle;
 mod cgroup;
 mod day_load;
 mod demo;
@@ -28,7 +29,9 @@ mod wrk;
 
 use anyhow::{bail, Result};
 
-const USAGE: &str = "usage: cargo xtask <test | demo | image | vm-test | sim [--seeds N] | \
+const USAGE: &str = "usage: cargo xtask <test | demo | image | \
+                     bundle [--version V] [--cert PEM --key PEM] [--out FILE] | vm-test | \
+                     sim [--seeds N] | \
                      bench <store-write|index|recovery|serve|fill|day|tls|all> | \
                      fuzz <build | TARGET --seconds N | TARGET --runs N> | \
                      soak --rounds N [--seed S] [--release]>";
@@ -48,6 +51,7 @@ fn run(args: &[String]) -> Result<()> {
         ["test"] => test(),
         ["demo"] => demo::run(),
         ["image"] => image::build(),
+        ["bundle", rest @ ..] => bundle::run(rest),
         ["vm-test"] => vm::test(),
         ["sim", rest @ ..] => sim::run(rest),
         ["bench", name] => bench::run(name),
