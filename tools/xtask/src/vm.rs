@@ -15,15 +15,16 @@
 //! 3. one data drive hot-removed (`device_del` over QMP): the other drives keep serving, the
 //!    drive is reported failed in `/health` and `/metrics`, and the daemon was not restarted
 //!    (same PID on the serial console, no restart by systemd);
-//! 4. a clean reboot (ACPI power button, then reset): what the other drives hold is served
-//!    after recovery, and the next fill restores the lost files onto them;
+//! 4. bundle v2 installed with `appliance-ctl update` from the guestfwd origin, then a clean
+//!    reboot (ACPI power button, then reset) into it: v2 boots from slot B and is marked good,
+//!    what the other drives hold is served after recovery without a refill, and the next fill
+//!    restores the lost files onto them;
 //! 5. the guest's `systemd-analyze security applianced.service` (printed on the console by
 //!    appliance-security-report.service at every boot);
-//! 6. to 8. the update story (`vm/update.rs`): bundle v2 installed through the guestfwd origin
-//!    and booted, serving the same files without a refill, marked good; unsigned, wrongly
-//!    signed and tampered bundles refused with the slots unchanged; a broken bundle rolled back
-//!    from by the box itself;
-//! 9. the same disks booted by OVMF (UEFI): healthy, byte-exact, and an update installed,
+//! 6. and 7. the rest of the update story (`vm/update.rs`): unsigned, wrongly signed and
+//!    tampered bundles refused with the slots unchanged; a broken bundle rolled back from by
+//!    the box itself;
+//! 8. the same disks booted by OVMF (UEFI): healthy, byte-exact, and an update installed,
 //!    booted and marked good under UEFI.
 //!
 //! The guest's network is QEMU user mode with `restrict=on`: it reaches nothing but the
@@ -154,7 +155,7 @@ pub fn test() -> Result<()> {
         removed: Vec::new(),
     };
     let mut vm = Vm::start(&work, &image, nginx.port, &bios)?;
-    let mut result = run_steps(&mut vm, &catalog, &mut timings)
+    let mut result = run_steps(&mut vm, &catalog, &bundles, &mut timings)
         .and_then(|()| update::run(&mut vm, &catalog, &bundles, &mut timings));
     if result.is_ok() {
         // 9. The same disks under UEFI firmware (OVMF).
@@ -226,7 +227,12 @@ pub fn test() -> Result<()> {
     result
 }
 
-fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()> {
+fn run_steps(
+    vm: &mut Vm,
+    catalog: &Catalog,
+    bundles: &update::Bundles,
+    timings: &mut Timings,
+) -> Result<()> {
     // 1. Boot to healthy.
     let step = Instant::now();
     let boot = vm.wait_healthy(0, vm.started)?;
@@ -416,7 +422,12 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         step,
     );
 
-    // 4. Reboot: what the other drives hold comes back; the next fill restores the rest.
+    // 4. An update to v2, and the reboot into it: v2 boots from slot B and is marked good,
+    // what the other drives hold comes back without a refill, and the next fill restores the
+    // rest.
+    let step = Instant::now();
+    update::install_before_reboot(vm, bundles)?;
+    timings.add("4. update to v2 installed into slot B", step);
     let step = Instant::now();
     let offset = vm.serial_text().len();
     let how = vm.reboot()?;
@@ -426,6 +437,7 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         step.elapsed().as_secs_f64(),
         drive_summary(&boot.health)
     );
+    update::check_after_reboot(vm, bundles)?;
     let served = vm.check_catalog(catalog)?;
     if served.ok != survivors {
         bail!(
@@ -452,14 +464,18 @@ fn run_steps(vm: &mut Vm, catalog: &Catalog, timings: &mut Timings) -> Result<()
         bail!("/health counts {} files after the refill", health["files"]);
     }
     println!(
-        "vm-test: 4. survivors served after recovery ({:.1} s); refill restored {victim_files} \
-         files onto the {} remaining drives in {:.1} s; all {} files byte-exact",
+        "vm-test: 4. v2 booted from slot B and was marked good; survivors served after recovery \
+         ({:.1} s) without a refill; refill restored {victim_files} files onto the {} remaining \
+         drives in {:.1} s; all {} files byte-exact",
         reboot_healthy.as_secs_f64(),
         DATA_DRIVES - 1,
         refill.elapsed().as_secs_f64(),
         catalog.files.len()
     );
-    timings.add("4. reboot, recovery, refill of the lost files", step);
+    timings.add(
+        "4. reboot into v2: marked good, recovery, refill of the lost files",
+        step,
+    );
 
     // 5. The exposure of applianced.service, as the guest's systemd sees it.
     let step = Instant::now();
