@@ -174,7 +174,7 @@ pub(super) fn run(
         bail!("a refused bundle changed the slots:\nbefore {before}\nafter  {after}");
     }
     timings.add(
-        "7. unsigned, wrongly signed, tampered bundles refused",
+        "6. unsigned, wrongly signed, tampered bundles refused",
         step,
     );
 
@@ -222,7 +222,7 @@ pub(super) fn run(
         served.ok.len()
     );
     timings.add(
-        "8. broken update: boot, deadline, reboot, fall back to v2",
+        "7. broken update: boot, deadline, reboot, fall back to v2",
         step,
     );
     Ok(())
