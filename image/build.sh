@@ -268,8 +268,9 @@ if [ -n "$SLOT_IMAGE" ]; then
     # The slot's filesystem alone, for a bundle: its contents and a quarter more (at least 64
     # MiB free), never more than the slot. RAUC writes it into the slot not booted and grows it
     # to the partition (resize=true in /etc/rauc/system.conf).
-    used_mib=$(( $(du -sm "$STAGE" | cut -f1) ))
-    size_mib=$(( used_mib + used_mib / 4 > used_mib + 64 ? used_mib + used_mib / 4 : used_mib + 64 ))
+    used_mib=$(du -sm "$STAGE" | cut -f1)
+    slack_mib=$((used_mib / 4 < 64 ? 64 : used_mib / 4))
+    size_mib=$((used_mib + slack_mib))
     [ "$size_mib" -le "$ROOT_MIB" ] || die "the root ($used_mib MiB) does not fit a $ROOT_MIB MiB slot"
     rm -f "$IMAGE.tmp"
     truncate -s "$((size_mib * MIB))" "$IMAGE.tmp"

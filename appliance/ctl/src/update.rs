@@ -166,18 +166,33 @@ fn grubenv() -> Result<BTreeMap<String, String>> {
         .trim()
         .to_string();
     // grub-editenv rewrites the file in place (truncate, then write): a reader that comes in
-    // between sees "invalid environment block". A few tries over a second ride that out.
-    let mut tries = 0;
+    // between sees "invalid environment block". Tries over a second ride that out.
+    let text = retrying(Duration::from_secs(1), Duration::from_millis(200), || {
+        output("grub-editenv", &[&path, "list"])
+    })?;
+    Ok(parse_grubenv(&text))
+}
+
+/// Calls `attempt` until it succeeds or `patience` has passed, `pause` apart; the last error.
+fn retrying<T>(
+    patience: Duration,
+    pause: Duration,
+    mut attempt: impl FnMut() -> Result<T>,
+) -> Result<T> {
+    let started = Instant::now();
     loop {
-        match output("grub-editenv", &[&path, "list"]) {
-            Ok(text) => return Ok(parse_grubenv(&text)),
-            Err(error) if tries >= 5 => return Err(error),
-            Err(_) => {
-                tries += 1;
-                std::thread::sleep(Duration::from_millis(200));
-            }
+        match attempt() {
+            Ok(value) => return Ok(value),
+            Err(error) if started.elapsed() >= patience => return Err(error),
+            Err(_) => std::thread::sleep(pause),
         }
     }
+}
+
+/// `rauc status` as JSON.
+fn rauc_status() -> Result<Value> {
+    let text = output("rauc", &["status", "--detailed", "--output-format=json"])?;
+    serde_json::from_str(&text).context("rauc status printed no JSON")
 }
 
 fn parse_grubenv(text: &str) -> BTreeMap<String, String> {
@@ -196,11 +211,7 @@ fn booted_version() -> Option<String> {
 
 /// Reads both slots from `rauc status`, grubenv and the appliance's records.
 pub fn slots() -> Result<Slots> {
-    let status: Value = serde_json::from_str(&output(
-        "rauc",
-        &["status", "--detailed", "--output-format=json"],
-    )?)
-    .context("rauc status printed no JSON")?;
+    let status = rauc_status()?;
     let env = grubenv()?;
     let records = Records::new();
     Ok(slots_from(
@@ -720,16 +731,7 @@ fn note_fallback(
 
 /// `rauc status` as JSON, waiting for RAUC's service to come up (D-Bus activation at boot).
 fn wait_for_rauc(patience: Duration) -> Result<Value> {
-    let started = Instant::now();
-    loop {
-        let attempt = output("rauc", &["status", "--detailed", "--output-format=json"])
-            .and_then(|text| serde_json::from_str(&text).context("rauc status printed no JSON"));
-        match attempt {
-            Ok(status) => return Ok(status),
-            Err(error) if started.elapsed() >= patience => return Err(error),
-            Err(_) => std::thread::sleep(Duration::from_secs(2)),
-        }
-    }
+    retrying(patience, Duration::from_secs(2), rauc_status)
 }
 
 #[cfg(test)]
