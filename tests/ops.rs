@@ -890,3 +890,156 @@ fn check_config_names_the_bad_scrub_key() {
         }
     }
 }
+
+/// `[scrub]` follows SIGHUP. A daemon whose next pass is days away gets a one-second period
+/// with a ceiling of one byte a second: its sleep between passes wakes and a pass starts that
+/// crawls after its first file. Refused files (junk, a bad `[scrub]` value) leave it as it was.
+/// The default ceiling then wakes the crawling pass, which goes on (no file checked twice)
+/// and ends at the new pace. `enabled = false` stops it (status and /metrics say disabled,
+/// findings kept, nothing more checked) and `enabled = true` starts it again.
+#[test]
+fn sighup_repaces_stops_and_starts_the_scrubber() {
+    let days_away = Scrub {
+        period_s: Some(1_000_000),
+        ..Scrub::default()
+    };
+    let files = ops_files("rescrub/", 6, 300_000);
+    let ops = start_scrubbing(
+        "scrub-reload",
+        files,
+        Vec::new(),
+        HashMap::new(),
+        Fill::default(),
+        days_away,
+    );
+    ops.ctl_ok(&["fill", "--wait"]);
+    // The pass at start found the store empty; the next one is days away.
+    let idle = ops.scrub_status();
+    assert!(idle["pass"].is_null(), "{idle}");
+    assert_eq!(idle["period_s"], 1_000_000, "{idle}");
+    let passes_before = idle["passes_completed"].as_u64().unwrap();
+    let checked_before = idle["files_checked"].as_u64().unwrap();
+
+    let crawl = Scrub {
+        period_s: Some(1),
+        bytes_per_s_max: Some(1),
+        ..Scrub::default()
+    };
+    ops.reload_scrub(&crawl);
+    let crawling = ops.wait_scrub("a pass starts at the new period", |scrub| {
+        scrub["pass"]["files_done"] == 1
+    });
+    assert_eq!(
+        (&crawling["period_s"], &crawling["bytes_per_s_max"]),
+        (&serde_json::json!(1), &serde_json::json!(1)),
+        "{crawling}"
+    );
+    assert_eq!(crawling["pass"]["bytes_per_s"], 1, "{crawling}");
+    let files_total = crawling["pass"]["files_total"].as_u64().unwrap();
+    assert_eq!(files_total, 6, "{crawling}");
+
+    let bad_scrub = Config {
+        scrub: Scrub {
+            period_s: Some(0),
+            ..Scrub::default()
+        },
+        ..ops.daemon.config.clone()
+    };
+    for refused in ["this is = not [valid".to_string(), bad_scrub.to_toml()] {
+        std::fs::write(&ops.daemon.config_path, refused).unwrap();
+        send_signal(ops.daemon.pid(), "HUP").unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            ops.scrub_status(),
+            crawling,
+            "a refused file leaves the scrubber crawling as it was"
+        );
+    }
+
+    let brisk = Scrub {
+        period_s: Some(1),
+        ..Scrub::default()
+    };
+    ops.reload_scrub(&brisk);
+    let brisk_status = ops.wait_scrub("the crawling pass and the next one end", |scrub| {
+        let passes = scrub["passes_completed"].as_u64().unwrap() - passes_before;
+        let done = scrub["pass"]["files_done"].as_u64().unwrap_or(0);
+        let checked = scrub["files_checked"].as_u64().unwrap() - checked_before;
+        assert_eq!(
+            checked,
+            files_total * passes + done,
+            "a pass went on at the new pace rather than start over: {scrub}"
+        );
+        passes >= 2
+    });
+    assert_eq!(brisk_status["bytes_per_s_max"], 50 << 20, "{brisk_status}");
+
+    ops.reload_scrub(&Scrub {
+        enabled: Some(false),
+        ..brisk.clone()
+    });
+    ops.wait_scrub("disabled", |scrub| scrub["enabled"] == false);
+    // The thread may finish the file it was checking.
+    std::thread::sleep(Duration::from_millis(100));
+    let disabled = ops.scrub_status();
+    assert!(disabled["pass"].is_null(), "{disabled}");
+    assert!(
+        disabled["files_checked"].as_u64().unwrap() >= checked_before + 2 * files_total,
+        "findings are kept: {disabled}"
+    );
+    let (_, metrics) = ops.daemon.admin("GET", "/metrics");
+    assert!(
+        metrics
+            .lines()
+            .any(|line| line == "appliance_scrub_enabled 0"),
+        "{metrics}"
+    );
+    assert!(ops.ctl_ok(&["status"]).contains("scrub: disabled"));
+    // At a one-second period a running scrubber would have started another pass by now.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert_eq!(
+        ops.scrub_status(),
+        disabled,
+        "a disabled scrubber checks nothing"
+    );
+
+    ops.reload_scrub(&brisk);
+    let enabled = ops.wait_scrub("enabled again, a pass checks files", |scrub| {
+        scrub["files_checked"].as_u64() > disabled["files_checked"].as_u64()
+    });
+    assert_eq!(enabled["enabled"], true, "{enabled}");
+}
+
+impl Ops {
+    /// The `scrub` part of `appliance-ctl status --json`.
+    fn scrub_status(&self) -> serde_json::Value {
+        self.ctl.status().unwrap()["scrub"].take()
+    }
+
+    /// Rewrites the daemon's configuration with `scrub` as `[scrub]` and sends SIGHUP.
+    fn reload_scrub(&self, scrub: &Scrub) {
+        let changed = Config {
+            scrub: scrub.clone(),
+            ..self.daemon.config.clone()
+        };
+        changed.write(&self.daemon.config_path).unwrap();
+        send_signal(self.daemon.pid(), "HUP").unwrap();
+    }
+
+    /// Polls the scrub status until `done` holds (3 s at most); returns the status that did.
+    fn wait_scrub(
+        &self,
+        what: &str,
+        done: impl Fn(&serde_json::Value) -> bool,
+    ) -> serde_json::Value {
+        let deadline = Instant::now() + Duration::from_secs(3);
+        loop {
+            let scrub = self.scrub_status();
+            if done(&scrub) {
+                return scrub;
+            }
+            assert!(Instant::now() < deadline, "{what}: {scrub}");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -129,7 +129,10 @@ impl Tls {
 
 /// `[scrub]`: the background scrubber, which re-reads every stored file with direct I/O and
 /// checks it against its checksums, so that a rotted sector is taken out of service instead
-/// of being served (serving never checks). Runs at idle CPU priority.
+/// of being served (serving never checks). Runs at idle CPU priority. SIGHUP applies all three
+/// keys: a new period or ceiling paces the pass under way from its next file on (the pass goes
+/// on, it does not start over); `enabled = false` stops the scrubber, keeping its findings, and
+/// `enabled = true` starts it with a new pass.
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct Scrub {

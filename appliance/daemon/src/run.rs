@@ -3,7 +3,7 @@
 //! `scrub.rs`), runs the fill on a runtime of its own whose threads are lowered to idle
 //! priority, serves until SIGTERM or SIGINT,
 //! then stops accepting, lets responses in flight finish, checkpoints and exits 0. SIGHUP
-//! reopens the access log. systemd is told READY once recovery is done and the listeners are
+//! reads the configuration again and applies what can change at run time (`reload`). systemd is told READY once recovery is done and the listeners are
 //! bound, and WATCHDOG=1 only while the event loop, every drive's ring thread and the upkeep
 //! thread make progress.
 
@@ -47,7 +47,7 @@ pub fn run(config_path: &Path) -> Result<()> {
         watchdog_interval.map(|every| every * 2),
         faults,
     );
-    let scrubber = crate::scrub::Scrubber::spawn(store.clone(), config.scrub_config());
+    let mut scrubber = crate::scrub::Scrubber::spawn(store.clone(), config.scrub_config());
     let mut runtime = tokio::runtime::Builder::new_multi_thread();
     if config.serve.worker_threads > 0 {
         runtime.worker_threads(config.serve.worker_threads);
@@ -70,10 +70,10 @@ pub fn run(config_path: &Path) -> Result<()> {
             admin_listen: config.serve.admin_listen,
             filler,
             heartbeat: Arc::clone(&upkeep.heartbeat),
-            scrub: scrubber.progress.clone(),
             watchdog_interval,
             faults,
         },
+        &mut scrubber,
         &config.control_socket,
         config_path,
     ));
@@ -98,20 +98,24 @@ struct Serving {
     admin_listen: std::net::SocketAddr,
     filler: Arc<appliance_fill::Filler>,
     heartbeat: Arc<Heartbeat>,
-    scrub: crate::scrub::ScrubProgress,
     /// WATCHDOG_USEC, when systemd (or a test) expects keep-alives.
     watchdog_interval: Option<Duration>,
     faults: TestFaults,
 }
 
-async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> Result<()> {
+/// Serves until SIGTERM or SIGINT; status shows `scrubber`, and SIGHUP reconfigures it.
+async fn serve(
+    serving: Serving,
+    scrubber: &mut crate::scrub::Scrubber,
+    control_socket: &Path,
+    config_path: &Path,
+) -> Result<()> {
     let Serving {
         store,
         serve_config,
         admin_listen,
         filler,
         heartbeat,
-        scrub,
         watchdog_interval,
         faults,
     } = serving;
@@ -138,7 +142,7 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
         Arc::clone(&shared),
         Arc::clone(&filler),
         Arc::clone(&heartbeat),
-        scrub,
+        scrubber.progress.clone(),
     );
     let admin_plane = Arc::new(crate::metrics::AdminPlane::new(
         Arc::clone(&operations),
@@ -178,7 +182,7 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
         tokio::select! {
             _ = terminate.recv() => break,
             _ = interrupt.recv() => break,
-            _ = hangup.recv() => reload(config_path, &shared, &filler),
+            _ = hangup.recv() => reload(config_path, &shared, &filler, scrubber),
         }
     }
     tracing::info!("stopping: no new connections, finishing responses in flight");
@@ -202,9 +206,15 @@ async fn serve(serving: Serving, control_socket: &Path, config_path: &Path) -> R
     Ok(())
 }
 
-/// SIGHUP: reads the configuration again, applies what can change at run time (bandwidth cap,
-/// access-log file reopened) and logs what changed and what needs a restart.
-fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &appliance_fill::Filler) {
+/// SIGHUP: reads the configuration again, applies what can change at run time (fill bandwidth
+/// cap and window, log level, access-log file reopened, TLS certificates, `[scrub]`) and logs
+/// what changed and what needs a restart. A refused file changes nothing but the access log.
+fn reload(
+    config_path: &Path,
+    shared: &appliance_serve::Shared,
+    filler: &appliance_fill::Filler,
+    scrubber: &mut crate::scrub::Scrubber,
+) {
     let config = match Config::load(config_path) {
         Ok(config) => config,
         Err(error) => {
@@ -228,13 +238,18 @@ fn reload(config_path: &Path, shared: &appliance_serve::Shared, filler: &applian
         shared.retarget_access_log(serve.access_log);
     }
     reload_certificates(&config, shared);
+    // The pass under way goes on at the new pace; `enabled` stops or starts the thread.
+    scrubber.reconfigure(config.scrub_config());
     tracing::info!(
         bandwidth_bits_per_s = config.fill.bandwidth_bits_per_s,
         window = %config.fill.window,
         log_level = %config.log_level,
         access_log = %config.serve.access_log,
+        scrub_enabled = config.scrub.enabled,
+        scrub_period_s = config.scrub.period_s,
+        scrub_bytes_per_s_max = config.scrub.bytes_per_s_max,
         "SIGHUP: reloaded the fill bandwidth cap and window, the log level, the access-log \
-         file and the TLS certificates; listeners, limits, drives, fill sources and [scrub] \
+         file, the TLS certificates and [scrub]; listeners, limits, drives and fill sources \
          take effect at the next restart"
     );
 }

@@ -32,10 +32,9 @@ use appliance_store::FileHandle;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::io;
 use std::os::fd::{AsFd, OwnedFd};
-use std::sync::mpsc;
 use std::sync::{Arc, Mutex, OnceLock};
 
 /// Where the bytes of a range that is not in the page cache are read.
@@ -105,7 +104,8 @@ impl DirectBytes {
 /// A file's bytes by content: its SHA-256, the offset in the file, the length.
 type CacheKey = ([u8; 32], u64, u64);
 
-/// Recent direct reads under a byte budget; the least recently used go first.
+/// Recent direct reads under a byte budget; the least recently used go first. Every call is
+/// O(log n) in the entries held: `order` keeps them by their last use.
 struct DirectCache {
     bytes_max: u64,
     inner: Mutex<CacheInner>,
@@ -113,20 +113,34 @@ struct DirectCache {
 
 #[derive(Default)]
 struct CacheInner {
+    /// Each entry with the tick of its last use, the key of `order`.
     entries: HashMap<CacheKey, (DirectBytes, u64)>,
+    order: BTreeMap<u64, CacheKey>,
     bytes: u64,
     clock: u64,
 }
 
+impl CacheInner {
+    fn tick(&mut self) -> u64 {
+        self.clock += 1;
+        self.clock
+    }
+}
+
 impl DirectCache {
-    fn get(&self, key: &CacheKey) -> Option<DirectBytes> {
-        let mut inner = self
-            .inner
+    fn lock(&self) -> std::sync::MutexGuard<'_, CacheInner> {
+        self.inner
             .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
-        inner.clock += 1;
-        let clock = inner.clock;
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    fn get(&self, key: &CacheKey) -> Option<DirectBytes> {
+        let mut guard = self.lock();
+        let clock = guard.tick();
+        let inner = &mut *guard;
         let (bytes, used) = inner.entries.get_mut(key)?;
+        inner.order.remove(used);
+        inner.order.insert(clock, *key);
         *used = clock;
         Some(bytes.clone())
     }
@@ -136,56 +150,45 @@ impl DirectCache {
         if size > self.bytes_max {
             return;
         }
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner());
+        let mut inner = self.lock();
         if inner.entries.contains_key(&key) {
             return;
         }
         while inner.bytes + size > self.bytes_max {
-            let Some(oldest) = inner
-                .entries
-                .iter()
-                .min_by_key(|(_, (_, used))| *used)
-                .map(|(key, _)| *key)
-            else {
+            let Some((_, oldest)) = inner.order.pop_first() else {
                 break;
             };
             if let Some((gone, _)) = inner.entries.remove(&oldest) {
                 inner.bytes -= gone.buf.len() as u64;
             }
         }
-        inner.clock += 1;
-        let clock = inner.clock;
+        let clock = inner.tick();
         inner.bytes += size;
+        inner.order.insert(clock, key);
         inner.entries.insert(key, (bytes, clock));
     }
 }
 
 type Job = Box<dyn FnOnce() + Send>;
 
-/// One drive's threads.
+/// One drive's threads, taking jobs from one queue. The queue is crossbeam's MPMC channel, so
+/// an idle thread waits on the queue itself: a job wakes one thread, where a std receiver
+/// shared behind a mutex wakes the holder and then a waiter for the mutex (two wake-ups and
+/// thread switches per cold piece, measured in the profile of BENCHMARKS.md).
 struct Pool {
-    jobs: mpsc::Sender<Job>,
+    jobs: crossbeam_channel::Sender<Job>,
 }
 
 impl Pool {
     fn start(drive_number: u8, threads: usize) -> io::Result<Pool> {
-        let (sender, receiver) = mpsc::channel::<Job>();
-        let receiver = Arc::new(Mutex::new(receiver));
+        let (sender, receiver) = crossbeam_channel::unbounded::<Job>();
         for thread in 0..threads.max(1) {
-            let receiver = Arc::clone(&receiver);
+            let receiver = receiver.clone();
             std::thread::Builder::new()
                 .name(format!("cold-{drive_number}-{thread}"))
-                .spawn(move || loop {
-                    let job = {
-                        let receiver = receiver.lock().unwrap_or_else(|poison| poison.into_inner());
-                        receiver.recv()
-                    };
-                    match job {
-                        Ok(job) => job(),
-                        Err(mpsc::RecvError) => return,
+                .spawn(move || {
+                    for job in receiver {
+                        job();
                     }
                 })?;
         }
@@ -467,4 +470,53 @@ fn inline_sendfile(
         .ok_or_else(|| io::Error::other("the drive has no descriptor to send from"))?;
     let mut offset = offset_bytes;
     zerocopy::sendfile(socket.as_fd(), source, &mut offset, count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn piece(size: usize) -> DirectBytes {
+        DirectBytes {
+            buf: Arc::new(AlignedBuf::new(size)),
+            start: 0,
+            len: size,
+        }
+    }
+
+    fn key(number: u8) -> CacheKey {
+        ([number; 32], 0, 4096)
+    }
+
+    #[test]
+    fn the_direct_cache_evicts_the_least_recently_used_within_its_budget() {
+        let cache = DirectCache {
+            bytes_max: 3 * 4096,
+            inner: Mutex::new(CacheInner::default()),
+        };
+        for number in 1..=3 {
+            cache.insert(key(number), piece(4096));
+        }
+        // 1 is used again, so 2 is now the oldest and goes first, then 3.
+        assert!(cache.get(&key(1)).is_some());
+        cache.insert(key(4), piece(4096));
+        assert!(cache.get(&key(2)).is_none());
+        cache.insert(key(5), piece(4096));
+        assert!(cache.get(&key(3)).is_none());
+        for number in [1, 4, 5] {
+            assert!(
+                cache.get(&key(number)).is_some(),
+                "entry {number} was evicted"
+            );
+        }
+        // A piece that needs two places evicts the two oldest; one over the budget is not kept.
+        cache.insert(key(6), piece(2 * 4096));
+        assert!(cache.get(&key(1)).is_none() && cache.get(&key(4)).is_none());
+        assert!(cache.get(&key(5)).is_some() && cache.get(&key(6)).is_some());
+        cache.insert(key(7), piece(4 * 4096));
+        assert!(cache.get(&key(7)).is_none());
+        let inner = cache.lock();
+        assert_eq!(inner.bytes, 3 * 4096);
+        assert_eq!(inner.entries.len(), inner.order.len());
+    }
 }

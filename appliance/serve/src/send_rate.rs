@@ -94,6 +94,16 @@ impl SendMeter {
         self.check(now)
     }
 
+    /// Takes `waited` out of the judged time (never moving it past `now`): time the server
+    /// spent on its own drive inside a response (a cold piece queued for a drive's thread and
+    /// read there) is not the client's, so the send timeout and the current window restart
+    /// that much later.
+    pub fn excuse(&mut self, waited: Duration, now: Instant) {
+        let later = |at: Instant| at.checked_add(waited).map_or(now, |moved| moved.min(now));
+        self.last_progress = later(self.last_progress);
+        self.window_start = later(self.window_start);
+    }
+
     /// Judges the sending at `now`: cut when nothing was accepted for the send timeout, or
     /// when a window has ended with fewer bytes than the minimum (otherwise the next window
     /// starts at `now`).
@@ -152,6 +162,28 @@ mod tests {
             window_bytes,
             window_bytes_min,
         })
+    }
+
+    #[test]
+    fn time_on_the_drive_is_not_the_clients() {
+        let start = Instant::now();
+        let at = |ms: u64| start + Duration::from_millis(ms);
+        // 900 ms of a 1000 ms send timeout went to a cold read: the client has its full
+        // timeout from where the read ended.
+        let mut meter = SendMeter::start(Duration::from_millis(1000), SendRateMin::OFF, start);
+        meter.excuse(Duration::from_millis(900), at(900));
+        assert_eq!(meter.check(at(1500)), Ok(()));
+        assert_eq!(meter.check(at(1900)), Err(SendCut::NoProgress));
+        // The same for a window of the minimum rate: 8 KiB in the second that was the
+        // client's passes, where it would fail over the two seconds of wall time.
+        let mut meter = SendMeter::start(Duration::from_secs(10), rate(8192, 1000), start);
+        meter.excuse(Duration::from_millis(1000), at(1000));
+        assert_eq!(meter.record(8192, at(2000)), Ok(()));
+        // An excuse longer than the time passed never moves the meter into the future.
+        let mut meter = SendMeter::start(Duration::from_millis(1000), SendRateMin::OFF, start);
+        meter.excuse(Duration::MAX, at(100));
+        assert_eq!(meter.check(at(1099)), Ok(()));
+        assert_eq!(meter.check(at(1100)), Err(SendCut::NoProgress));
     }
 
     #[test]

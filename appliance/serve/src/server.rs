@@ -933,8 +933,8 @@ async fn send_error(
 
 /// Waits for one write to finish, within the send limits `meter` keeps: the count written.
 /// A deadline that passes first only has the meter judge the client; the same write goes on
-/// being awaited, never dropped, because a write handed to a cold-read thread may already be
-/// putting bytes on the socket, and a second write of the same bytes would corrupt the body.
+/// being awaited, never dropped, because a write under way may already have put bytes on the
+/// socket, and a second write of the same bytes would corrupt the body.
 async fn metered_write(
     meter: &mut SendMeter,
     attempt: impl Future<Output = io::Result<usize>>,
@@ -1062,10 +1062,10 @@ async fn tls_send_file_range(
                 let read = zerocopy::pread(source, offset, &mut resident)?;
                 tls_write_all(tls, &resident[..read], false, meter).await?
             } else {
-                let piece = shared
+                let read = shared
                     .cold
-                    .read_direct(handle, start + total, offset, chunk)
-                    .await?;
+                    .read_direct(handle, start + total, offset, chunk);
+                let piece = on_the_drive(meter, read).await?;
                 tls_write_all(tls, piece.bytes.bytes(), false, meter).await?
             };
             if written == 0 {
@@ -1118,7 +1118,8 @@ async fn send_file_range(
                 hinted = true;
             }
             if route == Route::Warm {
-                if let Err(error) = shared.cold.warm(handle, offset, chunk as u64).await {
+                let warm = shared.cold.warm(handle, offset, chunk as u64);
+                if let Err(error) = on_the_drive(meter, warm).await {
                     tracing::debug!(%error, "warming a cold piece failed; sending it anyway");
                 }
             }
@@ -1133,8 +1134,7 @@ async fn send_file_range(
                     metered_write(meter, attempt).await?
                 }
                 Route::Pool => {
-                    let attempt = pool_sendfile(stream, handle, offset, chunk, shared);
-                    let sent = metered_write(meter, attempt).await?;
+                    let sent = pool_sendfile(stream, handle, offset, chunk, shared, meter).await?;
                     offset += sent as u64;
                     sent
                 }
@@ -1143,7 +1143,7 @@ async fn send_file_range(
                     let read = shared
                         .cold
                         .read_direct(handle, file_offset, offset, chunk as u64);
-                    let piece = read.await?;
+                    let piece = on_the_drive(meter, read).await?;
                     let written = write_all(stream, piece.bytes.bytes(), false, meter).await?;
                     offset += written as u64;
                     written
@@ -1159,38 +1159,56 @@ async fn send_file_range(
     Ok(total)
 }
 
-/// One sendfile of a cold piece on the drive's pool, once the socket can take bytes: the count
-/// sent.
+/// Waits for `work` on the drive (a cold piece read or warmed on a drive's thread); its time is
+/// the server's, not the client's, so `meter` does not count it.
+async fn on_the_drive<T>(meter: &mut SendMeter, work: impl Future<Output = T>) -> T {
+    let began = Instant::now();
+    let outcome = work.await;
+    meter.excuse(began.elapsed(), Instant::now());
+    outcome
+}
+
+/// One sendfile of a cold piece on the drive's pool, once the socket can take bytes, within
+/// the send limits `meter` keeps: the count sent.
 async fn pool_sendfile(
     stream: &TcpStream,
     handle: &Arc<FileHandle>,
     offset: u64,
     chunk: usize,
     shared: &Shared,
-) -> io::Result<usize> {
-    write_elsewhere(stream, |socket| {
+    meter: &mut SendMeter,
+) -> Result<usize, SendError> {
+    write_elsewhere(stream, meter, |socket| {
         shared.cold.sendfile(socket, handle, offset, chunk)
     })
     .await
 }
 
 /// Runs `write` (a write to a duplicate of the stream's socket, done by another thread) once
-/// the socket is writable, until it writes or fails with more than a full socket.
+/// the socket is writable, until it writes or fails with more than a full socket. Waiting for
+/// the socket is the client's time and `meter` judges it; the write's own time (its place in
+/// the drive's queue, and the drive's read inside sendfile) is excused. A write handed to the
+/// other thread is always awaited to its end, never dropped at a deadline: it may already be
+/// putting bytes on the socket, and a second write of the same bytes would corrupt the body.
 ///
 /// A socket the other thread found full is probed again here before its write readiness is
 /// cleared. The client may have taken every byte since, and the runtime may already have
 /// seen that edge: clearing the readiness blindly would then wait for an edge that never
 /// comes. The probe looks at the socket after the readiness is read (as tokio's own `try_io`
 /// has its closure do), so only a socket still full is cleared.
-async fn write_elsewhere<F, W>(stream: &TcpStream, mut write: W) -> io::Result<usize>
+async fn write_elsewhere<F, W>(
+    stream: &TcpStream,
+    meter: &mut SendMeter,
+    mut write: W,
+) -> Result<usize, SendError>
 where
     W: FnMut(std::os::fd::OwnedFd) -> F,
     F: Future<Output = io::Result<usize>>,
 {
     loop {
-        stream.writable().await?;
+        metered_write(meter, async { stream.writable().await.map(|()| 0) }).await?;
         let socket = stream_fd(stream).try_clone_to_owned()?;
-        match write(socket).await {
+        match on_the_drive(meter, write(socket)).await {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 let probe = stream.try_io(Interest::WRITABLE, || {
                     if zerocopy::writable_now(stream_fd(stream))? {
@@ -1202,10 +1220,14 @@ where
                 match probe {
                     Ok(()) => {}
                     Err(error) if error.kind() == io::ErrorKind::WouldBlock => {}
-                    Err(error) => return Err(error),
+                    Err(error) => return Err(error.into()),
                 }
             }
-            outcome => return outcome,
+            Ok(count) => {
+                meter.record(count as u64, Instant::now())?;
+                return Ok(count);
+            }
+            Err(error) => return Err(error.into()),
         }
     }
 }
@@ -1250,19 +1272,29 @@ mod tests {
     use std::io::Read;
     use std::os::fd::AsFd;
 
-    /// The lost wake-up of the cold path: the socket is full when the other thread writes,
-    /// the client then takes every byte (so no later edge will come) and the runtime sees that
-    /// edge before the worker learns of the full socket. The write must still go on.
-    #[test]
-    fn a_write_elsewhere_that_found_the_socket_full_is_not_left_waiting() {
+    /// Runs `test` on a runtime of its own with a loopback connection: the server's end, as
+    /// the worker holds it, and the client's.
+    fn on_a_connection<F: Future<Output = ()>>(
+        test: impl FnOnce(TcpStream, std::net::TcpStream) -> F,
+    ) {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         runtime.block_on(async {
             let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-            let mut client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+            let client = std::net::TcpStream::connect(listener.local_addr().unwrap()).unwrap();
             let (server, _) = listener.accept().await.unwrap();
+            test(server, client).await;
+        });
+    }
+
+    /// The lost wake-up of the cold path: the socket is full when the other thread writes,
+    /// the client then takes every byte (so no later edge will come) and the runtime sees that
+    /// edge before the worker learns of the full socket. The write must still go on.
+    #[test]
+    fn a_write_elsewhere_that_found_the_socket_full_is_not_left_waiting() {
+        on_a_connection(|server, mut client| async move {
             // The runtime holds a write readiness it saw earlier, and the socket (with the
             // client's receive buffer) is full: as after a cold write that filled it.
             let chunk = vec![7u8; 1 << 16];
@@ -1279,7 +1311,9 @@ mod tests {
             server.writable().await.unwrap();
             let queued = fill();
             let mut calls = 0;
-            let written = write_elsewhere(&server, |socket| {
+            let mut meter =
+                SendMeter::start(Duration::from_secs(60), SendRateMin::OFF, Instant::now());
+            let written = write_elsewhere(&server, &mut meter, |socket| {
                 calls += 1;
                 let first = calls == 1;
                 let (reply, answer) = tokio::sync::oneshot::channel();
@@ -1304,10 +1338,56 @@ mod tests {
             let written = tokio::time::timeout(Duration::from_secs(5), written)
                 .await
                 .expect("the write waited for a readiness edge that had already passed");
-            assert_eq!(written.unwrap(), 5);
+            assert_eq!(written.ok(), Some(5));
             let mut after = [0u8; 5];
             client.read_exact(&mut after).unwrap();
             assert_eq!(&after, b"after");
+        });
+    }
+
+    /// A cold piece that waits on a slow drive for longer than the send timeout is sent, not
+    /// cut: the drive's time is not the client's, who takes every byte at once. A client that
+    /// takes nothing is still cut at the send timeout.
+    #[test]
+    fn a_slow_drive_is_not_held_against_the_client() {
+        on_a_connection(|server, mut client| async move {
+            let timeout = Duration::from_millis(300);
+            let mut meter = SendMeter::start(timeout, SendRateMin::OFF, Instant::now());
+            let written = write_elsewhere(&server, &mut meter, |socket| {
+                let (reply, answer) = tokio::sync::oneshot::channel();
+                std::thread::spawn(move || {
+                    // The drive's queue and read: three send timeouts.
+                    std::thread::sleep(Duration::from_millis(900));
+                    let _ = reply.send(zerocopy::send(socket.as_fd(), b"late", false));
+                });
+                async move { answer.await.unwrap() }
+            })
+            .await;
+            assert_eq!(written.ok(), Some(4), "a slow drive cut the client");
+            let mut late = [0u8; 4];
+            client.read_exact(&mut late).unwrap();
+            assert_eq!(&late, b"late");
+
+            // A client that stops reading: the socket fills and stays full.
+            let chunk = vec![7u8; 1 << 16];
+            let mut meter = SendMeter::start(timeout, SendRateMin::OFF, Instant::now());
+            let began = Instant::now();
+            let outcome = loop {
+                let outcome = write_elsewhere(&server, &mut meter, |socket| {
+                    let sent = zerocopy::send(socket.as_fd(), &chunk, false);
+                    async move { sent }
+                })
+                .await;
+                if outcome.is_err() {
+                    break outcome;
+                }
+            };
+            assert!(
+                matches!(outcome, Err(SendError::Cut(SendCut::NoProgress))),
+                "a stalled client was not cut"
+            );
+            assert!(began.elapsed() < Duration::from_secs(5));
+            drop(client);
         });
     }
 }
