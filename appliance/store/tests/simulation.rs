@@ -2,6 +2,9 @@
 //! aborts, deletes, checkpoints and reclaim, power cuts at random points with torn, lost and
 //! reordered unflushed writes, and injected read errors; after every recovery a checker proves
 //! that every acknowledged file reads back byte-exact and nothing unacknowledged is visible.
+//! A reader reads a file whole through the page cache, then at times again by direct I/O
+//! (`read_direct`) in pieces of random size and place, running writes, deletes and reclaim
+//! between pieces: its handle's pins must keep every piece the version it opened.
 //!
 //! `SIM_SEEDS=N` runs N seeds (default 200) from `SIM_FIRST_SEED` (default 0); `SIM_SEED=S`
 //! replays one seed exactly.
@@ -12,7 +15,7 @@
 mod common;
 
 use appliance_device::{SimDrive, SimFaults, SplitMix64};
-use appliance_store::{DriveSource, Store, StoreConfig, StoreError};
+use appliance_store::{DriveSource, FileHandle, Store, StoreConfig, StoreError};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,6 +26,8 @@ static CLOCK: AtomicU64 = AtomicU64::new(0);
 
 const DRIVE_BYTES: u64 = 40 << 20;
 const PATHS: u64 = 48;
+/// The largest piece a direct reader asks for at once.
+const PIECE_BYTES_MAX: u64 = 256 << 10;
 
 /// The seeded generator of the whole run, with the helpers the test needs.
 struct Rng(SplitMix64);
@@ -46,12 +51,18 @@ impl Rng {
 struct Expect {
     /// Contents it may show; `None` means "absent" is allowed.
     allowed: Vec<Option<Vec<u8>>>,
+    /// Contents that may lie on a drive out of service under a version written on another
+    /// drive since. The simulation does not record failures, so the drive returns at the
+    /// restart, and if that newer version was deleted meanwhile nothing is left to outrank
+    /// them: a delete may uncover them (see `World::delete`).
+    shadowed: Vec<Option<Vec<u8>>>,
 }
 
 impl Expect {
     fn certain(content: Option<Vec<u8>>) -> Expect {
         Expect {
             allowed: vec![content],
+            shadowed: Vec::new(),
         }
     }
 }
@@ -157,16 +168,22 @@ impl World {
             .get(&path)
             .cloned()
             .unwrap_or(Expect::certain(None));
-        match writer.publish(sha256) {
-            Ok(()) => {
-                self.model.insert(path, Expect::certain(Some(content)));
-            }
+        let published = writer.publish(sha256);
+        // With a drive out of service, what it holds of the path is invisible, so this version
+        // may have gone to another drive and only shadows it.
+        let mut shadowed = before.shadowed;
+        if degraded(store) {
+            shadowed.extend(before.allowed.iter().cloned());
+        }
+        let allowed = match published {
+            Ok(()) => vec![Some(content)],
             Err(_) => {
                 let mut allowed = before.allowed;
                 allowed.push(Some(content));
-                self.model.insert(path, Expect { allowed });
+                allowed
             }
-        }
+        };
+        self.model.insert(path, Expect { allowed, shadowed });
     }
 
     fn delete(&mut self, store: &Store) {
@@ -177,12 +194,9 @@ impl World {
             .cloned()
             .unwrap_or(Expect::certain(None));
         // While a drive is out of service its files are invisible, yet they return after a
-        // restart (the simulation does not record failures), so a delete is then uncertain.
-        let degraded = store
-            .stats()
-            .drives
-            .iter()
-            .any(|drive| drive.status != appliance_store::DriveStatus::Ok);
+        // restart (the simulation does not record failures), so a delete is then uncertain,
+        // and may uncover versions shadowed since the drive went out.
+        let degraded = degraded(store);
         match store.delete(&path) {
             Ok(_) if !degraded => {
                 self.model.insert(path, Expect::certain(None));
@@ -190,22 +204,104 @@ impl World {
             Ok(_) | Err(_) => {
                 let mut allowed = before.allowed;
                 allowed.push(None);
-                self.model.insert(path, Expect { allowed });
+                allowed.extend(before.shadowed.iter().cloned());
+                let shadowed = before.shadowed;
+                self.model.insert(path, Expect { allowed, shadowed });
             }
         }
     }
 
     fn read_some(&mut self, store: &Store) {
         let path = self.path();
-        if let Ok(Some(handle)) = store.open_file(&path) {
-            let mut buf = vec![0u8; handle.size_bytes() as usize];
-            if handle.read_at(0, &mut buf).is_ok() {
-                let expect = &self.model[&path];
-                assert!(
-                    expect.allowed.contains(&Some(buf)),
-                    "seed {}: {path} read back bytes never written",
-                    self.seed
-                );
+        let Ok(Some(handle)) = store.open_file(&path) else {
+            return;
+        };
+        let mut buf = vec![0u8; handle.size_bytes() as usize];
+        if handle.read_at(0, &mut buf).is_err() {
+            return;
+        }
+        let written = self.model[&path]
+            .allowed
+            .iter()
+            .any(|content| content.as_deref() == Some(&buf[..]));
+        assert!(
+            written,
+            "seed {}: {path} read back bytes never written",
+            self.seed
+        );
+        let sha256: [u8; 32] = Sha256::digest(&buf).into();
+        assert_eq!(
+            handle.sha256(),
+            sha256,
+            "seed {}: {path} checksum",
+            self.seed
+        );
+        if self.rng.chance(50) {
+            self.read_direct_pieces(store, &path, &handle, &buf);
+        }
+    }
+
+    /// Reads `handle`'s file again by direct I/O, in pieces of random size from a random offset
+    /// to the end and then from the start, with writes, deletes and reclaim run between pieces
+    /// while the handle pins its version: every piece must be `expected` at its offset. Stops
+    /// at the first read error (an injected fault or a cut power).
+    fn read_direct_pieces(
+        &mut self,
+        store: &Store,
+        path: &str,
+        handle: &FileHandle,
+        expected: &[u8],
+    ) {
+        let size_bytes = expected.len() as u64;
+        let mut file_offset = self.rng.below(size_bytes);
+        let mut done = 0;
+        while done < size_bytes {
+            let length_bytes = (1 + self.rng.below(PIECE_BYTES_MAX)).min(size_bytes - file_offset);
+            let mut at = file_offset;
+            for range in handle.ranges(file_offset, length_bytes) {
+                let Ok((buf, start)) = handle.read_direct(range.offset_bytes, range.length_bytes)
+                else {
+                    return;
+                };
+                let bytes = &buf[start..][..range.length_bytes as usize];
+                let want = &expected[at as usize..][..bytes.len()];
+                if let Some(wrong) = bytes.iter().zip(want).position(|(got, want)| got != want) {
+                    panic!(
+                        "seed {}: {path}: version {:02x?}: wrong byte at file offset {} \
+                         (read_direct of file bytes {at}..+{} at drive offset {})",
+                        self.seed,
+                        &handle.sha256()[..8],
+                        at + wrong as u64,
+                        range.length_bytes,
+                        range.offset_bytes,
+                    );
+                }
+                at += range.length_bytes;
+            }
+            assert_eq!(
+                at,
+                file_offset + length_bytes,
+                "seed {}: {path} ranges",
+                self.seed
+            );
+            done += length_bytes;
+            file_offset = (file_offset + length_bytes) % size_bytes;
+            if self.rng.chance(25) {
+                self.step_while_reading(store);
+            }
+        }
+    }
+
+    /// One random operation that may reuse space, run while a reader holds a handle.
+    fn step_while_reading(&mut self, store: &Store) {
+        match self.rng.below(4) {
+            0 => self.write(store),
+            1 => self.delete(store),
+            2 => {
+                let _ = store.maintain();
+            }
+            _ => {
+                let _ = store.reclaim_now();
             }
         }
     }
@@ -269,6 +365,15 @@ impl World {
             drive.crash();
         }
     }
+}
+
+/// True when a drive is out of service.
+fn degraded(store: &Store) -> bool {
+    store
+        .stats()
+        .drives
+        .iter()
+        .any(|drive| drive.status != appliance_store::DriveStatus::Ok)
 }
 
 fn run_seed(seed: u64) {

@@ -4,6 +4,13 @@
 //! upkeep thread (`maintain`) and from the fill (`reclaim_now`), checkpoints, and readers that
 //! check every byte they read against the SHA-256 its writer vouched for.
 //!
+//! Readers take each of the serving layer's read paths, chosen by their seed per read: a whole
+//! file through `read_at`; pieces of random size and place through `read_direct` (direct I/O
+//! of the extents' drive bytes); pieces through `serve_fd` (pread at the extents' drive
+//! offsets, the bytes sendfile(2) sends). A piece reader holds one handle for the whole file,
+//! so its pins must keep reclaim from reusing the segments under it; two readers pause before
+//! each piece, as slow clients do, so that their handles outlive reclaim passes.
+//!
 //! `STRESS_SECONDS` sets the duration (default 8).
 
 // Test data generation truncates on purpose; sizes here are small.
@@ -11,8 +18,10 @@
 
 use appliance_device::{SplitMix64, UringConfig, UringDrive};
 use appliance_store::{format_drive, DriveSource, FormatOptions, Store, StoreConfig, StoreError};
+use appliance_store::{DeviceRange, FileHandle};
 use sha2::{Digest, Sha256};
 use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,9 +31,22 @@ const SEGMENT_BYTES: u64 = 2 << 20;
 const BIG_FILES: u64 = 16;
 const BIG_FILE_BYTES: usize = 300 << 10;
 const SMALL_FILES: u64 = 300;
+/// The largest piece a piece reader asks for at once.
+const PIECE_BYTES_MAX: u64 = 256 << 10;
+/// The longest pause of a slow reader before each piece (while it holds the handle).
+const SLOW_PIECE_PAUSE_US_MAX: u64 = 50_000;
 
 /// What writers vouched for: SHA-256 -> (path, version), registered before publishing.
 type Vouched = Mutex<HashMap<[u8; 32], (String, u64)>>;
+
+/// How a piece reader reads a file's bytes from its drive.
+#[derive(Clone, Copy, Debug)]
+enum ReadPath {
+    /// `FileHandle::read_direct` of the extents: direct I/O, past the page cache.
+    Direct,
+    /// pread of `FileHandle::serve_fd` at the extents' drive offsets: what sendfile sends.
+    ServeFd,
+}
 
 struct Shared {
     store: Store,
@@ -32,6 +54,8 @@ struct Shared {
     stop: AtomicBool,
     next_version: AtomicU64,
     reads_checked: AtomicU64,
+    direct_pieces_checked: AtomicU64,
+    serve_fd_pieces_checked: AtomicU64,
     reclaim_passes: AtomicU64,
 }
 
@@ -83,6 +107,126 @@ impl Shared {
         );
         self.reads_checked.fetch_add(1, Ordering::Relaxed);
         Some(version)
+    }
+
+    /// Reads `path` through `read_path` in pieces of random size, from a random offset to the
+    /// end and then from the start, holding one handle throughout and pausing before each
+    /// piece for up to `pause_us_max`; checks every piece against the bytes of the version
+    /// whose SHA-256 the handle holds. `None` when absent (or, for `ServeFd`, when the drive
+    /// has no descriptor to send from).
+    fn check_pieces(
+        &self,
+        path: &str,
+        read_path: ReadPath,
+        pause_us_max: u64,
+        rng: &mut SplitMix64,
+    ) -> Option<u64> {
+        let handle = self.store.open_file(path).expect("lookup")?;
+        let vouched = self.vouched.lock().unwrap().get(&handle.sha256()).cloned();
+        let Some((vouched_path, version)) = vouched else {
+            panic!("{path}: a record's SHA-256 no writer vouched for ({read_path:?})");
+        };
+        assert_eq!(vouched_path, path, "{path}: a record of another path");
+        let served = match read_path {
+            ReadPath::ServeFd => {
+                let fd = handle
+                    .serve_fd()?
+                    .try_clone_to_owned()
+                    .expect("dup serve fd");
+                Some(std::fs::File::from(fd))
+            }
+            ReadPath::Direct => None,
+        };
+        let size_bytes = handle.size_bytes();
+        let expected = content(version, size_bytes as usize);
+        let reader = PieceReader {
+            path,
+            version,
+            read_path,
+            handle: &handle,
+            served,
+            expected: &expected,
+        };
+        let checked = match read_path {
+            ReadPath::Direct => &self.direct_pieces_checked,
+            ReadPath::ServeFd => &self.serve_fd_pieces_checked,
+        };
+        let mut file_offset = rng.below(size_bytes);
+        let mut done = 0;
+        while done < size_bytes {
+            std::thread::sleep(Duration::from_micros(rng.below(pause_us_max)));
+            let length_bytes = (1 + rng.below(PIECE_BYTES_MAX)).min(size_bytes - file_offset);
+            reader.check(file_offset, length_bytes);
+            checked.fetch_add(1, Ordering::Relaxed);
+            done += length_bytes;
+            file_offset = (file_offset + length_bytes) % size_bytes;
+        }
+        Some(version)
+    }
+}
+
+/// A version read in pieces: its pinning handle and the bytes it must hold.
+struct PieceReader<'a> {
+    path: &'a str,
+    version: u64,
+    read_path: ReadPath,
+    handle: &'a FileHandle,
+    /// The drive's serving descriptor, for `ReadPath::ServeFd`.
+    served: Option<std::fs::File>,
+    expected: &'a [u8],
+}
+
+impl PieceReader<'_> {
+    /// Reads file bytes `file_offset..+length_bytes` range by range and checks them.
+    fn check(&self, file_offset: u64, length_bytes: u64) {
+        let mut at = file_offset;
+        for range in self.handle.ranges(file_offset, length_bytes) {
+            let bytes = self.read(range);
+            let want = &self.expected[at as usize..][..bytes.len()];
+            if let Some(wrong) = bytes.iter().zip(want).position(|(got, want)| got != want) {
+                panic!(
+                    "{}: version {}: wrong byte at file offset {} ({:?} read of file bytes \
+                     {at}..+{} at drive offset {}): {:#04x}, expected {:#04x}",
+                    self.path,
+                    self.version,
+                    at + wrong as u64,
+                    self.read_path,
+                    range.length_bytes,
+                    range.offset_bytes,
+                    bytes[wrong],
+                    want[wrong],
+                );
+            }
+            at += range.length_bytes;
+        }
+        assert_eq!(
+            at,
+            file_offset + length_bytes,
+            "{}: ranges cover the piece",
+            self.path
+        );
+    }
+
+    fn read(&self, range: DeviceRange) -> Vec<u8> {
+        let length = range.length_bytes as usize;
+        match &self.served {
+            Some(served) => {
+                let mut bytes = vec![0u8; length];
+                served
+                    .read_exact_at(&mut bytes, range.offset_bytes)
+                    .unwrap_or_else(|error| panic!("{}: pread {range:?}: {error}", self.path));
+                bytes
+            }
+            None => {
+                let (buf, start) = self
+                    .handle
+                    .read_direct(range.offset_bytes, range.length_bytes)
+                    .unwrap_or_else(|error| {
+                        panic!("{}: read_direct {range:?}: {error}", self.path)
+                    });
+                buf[start..start + length].to_vec()
+            }
+        }
     }
 }
 
@@ -162,15 +306,28 @@ fn churn(shared: &Shared, seed: u64) {
     }
 }
 
-fn reader(shared: &Shared, seed: u64) {
-    let mut rng = SplitMix64(seed);
+/// How a reader thread reads.
+#[derive(Clone, Copy)]
+struct ReaderConfig {
+    seed: u64,
+    /// The longest pause before each piece of a piece read (0: none).
+    piece_pause_us_max: u64,
+}
+
+fn reader(shared: &Shared, config: ReaderConfig) {
+    let mut rng = SplitMix64(config.seed);
+    let pause_us_max = config.piece_pause_us_max;
     while !shared.stop.load(Ordering::Relaxed) {
         let path = if rng.below(2) == 0 {
             big_path(rng.below(BIG_FILES))
         } else {
             small_path(rng.below(SMALL_FILES))
         };
-        shared.check(&path);
+        match rng.below(3) {
+            0 => shared.check(&path),
+            1 => shared.check_pieces(&path, ReadPath::Direct, pause_us_max, &mut rng),
+            _ => shared.check_pieces(&path, ReadPath::ServeFd, pause_us_max, &mut rng),
+        };
         if rng.below(50) == 0 {
             if let Some(handle) = shared.store.open_file(&path).expect("lookup") {
                 handle.verify().expect("stored checksums hold");
@@ -208,6 +365,8 @@ fn stress_real_drive_with_concurrent_reclaim() {
         stop: AtomicBool::new(false),
         next_version: AtomicU64::new(1),
         reads_checked: AtomicU64::new(0),
+        direct_pieces_checked: AtomicU64::new(0),
+        serve_fd_pieces_checked: AtomicU64::new(0),
         reclaim_passes: AtomicU64::new(0),
     });
     for number in 0..SMALL_FILES {
@@ -227,9 +386,15 @@ fn stress_real_drive_with_concurrent_reclaim() {
         let s = Arc::clone(&shared);
         spawn(&mut threads, Box::new(move || reclaimer(&s, forced)));
     }
-    for seed in [11, 12] {
+    let slow = SLOW_PIECE_PAUSE_US_MAX;
+    let readers = [(11, 0), (12, 0), (13, slow), (14, slow)];
+    for (seed, piece_pause_us_max) in readers {
+        let config = ReaderConfig {
+            seed,
+            piece_pause_us_max,
+        };
         let s = Arc::clone(&shared);
-        spawn(&mut threads, Box::new(move || reader(&s, seed)));
+        spawn(&mut threads, Box::new(move || reader(&s, config)));
     }
     let s = Arc::clone(&shared);
     spawn(
@@ -263,13 +428,18 @@ fn stress_real_drive_with_concurrent_reclaim() {
     }
     assert!(failures.is_empty(), "stress threads failed: {failures:#?}");
     let reads = shared.reads_checked.load(Ordering::Relaxed);
+    let direct = shared.direct_pieces_checked.load(Ordering::Relaxed);
+    let served = shared.serve_fd_pieces_checked.load(Ordering::Relaxed);
     let passes = shared.reclaim_passes.load(Ordering::Relaxed);
     let stats = shared.store.stats();
     let moved = stats.relocated_files;
-    println!("stress: {seconds} s, {reads} reads checked, {passes} reclaim passes, {moved} moves");
+    println!(
+        "stress: {seconds} s, {reads} whole reads, {direct} read_direct pieces and {served} \
+         serve_fd pieces checked, {passes} reclaim passes, {moved} moves"
+    );
     assert!(
-        reads > 100 && moved > 10,
-        "too little happened: {reads} reads, {moved} files moved"
+        reads > 100 && direct > 100 && served > 100 && moved > 10,
+        "too little happened: {reads} reads, {direct} + {served} pieces, {moved} files moved"
     );
     assert_eq!(stats.drives[0].status, appliance_store::DriveStatus::Ok);
     let _ = std::fs::remove_file(&drive_path);
