@@ -40,8 +40,8 @@ pub struct Scrubber {
     store: Store,
     /// The thread, while enabled.
     running: Option<Running>,
-    /// A thread a reload disabled, finishing the version it was checking. It is joined before
-    /// another thread starts, so that one thread at most writes the progress.
+    /// A thread a reload disabled, finishing the version it was checking. The next thread
+    /// started joins it before its first pass, so that one thread at most writes the progress.
     finishing: Option<JoinHandle<()>>,
     pub progress: ScrubProgress,
 }
@@ -108,8 +108,8 @@ impl Scrubber {
     /// Puts new settings in force (SIGHUP). A running thread wakes at once and paces by them
     /// from its next version on, keeping the pass under way; `enabled = false` stops the
     /// thread (it finishes the version it is checking; findings stay), `enabled = true`
-    /// starts one, which begins a new pass. Blocks only when a thread stopped by an earlier
-    /// reload is still finishing its version and a new one must start.
+    /// starts one, which begins a new pass once a thread stopped by an earlier reload has
+    /// finished its version. Never blocks.
     pub fn reconfigure(&mut self, config: ScrubConfig) {
         self.progress.set_settings(config);
         match (config.enabled, self.running.take()) {
@@ -134,11 +134,11 @@ impl Scrubber {
         }
     }
 
-    /// Starts the thread, once a thread stopped by a reload has ended.
+    /// Starts a thread, which begins once a thread stopped by a reload has ended.
     fn start(&mut self) {
-        if let Some(thread) = self.finishing.take() {
-            let _ = thread.join();
-        }
+        // The new thread, not the caller (the signal loop), waits for a thread stopped by an
+        // earlier reload to finish its version: that can take as long as the drive does.
+        let finishing = self.finishing.take();
         let (wake, woken) = std::sync::mpsc::sync_channel::<()>(1);
         let pass = Pass {
             store: self.store.clone(),
@@ -147,7 +147,12 @@ impl Scrubber {
         };
         let thread = std::thread::Builder::new()
             .name("scrubber".into())
-            .spawn(move || pass.run_forever())
+            .spawn(move || {
+                if let Some(thread) = finishing {
+                    let _ = thread.join();
+                }
+                pass.run_forever()
+            })
             .expect("spawning the scrubber thread");
         self.running = Some(Running { wake, thread });
     }

@@ -16,9 +16,10 @@
 //! A third design, `direct`, reads a cold piece straight from the drive (direct I/O through
 //! the drive's ring, on a thread of its pool) into an aligned buffer, keeps it in a RAM cache
 //! of recent reads, and has the worker send it from there: a copy into the socket, where
-//! sendfile copies nothing. The cache is keyed by content (the file's SHA-256 and the offset
-//! in the file), never by where the bytes lie on the drive, so a reclaimed and rewritten
-//! segment can never be answered from a stale entry.
+//! sendfile copies nothing. The cache is keyed by version (the file's SHA-256, its publication
+//! time, the offset in the file), never by where the bytes lie on the drive, so a reclaimed
+//! and rewritten segment can never be answered from a stale entry, nor a version refilled
+//! after the scrubber removed it from bytes read off the rotted one.
 //!
 //! A job owns everything it touches: a duplicate of the socket descriptor and the file
 //! handle (whose pins keep the segments from being reused while the thread reads them), so a
@@ -84,6 +85,9 @@ const DIRECT_BUDGET_UNIT_BYTES: u64 = 64 << 10;
 /// this is dropped).
 pub struct DirectPiece {
     pub bytes: DirectBytes,
+    /// The time the read spent on the drive (queued for a thread of the drive's pool and read
+    /// there); not the wait for the in-flight budget, which other clients' sends hold.
+    pub drive_time: std::time::Duration,
     _budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
@@ -101,8 +105,10 @@ impl DirectBytes {
     }
 }
 
-/// A file's bytes by content: its SHA-256, the offset in the file, the length.
-type CacheKey = ([u8; 32], u64, u64);
+/// A version's bytes: its SHA-256 and publication time, the offset in the file, the length.
+/// The publication time tells a version refilled after the scrubber removed it (bytes read
+/// before from a rotted sector must never answer for it) from the one it replaces.
+type CacheKey = ([u8; 32], u64, u64, u64);
 
 /// Recent direct reads under a byte budget; the least recently used go first. Every call is
 /// O(log n) in the entries held: `order` keeps them by their last use.
@@ -364,11 +370,17 @@ impl ColdReads {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> io::Result<DirectPiece> {
-        let key = (handle.sha256(), file_offset, length_bytes);
+        let key = (
+            handle.sha256(),
+            handle.published_unix_s(),
+            file_offset,
+            length_bytes,
+        );
         if let Some(bytes) = self.cache.get(&key) {
             self.counts.direct_cache_hits.inc();
             return Ok(DirectPiece {
                 bytes,
+                drive_time: std::time::Duration::ZERO,
                 _budget: None,
             });
         }
@@ -394,12 +406,15 @@ impl ColdReads {
                 })
             }
         };
+        let began = std::time::Instant::now();
         let bytes = self.on_pool(handle.drive_number(), read).await?;
+        let drive_time = began.elapsed();
         if self.cache.bytes_max > 0 {
             self.cache.insert(key, bytes.clone());
         }
         Ok(DirectPiece {
             bytes,
+            drive_time,
             _budget: Some(budget),
         })
     }
@@ -485,7 +500,7 @@ mod tests {
     }
 
     fn key(number: u8) -> CacheKey {
-        ([number; 32], 0, 4096)
+        ([number; 32], 1_700_000_000, 0, 4096)
     }
 
     #[test]

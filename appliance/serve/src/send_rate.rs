@@ -97,11 +97,23 @@ impl SendMeter {
     /// Takes `waited` out of the judged time (never moving it past `now`): time the server
     /// spent on its own drive inside a response (a cold piece queued for a drive's thread and
     /// read there) is not the client's, so the send timeout and the current window restart
-    /// that much later.
+    /// that much later. At most one send timeout is excused per wait: a drive so slow (or a
+    /// queue so long) that one piece takes longer still ends the response as a stall would,
+    /// so an overloaded box sheds connections instead of holding every one of them forever.
     pub fn excuse(&mut self, waited: Duration, now: Instant) {
+        let waited = waited.min(self.send_timeout);
         let later = |at: Instant| at.checked_add(waited).map_or(now, |moved| moved.min(now));
         self.last_progress = later(self.last_progress);
         self.window_start = later(self.window_start);
+    }
+
+    /// The latest a wait on the drive may end before the response is given up as stalled:
+    /// the send timeout from the last progress, plus the one send timeout a wait is excused
+    /// (`excuse`). `None` when that is beyond what an `Instant` can hold.
+    pub fn drive_deadline(&self) -> Option<Instant> {
+        self.last_progress
+            .checked_add(self.send_timeout)?
+            .checked_add(self.send_timeout)
     }
 
     /// Judges the sending at `now`: cut when nothing was accepted for the send timeout, or
@@ -171,7 +183,9 @@ mod tests {
         // 900 ms of a 1000 ms send timeout went to a cold read: the client has its full
         // timeout from where the read ended.
         let mut meter = SendMeter::start(Duration::from_millis(1000), SendRateMin::OFF, start);
+        assert_eq!(meter.drive_deadline(), Some(at(2000)));
         meter.excuse(Duration::from_millis(900), at(900));
+        assert_eq!(meter.drive_deadline(), Some(at(2900)));
         assert_eq!(meter.check(at(1500)), Ok(()));
         assert_eq!(meter.check(at(1900)), Err(SendCut::NoProgress));
         // The same for a window of the minimum rate: 8 KiB in the second that was the
@@ -179,6 +193,10 @@ mod tests {
         let mut meter = SendMeter::start(Duration::from_secs(10), rate(8192, 1000), start);
         meter.excuse(Duration::from_millis(1000), at(1000));
         assert_eq!(meter.record(8192, at(2000)), Ok(()));
+        // One wait is excused up to the send timeout: a piece that took five is a stall.
+        let mut meter = SendMeter::start(Duration::from_millis(1000), SendRateMin::OFF, start);
+        meter.excuse(Duration::from_millis(5000), at(5000));
+        assert_eq!(meter.check(at(5000)), Err(SendCut::NoProgress));
         // An excuse longer than the time passed never moves the meter into the future.
         let mut meter = SendMeter::start(Duration::from_millis(1000), SendRateMin::OFF, start);
         meter.excuse(Duration::MAX, at(100));

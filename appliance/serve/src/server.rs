@@ -1065,7 +1065,8 @@ async fn tls_send_file_range(
                 let read = shared
                     .cold
                     .read_direct(handle, start + total, offset, chunk);
-                let piece = on_the_drive(meter, read).await?;
+                let piece = until_the_drive_deadline(meter, read).await??;
+                meter.excuse(piece.drive_time, Instant::now());
                 tls_write_all(tls, piece.bytes.bytes(), false, meter).await?
             };
             if written == 0 {
@@ -1119,7 +1120,7 @@ async fn send_file_range(
             }
             if route == Route::Warm {
                 let warm = shared.cold.warm(handle, offset, chunk as u64);
-                if let Err(error) = on_the_drive(meter, warm).await {
+                if let Err(error) = on_the_drive(meter, warm).await? {
                     tracing::debug!(%error, "warming a cold piece failed; sending it anyway");
                 }
             }
@@ -1143,7 +1144,8 @@ async fn send_file_range(
                     let read = shared
                         .cold
                         .read_direct(handle, file_offset, offset, chunk as u64);
-                    let piece = on_the_drive(meter, read).await?;
+                    let piece = until_the_drive_deadline(meter, read).await??;
+                    meter.excuse(piece.drive_time, Instant::now());
                     let written = write_all(stream, piece.bytes.bytes(), false, meter).await?;
                     offset += written as u64;
                     written
@@ -1160,12 +1162,33 @@ async fn send_file_range(
 }
 
 /// Waits for `work` on the drive (a cold piece read or warmed on a drive's thread); its time is
-/// the server's, not the client's, so `meter` does not count it.
-async fn on_the_drive<T>(meter: &mut SendMeter, work: impl Future<Output = T>) -> T {
+/// the server's, not the client's, so `meter` excuses it (up to one send timeout).
+async fn on_the_drive<T>(
+    meter: &mut SendMeter,
+    work: impl Future<Output = T>,
+) -> Result<T, SendError> {
     let began = Instant::now();
-    let outcome = work.await;
+    let outcome = until_the_drive_deadline(meter, work).await?;
     meter.excuse(began.elapsed(), Instant::now());
-    outcome
+    Ok(outcome)
+}
+
+/// Waits for `work` no later than the meter's drive deadline: past it, the response is given
+/// up as stalled (the connection is then reset, so a write the drive's thread may still make
+/// lands nowhere that matters, and dropping the wait is safe).
+async fn until_the_drive_deadline<T>(
+    meter: &SendMeter,
+    work: impl Future<Output = T>,
+) -> Result<T, SendError> {
+    match meter.drive_deadline() {
+        Some(deadline) => {
+            let deadline = tokio::time::Instant::from_std(deadline);
+            tokio::time::timeout_at(deadline, work)
+                .await
+                .map_err(|_| SendError::Cut(SendCut::NoProgress))
+        }
+        None => Ok(work.await),
+    }
 }
 
 /// One sendfile of a cold piece on the drive's pool, once the socket can take bytes, within
@@ -1208,7 +1231,7 @@ where
     loop {
         metered_write(meter, async { stream.writable().await.map(|()| 0) }).await?;
         let socket = stream_fd(stream).try_clone_to_owned()?;
-        match on_the_drive(meter, write(socket)).await {
+        match on_the_drive(meter, write(socket)).await? {
             Err(error) if error.kind() == io::ErrorKind::WouldBlock => {
                 let probe = stream.try_io(Interest::WRITABLE, || {
                     if zerocopy::writable_now(stream_fd(stream))? {
@@ -1346,27 +1369,38 @@ mod tests {
     }
 
     /// A cold piece that waits on a slow drive for longer than the send timeout is sent, not
-    /// cut: the drive's time is not the client's, who takes every byte at once. A client that
-    /// takes nothing is still cut at the send timeout.
+    /// cut: the drive's time is not the client's, who takes every byte at once (up to one
+    /// send timeout per wait). A client that takes nothing is still cut at the send timeout.
     #[test]
     fn a_slow_drive_is_not_held_against_the_client() {
         on_a_connection(|server, mut client| async move {
-            let timeout = Duration::from_millis(300);
+            let timeout = Duration::from_millis(500);
+            // A write on the drive's thread after `drive_ms`.
+            let slow = |drive_ms: u64| {
+                move |socket: std::os::fd::OwnedFd| {
+                    let (reply, answer) = tokio::sync::oneshot::channel();
+                    std::thread::spawn(move || {
+                        std::thread::sleep(Duration::from_millis(drive_ms));
+                        let _ = reply.send(zerocopy::send(socket.as_fd(), b"late", false));
+                    });
+                    async move { answer.await.unwrap() }
+                }
+            };
+            // The drive's queue and read take longer than the send timeout: excused.
             let mut meter = SendMeter::start(timeout, SendRateMin::OFF, Instant::now());
-            let written = write_elsewhere(&server, &mut meter, |socket| {
-                let (reply, answer) = tokio::sync::oneshot::channel();
-                std::thread::spawn(move || {
-                    // The drive's queue and read: three send timeouts.
-                    std::thread::sleep(Duration::from_millis(900));
-                    let _ = reply.send(zerocopy::send(socket.as_fd(), b"late", false));
-                });
-                async move { answer.await.unwrap() }
-            })
-            .await;
+            let written = write_elsewhere(&server, &mut meter, slow(700)).await;
             assert_eq!(written.ok(), Some(4), "a slow drive cut the client");
             let mut late = [0u8; 4];
             client.read_exact(&mut late).unwrap();
             assert_eq!(&late, b"late");
+            // Beyond twice the send timeout the response ends as a stall would.
+            let mut meter = SendMeter::start(timeout, SendRateMin::OFF, Instant::now());
+            let written = write_elsewhere(&server, &mut meter, slow(1200)).await;
+            assert!(
+                matches!(written, Err(SendError::Cut(SendCut::NoProgress))),
+                "a drive wait without end held the connection"
+            );
+            client.read_exact(&mut late).unwrap();
 
             // A client that stops reading: the socket fills and stays full.
             let chunk = vec![7u8; 1 << 16];

@@ -284,6 +284,7 @@ impl World {
                 "seed {}: {path} ranges",
                 self.seed
             );
+            DIRECT_PIECES_CHECKED.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
             done += length_bytes;
             file_offset = (file_offset + length_bytes) % size_bytes;
             if self.rng.chance(25) {
@@ -376,6 +377,9 @@ fn degraded(store: &Store) -> bool {
         .any(|drive| drive.status != appliance_store::DriveStatus::Ok)
 }
 
+/// read_direct pieces checked against their expected bytes, over every seed run.
+static DIRECT_PIECES_CHECKED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 fn run_seed(seed: u64) {
     let mut world = World::new(seed);
     let rounds = 3 + world.rng.below(3);
@@ -441,5 +445,11 @@ fn simulation_seeds() {
             panic!("simulation failed for seed {seed}; replay with SIM_SEED={seed}");
         }
     }
-    println!("simulation: {seeds} seeds from {first} passed");
+    let pieces = DIRECT_PIECES_CHECKED.load(std::sync::atomic::Ordering::Relaxed);
+    println!("simulation: {seeds} seeds from {first} passed; {pieces} read_direct pieces checked");
+    // Every read_direct failing (an error stops a reader quietly) must not pass for a clean run.
+    assert!(
+        seeds < 20 || pieces >= seeds,
+        "only {pieces} read_direct pieces were checked in {seeds} seeds"
+    );
 }

@@ -139,6 +139,13 @@ impl Shared {
         };
         let size_bytes = handle.size_bytes();
         let expected = content(version, size_bytes as usize);
+        // The record's size is checked too: the bytes it describes must be the vouched ones.
+        let sha256: [u8; 32] = Sha256::digest(&expected).into();
+        assert_eq!(
+            sha256,
+            handle.sha256(),
+            "{path}: version {version}: the record's size does not give the vouched bytes"
+        );
         let reader = PieceReader {
             path,
             version,
