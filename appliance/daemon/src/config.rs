@@ -242,6 +242,8 @@ pub struct Serve {
     /// Time a keep-alive connection may wait for its next request. Default 60000.
     pub idle_timeout_ms: u64,
     /// Time a send may make no progress before the connection is closed. Default 30000.
+    /// Time a cold piece spends on the drive is not the client's and is not counted, up to
+    /// one send timeout per wait; a wait on the drive longer than that ends the response.
     pub send_timeout_ms: u64,
     /// The least a client must take while a response is sent to it, in bytes per second
     /// averaged over each `send_rate_window_ms`; a client below it is cut (connection reset,
