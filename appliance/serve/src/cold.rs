@@ -74,9 +74,11 @@ impl Default for ColdConfig {
     }
 }
 
-/// The most bytes of direct reads held at once outside the cache (read, or being sent): the
-/// buffers are the process's own memory, not page cache the kernel can take back, so they
-/// are bounded like the write buffers. A read waits (without blocking the worker) for room.
+/// The most bytes of direct reads being read or sent at once, besides the cache: the buffers
+/// are the process's own memory, not page cache the kernel can take back, so they are
+/// bounded like the write buffers. A piece sent from the cache takes its share too, since the
+/// cache may evict its buffer while a slow client still holds it. A read waits (without
+/// blocking the worker) for room.
 const DIRECT_IN_FLIGHT_BYTES_MAX: u64 = 64 << 20;
 /// The unit of that budget.
 const DIRECT_BUDGET_UNIT_BYTES: u64 = 64 << 10;
@@ -88,7 +90,7 @@ pub struct DirectPiece {
     /// The time the read spent on the drive (queued for a thread of the drive's pool and read
     /// there); not the wait for the in-flight budget, which other clients' sends hold.
     pub drive_time: std::time::Duration,
-    _budget: Option<tokio::sync::OwnedSemaphorePermit>,
+    _budget: tokio::sync::OwnedSemaphorePermit,
 }
 
 /// Bytes read from a drive by direct I/O: a shared aligned buffer and the part asked for.
@@ -370,6 +372,14 @@ impl ColdReads {
         offset_bytes: u64,
         length_bytes: u64,
     ) -> io::Result<DirectPiece> {
+        // Room for the aligned buffer (a block more on each side at most).
+        let units = (length_bytes + 2 * appliance_device::BLOCK_BYTES)
+            .div_ceil(DIRECT_BUDGET_UNIT_BYTES)
+            .min(DIRECT_IN_FLIGHT_BYTES_MAX / DIRECT_BUDGET_UNIT_BYTES);
+        let budget = Arc::clone(&self.direct_budget)
+            .acquire_many_owned(units as u32)
+            .await
+            .map_err(|_| io::Error::other("the direct-read budget is closed"))?;
         let key = (
             handle.sha256(),
             handle.published_unix_s(),
@@ -381,17 +391,9 @@ impl ColdReads {
             return Ok(DirectPiece {
                 bytes,
                 drive_time: std::time::Duration::ZERO,
-                _budget: None,
+                _budget: budget,
             });
         }
-        // Room for the aligned buffer (a block more on each side at most).
-        let units = (length_bytes + 2 * appliance_device::BLOCK_BYTES)
-            .div_ceil(DIRECT_BUDGET_UNIT_BYTES)
-            .min(DIRECT_IN_FLIGHT_BYTES_MAX / DIRECT_BUDGET_UNIT_BYTES);
-        let budget = Arc::clone(&self.direct_budget)
-            .acquire_many_owned(units as u32)
-            .await
-            .map_err(|_| io::Error::other("the direct-read budget is closed"))?;
         let read = {
             let handle = Arc::clone(handle);
             move || -> io::Result<DirectBytes> {
@@ -415,7 +417,7 @@ impl ColdReads {
         Ok(DirectPiece {
             bytes,
             drive_time,
-            _budget: Some(budget),
+            _budget: budget,
         })
     }
 
