@@ -334,9 +334,7 @@ impl Pass {
                 // The store failed the drive (fail in place); its files are out of the index.
                 Err(error) => {
                     tracing::warn!(%error, "scrub: a file could not be checked");
-                    if let Some(pass) = lock(&self.progress.0).pass.as_mut() {
-                        pass.files_done += 1;
-                    }
+                    done_in_pass(&mut lock(&self.progress.0), 0);
                 }
             }
         }
@@ -406,11 +404,16 @@ impl Pass {
             }
             ScrubOutcome::Gone => 0,
         };
-        if let Some(pass) = progress.pass.as_mut() {
-            pass.files_done += 1;
-            pass.bytes_done += bytes_read;
-        }
+        done_in_pass(&mut progress, bytes_read);
         bytes_read
+    }
+}
+
+/// One more file done in the pass under way, which read `bytes_read`.
+fn done_in_pass(progress: &mut Scrub, bytes_read: u64) {
+    if let Some(pass) = progress.pass.as_mut() {
+        pass.files_done += 1;
+        pass.bytes_done += bytes_read;
     }
 }
 

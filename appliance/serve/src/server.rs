@@ -12,7 +12,7 @@
 //! all connections: counters are atomics, the access log a channel.
 
 use crate::access_log::{AccessLog, AccessLogTarget};
-use crate::cold::{ColdConfig, ColdReads, Route};
+use crate::cold::{ColdConfig, ColdReads, DirectPiece, Route};
 use crate::http::{
     content_type, error_response, etag_from_sha256, http_date, parse_request, request_method,
     response_has_content, write_response_head, HttpError, Limits, Method, Parse, Representation,
@@ -1062,11 +1062,8 @@ async fn tls_send_file_range(
                 let read = zerocopy::pread(source, offset, &mut resident)?;
                 tls_write_all(tls, &resident[..read], false, meter).await?
             } else {
-                let read = shared
-                    .cold
-                    .read_direct(handle, start + total, offset, chunk);
-                let piece = until_the_drive_deadline(meter, read).await??;
-                meter.excuse(piece.drive_time, Instant::now());
+                let piece =
+                    direct_piece(shared, meter, handle, start + total, offset, chunk).await?;
                 tls_write_all(tls, piece.bytes.bytes(), false, meter).await?
             };
             if written == 0 {
@@ -1140,12 +1137,9 @@ async fn send_file_range(
                     sent
                 }
                 Route::Direct => {
-                    let file_offset = start + total;
-                    let read = shared
-                        .cold
-                        .read_direct(handle, file_offset, offset, chunk as u64);
-                    let piece = until_the_drive_deadline(meter, read).await??;
-                    meter.excuse(piece.drive_time, Instant::now());
+                    let piece =
+                        direct_piece(shared, meter, handle, start + total, offset, chunk as u64)
+                            .await?;
                     let written = write_all(stream, piece.bytes.bytes(), false, meter).await?;
                     offset += written as u64;
                     written
@@ -1191,6 +1185,23 @@ async fn until_the_drive_deadline<T>(
     }
 }
 
+/// A cold piece read by direct I/O (`ColdReads::read_direct`: file bytes from `file_offset`,
+/// drive bytes `offset..+length`), waited for no later than the meter's drive deadline. Only
+/// its time on the drive is excused, not its wait for the in-flight budget.
+async fn direct_piece(
+    shared: &Shared,
+    meter: &mut SendMeter,
+    handle: &Arc<FileHandle>,
+    file_offset: u64,
+    offset: u64,
+    length: u64,
+) -> Result<DirectPiece, SendError> {
+    let read = shared.cold.read_direct(handle, file_offset, offset, length);
+    let piece = until_the_drive_deadline(meter, read).await??;
+    meter.excuse(piece.drive_time, Instant::now());
+    Ok(piece)
+}
+
 /// One sendfile of a cold piece on the drive's pool, once the socket can take bytes, within
 /// the send limits `meter` keeps: the count sent.
 async fn pool_sendfile(
@@ -1211,8 +1222,9 @@ async fn pool_sendfile(
 /// the socket is writable, until it writes or fails with more than a full socket. Waiting for
 /// the socket is the client's time and `meter` judges it; the write's own time (its place in
 /// the drive's queue, and the drive's read inside sendfile) is excused. A write handed to the
-/// other thread is always awaited to its end, never dropped at a deadline: it may already be
-/// putting bytes on the socket, and a second write of the same bytes would corrupt the body.
+/// other thread is never dropped while the response goes on (it may already be putting bytes
+/// on the socket, and a second write of the same bytes would corrupt the body); only the
+/// meter's drive deadline drops it, and that ends the response.
 ///
 /// A socket the other thread found full is probed again here before its write readiness is
 /// cleared. The client may have taken every byte since, and the runtime may already have
